@@ -1,0 +1,129 @@
+"""Streaming second-order statistics of layer inputs, in float64.
+
+For each statistic key (one layer input tensor, read as rows or as conv
+patches) we keep three sums: the number of rows, the sum of the rows and the
+sum of their outer products. Sums are exact to merge (shards add up), cheap to
+save, and give the mean, the uncentered second moment ``M`` and the covariance
+``S = M - mu mu^T`` that the solvers need.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OnnxcompError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class InputStats:
+    """Sums over the rows ``x`` (length ``dim``) seen so far."""
+
+    rows: int  # number of rows x accumulated (samples x positions)
+    samples: int  # number of batch samples they came from
+    total: np.ndarray  # sum of x, (dim,), float64
+    gram: np.ndarray  # sum of x x^T, (dim, dim), float64, symmetric
+
+    @classmethod
+    def empty(cls, dim: int) -> "InputStats":
+        return cls(0, 0, np.zeros(dim), np.zeros((dim, dim)))
+
+    @property
+    def dim(self) -> int:
+        return self.total.shape[0]
+
+    @property
+    def positions(self) -> float:
+        """Rows per sample (output pixels of a conv, tokens of a MatMul)."""
+        return self.rows / max(self.samples, 1)
+
+    def add_rows(self, rows: np.ndarray, samples: int) -> None:
+        """Accumulate a (n, dim) block of rows coming from ``samples`` samples."""
+        rows = np.asarray(rows, dtype=np.float64)
+        self.add_sums(rows.shape[0], samples, rows.sum(axis=0), rows.T @ rows)
+
+    def add_sums(self, rows: int, samples: int, total: np.ndarray, gram: np.ndarray) -> None:
+        """Accumulate sums already reduced elsewhere (in the graph, on a GPU)."""
+        self.rows += int(rows)
+        self.samples += int(samples)
+        self.total += total
+        self.gram += gram
+
+    def merged(self, other: "InputStats") -> "InputStats":
+        if other.dim != self.dim:
+            raise OnnxcompError(f"cannot merge statistics of dimension {self.dim} and {other.dim}")
+        return InputStats(
+            self.rows + other.rows, self.samples + other.samples,
+            self.total + other.total, self.gram + other.gram,
+        )
+
+    def _require_rows(self) -> None:
+        if self.rows == 0:
+            raise OnnxcompError("statistics hold no rows: the calibration data was empty")
+
+    def mean(self) -> np.ndarray:
+        self._require_rows()
+        return self.total / self.rows
+
+    def second_moment(self) -> np.ndarray:
+        """M = E[x x^T] (symmetrised: rounding can leave it a hair off)."""
+        self._require_rows()
+        m = self.gram / self.rows
+        return 0.5 * (m + m.T)
+
+    def covariance(self) -> np.ndarray:
+        """S = E[x x^T] - mu mu^T; may be singular or slightly indefinite from rounding."""
+        mu = self.mean()
+        return self.second_moment() - np.outer(mu, mu)
+
+
+class Statistics(dict):
+    """Statistic key (``TargetLayer.stats_key``) -> :class:`InputStats`."""
+
+    def merged(self, other: "Statistics") -> "Statistics":
+        out = Statistics(self)
+        for key, stats in other.items():
+            out[key] = out[key].merged(stats) if key in out else stats
+        return out
+
+    def save(self, path: str | Path) -> None:
+        arrays = {"index": np.array(json.dumps({"version": FORMAT_VERSION, "keys": list(self)}))}
+        for i, (key, s) in enumerate(self.items()):
+            arrays[f"counts_{i}"] = np.array([s.rows, s.samples], dtype=np.int64)
+            arrays[f"total_{i}"] = s.total
+            # The Gram matrix is symmetric: store the upper triangle only (half the bytes).
+            arrays[f"gram_{i}"] = s.gram[np.triu_indices(s.dim)]
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Statistics":
+        path = Path(path)
+        if not path.is_file():
+            raise OnnxcompError(f"statistics file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                index = json.loads(str(f["index"]))
+                out = cls()
+                for i, key in enumerate(index["keys"]):
+                    rows, samples = (int(v) for v in f[f"counts_{i}"])
+                    total = f[f"total_{i}"]
+                    out[key] = InputStats(rows, samples, total, _unpack_symmetric(f[f"gram_{i}"], total.shape[0]))
+        except OnnxcompError:
+            raise
+        except Exception as exc:
+            raise OnnxcompError(f"cannot read statistics file {path}: not an onnxcomp stats file ({exc})") from None
+        return out
+
+
+def _unpack_symmetric(upper: np.ndarray, dim: int) -> np.ndarray:
+    full = np.zeros((dim, dim))
+    full[np.triu_indices(dim)] = upper
+    return full + np.triu(full, 1).T

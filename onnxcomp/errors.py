@@ -1,0 +1,9 @@
+"""The one exception type that reaches users as a one-line message."""
+
+
+class OnnxcompError(Exception):
+    """A problem with the user's input (model, data, options), told in one line.
+
+    The CLI prints ``onnxcomp: error: <message>`` and exits non-zero; anything
+    else that escapes is a bug in onnxcomp.
+    """

@@ -1,0 +1,41 @@
+"""Original vs compressed, both run by onnxruntime: how far apart are the outputs?"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def make_session(model: onnx.ModelProto | str, providers=None, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # Idle sessions must not spin: in one process, a spinning session steals the cores of the other.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def output_errors(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str]) -> dict:
+    """Per output: relative L2 error, max absolute error, cosine similarity."""
+    errors = {}
+    for name, ref, new in zip(names, reference, candidate):
+        ref = np.asarray(ref, dtype=np.float64).ravel()
+        new = np.asarray(new, dtype=np.float64).ravel()
+        norm = np.linalg.norm(ref)
+        denominator = norm * np.linalg.norm(new)
+        errors[name] = {
+            "relative_l2": float(np.linalg.norm(new - ref) / norm) if norm > 0 else float(np.linalg.norm(new)),
+            "max_abs": float(np.max(np.abs(new - ref))) if ref.size else 0.0,
+            "cosine": float(ref @ new / denominator) if denominator > 0 else 1.0,
+        }
+    return errors
+
+
+def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, providers=None) -> dict:
+    """Run both models on one feed dict and compare every output."""
+    reference = make_session(original, providers).run(None, feeds)
+    session = make_session(compressed, providers)
+    names = [o.name for o in session.get_outputs()]
+    return output_errors(reference, session.run(None, feeds), names)

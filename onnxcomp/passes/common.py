@@ -1,0 +1,75 @@
+"""Graph editing shared by the rewrites, on onnx-graphsurgeon.
+
+The recipe of onnx-graphsurgeon's examples: find the node, build the new
+chain with ``graph.layer``, let the chain produce the node's old output tensor
+(so every consumer and graph output keeps its name), detach the old node, then
+``cleanup().toposort()``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+
+class GraphEditor:
+    """One onnx-graphsurgeon graph being rewritten layer by layer."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.original = model
+        self.graph = gs.import_onnx(model)
+        self._by_output = {n.outputs[0].name: n for n in self.graph.nodes if n.outputs}
+        self._names = {t for t in self.graph.tensors()} | {n.name for n in self.graph.nodes}
+
+    def node(self, output_name: str) -> gs.Node:
+        """The node that produces ``output_name`` (output tensor names are unique in ONNX)."""
+        return self._by_output[output_name]
+
+    def unique(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``...: new names are deterministic and never clash."""
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def constant(self, base: str, array: np.ndarray, dtype) -> gs.Constant:
+        return gs.Constant(self.unique(base), np.ascontiguousarray(array, dtype=dtype))
+
+    def chain(self, node: gs.Node, steps: list[tuple[str, list, dict]]) -> None:
+        """Replace ``node`` by ``steps`` run one after the other.
+
+        Each step is ``(op, extra_inputs, attrs)``: its first input is the
+        previous step's output (the node's activation input for the first).
+        The last step writes the node's original output tensor.
+        """
+        current = node.inputs[0]
+        final = node.outputs[0]
+        base = node.name or final.name
+        for index, (op, extra, attrs) in enumerate(steps):
+            last = index == len(steps) - 1
+            out = final if last else gs.Variable(self.unique(f"{base}/lowrank_{index}"), dtype=final.dtype)
+            self.graph.layer(
+                op=op, name=self.unique(f"{base}/{op.lower()}_{index}"),
+                inputs=[current, *extra], outputs=[out], attrs=attrs,
+            )
+            current = out
+        node.outputs.clear()
+        node.inputs.clear()
+
+    def export(self) -> onnx.ModelProto:
+        """The edited model, with the original's IR version, opsets and metadata."""
+        self.graph.cleanup().toposort()
+        model = gs.export_onnx(self.graph, do_type_check=True)
+        original = self.original
+        model.ir_version = original.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(original.opset_import)
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            setattr(model, field, getattr(original, field))
+        del model.metadata_props[:]
+        model.metadata_props.extend(original.metadata_props)
+        return model
+

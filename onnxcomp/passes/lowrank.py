@@ -1,0 +1,52 @@
+"""SVD rewrite: one layer ``W`` becomes two thinner layers ``second @ first``.
+
+- Conv kxk: kxk conv C_in -> r (the original strides, pads, dilations, auto_pad),
+  then 1x1 conv r -> C_out with the bias;
+- Gemm: Gemm (A -> r, transA kept) then Gemm (r -> N) with the bias as C;
+- MatMul: MatMul (K -> r) then MatMul (r -> N), plus an Add when there is a bias
+  correction to carry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..decompose.solve import Decomposition
+from ..graph import TargetLayer
+from .common import GraphEditor
+
+_SPATIAL_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
+
+
+def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposition) -> None:
+    node = editor.node(layer.output)
+    first, second = decomposition.factors.first, decomposition.factors.second
+    bias, dtype, base = decomposition.bias, layer.weight.dtype, layer.name
+    rank = first.shape[0]
+    if layer.op_type == "Conv":
+        kh, kw = layer.kernel
+        spatial = {k: v for k, v in layer.attrs.items() if k in _SPATIAL_ATTRS}
+        steps = [
+            ("Conv", [editor.constant(f"{base}/first_weight", first.reshape(rank, -1, kh, kw), dtype)], spatial),
+            ("Conv", _with_bias(editor, base, second.reshape(second.shape[0], rank, 1, 1), bias, dtype), {}),
+        ]
+    elif layer.op_type == "Gemm":
+        steps = [
+            ("Gemm", [editor.constant(f"{base}/first_weight", first.T, dtype)], {"transA": int(layer.trans_a)}),
+            ("Gemm", _with_bias(editor, base, second.T, bias, dtype), {}),
+        ]
+    else:
+        steps = [
+            ("MatMul", [editor.constant(f"{base}/first_weight", first.T, dtype)], {}),
+            ("MatMul", [editor.constant(f"{base}/second_weight", second.T, dtype)], {}),
+        ]
+        if bias is not None:
+            steps.append(("Add", [editor.constant(f"{base}/bias", bias, dtype)], {}))
+    editor.chain(node, steps)
+
+
+def _with_bias(editor: GraphEditor, base: str, weight: np.ndarray, bias, dtype) -> list:
+    inputs = [editor.constant(f"{base}/second_weight", weight, dtype)]
+    if bias is not None:
+        inputs.append(editor.constant(f"{base}/bias", bias, dtype))
+    return inputs

@@ -1,0 +1,95 @@
+"""What was compressed, what it saved, what it cost: a table for people, JSON for tools."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LayerRow:
+    name: str
+    op: str
+    shape: str  # Conv: C_out x C_in x kh x kw; Gemm/MatMul: in x out
+    status: str  # "compressed", "kept: <why>", "skipped: <why>"
+    method: str | None = None
+    rank: list[int] | None = None
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None  # per sample
+    macs_after: int | None = None
+    relative_error: float | None = None  # sqrt(output error / output variance) on calibration data
+    seconds: float | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    settings: dict
+    layers: list[LayerRow]
+    totals: dict  # params / macs of the whole model, before and after
+    output_error: dict | None = None  # per model output, on one calibration batch
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": self.settings,
+            "totals": self.totals,
+            "output_error": self.output_error,
+            "layers": [asdict(row) for row in self.layers],
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def table(self) -> str:
+        header = ("layer", "op", "shape", "method", "rank", "params", "MACs", "rel.err", "status")
+        rows = [header]
+        for row in self.layers:
+            rows.append((
+                _short(row.name, 28), row.op, row.shape, row.method or "-",
+                "x".join(map(str, row.rank)) if row.rank else "-",
+                f"{_count(row.params_before)}->{_count(row.params_after)}",
+                f"{_count(row.macs_before)}->{_count(row.macs_after)}",
+                "-" if row.relative_error is None else f"{row.relative_error:.4f}",
+                row.status,
+            ))
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append("")
+        lines.extend(self.summary_lines())
+        return "\n".join(lines)
+
+    def summary_lines(self) -> list[str]:
+        t = self.totals
+        lines = [
+            f"model params: {_count(t['params_before'])} -> {_count(t['params_after'])} ({_ratio(t['params_after'], t['params_before'])})",
+            f"model MACs per sample: {_count(t['macs_before'])} -> {_count(t['macs_after'])} ({_ratio(t['macs_after'], t['macs_before'])})",
+            f"layers compressed: {t['layers_compressed']} of {t['layers_found']}",
+        ]
+        for name, err in (self.output_error or {}).items():
+            lines.append(
+                f"output {name!r} on a calibration batch: relative L2 error {err['relative_l2']:.4g}, "
+                f"max abs {err['max_abs']:.4g}, cosine {err['cosine']:.6f}"
+            )
+        return lines
+
+
+def _count(value) -> str:
+    if value is None:
+        return "?"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(int(value))
+
+
+def _ratio(after, before) -> str:
+    if not before or after is None:
+        return "?"
+    return f"{after / before:.1%} kept"
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]

@@ -1,0 +1,82 @@
+"""Rewrites at full rank must reproduce the original layer through onnxruntime."""
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcomp import graph
+from onnxcomp.decompose.solve import Decomposition
+from onnxcomp.decompose.svd import output_spectrum, truncate
+from onnxcomp.evaluate import make_session
+from onnxcomp.passes import apply_decompositions
+
+from models import conv_model, gemm_model, matmul_model
+
+
+def full_rank_plan(model, bias_shift=None):
+    layers, _ = graph.find_layers(model)
+    plan = []
+    for layer in layers:
+        W = layer.weight.astype(np.float64)
+        factors = truncate(W, output_spectrum(W, None), min(W.shape))
+        bias = None if layer.bias is None else layer.bias.astype(np.float64)
+        if bias_shift is not None:
+            bias = (0 if bias is None else bias) + bias_shift[: W.shape[0]]
+        plan.append((layer, Decomposition("svd", factors, bias, (factors.rank,), 0, None, None)))
+    return plan
+
+
+def run(model, feeds):
+    return make_session(model).run(None, feeds)[0]
+
+
+def check_full_rank(model, feeds):
+    compressed = apply_decompositions(model, full_rank_plan(model))
+    onnx.checker.check_model(compressed, full_check=True)
+    assert [i.name for i in compressed.graph.input] == [i.name for i in model.graph.input]
+    assert [o.name for o in compressed.graph.output] == [o.name for o in model.graph.output]
+    assert compressed.opset_import == model.opset_import and compressed.ir_version == model.ir_version
+    expected, got = run(model, feeds), run(compressed, feeds)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    return compressed
+
+
+CONV_CASES = [
+    "pads = [1, 1, 1, 1]",
+    "strides = [2, 2], pads = [0, 1, 2, 1]",
+    "dilations = [2, 2], pads = [2, 0, 1, 2]",
+    'auto_pad = "SAME_UPPER", strides = [2, 2]',
+    'auto_pad = "SAME_LOWER"',
+    'auto_pad = "VALID", strides = [1, 2]',
+]
+
+
+@pytest.mark.parametrize("attrs", CONV_CASES)
+def test_conv_full_rank(attrs):
+    x = np.random.default_rng(0).standard_normal((2, 6, 11, 11)).astype(np.float32)
+    compressed = check_full_rank(conv_model(attrs), {"x": x})
+    ops = [n.op_type for n in compressed.graph.node]
+    assert ops == ["Conv", "Conv", "Relu"]
+
+
+@pytest.mark.parametrize("trans_a,trans_b,attrs", [
+    (False, False, ""),
+    (True, False, "transA = 1"),
+    (False, True, "transB = 1, alpha = 0.5, beta = 2.0"),
+    (True, True, "transA = 1, transB = 1, alpha = 1.5"),
+])
+def test_gemm_full_rank(trans_a, trans_b, attrs):
+    model = gemm_model(attrs, trans_a=trans_a, trans_b=trans_b)
+    shape = (12, 5) if trans_a else (5, 12)
+    check_full_rank(model, {"a": np.random.default_rng(1).standard_normal(shape).astype(np.float32)})
+
+
+def test_matmul_constant_node_full_rank_with_bias():
+    model = matmul_model()
+    x = np.random.default_rng(2).standard_normal((3, 7, 12)).astype(np.float32)
+    check_full_rank(model, {"x": x})
+    # A bias correction on a bias-free MatMul becomes an Add after the two MatMuls.
+    shift = np.arange(9, dtype=np.float64)
+    compressed = apply_decompositions(model, full_rank_plan(model, bias_shift=shift))
+    assert [n.op_type for n in compressed.graph.node] == ["MatMul", "MatMul", "Add"]
+    np.testing.assert_allclose(run(compressed, {"x": x}), run(model, {"x": x}) + shift, rtol=1e-5, atol=1e-4)
