@@ -11,6 +11,7 @@ rebuild ``x`` and what the rewrite needs to rebuild the node.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,37 +149,37 @@ def as_model(model_or_path) -> onnx.ModelProto:
     return load_model(model_or_path)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
     """Check and write a model atomically: a temp file renamed into place.
 
-    Models over 2 GB go out with their tensors in one external data file
-    beside the model (protobuf cannot hold more).
+    Models over 2 GB (or any, with ``external_data=True``) go out with their
+    tensors in one external data file beside the model (protobuf cannot hold
+    more than 2 GB).
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise OnnxcompError(f"output folder does not exist: {directory}")
-    large = model.ByteSize() > _TWO_GB - 2**24 if _can_size(model) else True
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    large = external_data if external_data is not None else (
+        model.ByteSize() > _TWO_GB - 2**24 if _can_size(model) else True
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=directory))
     data_name = path.name + ".data"
     try:
+        staged = staging / path.name
         if large:
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name + ".tmp", size_threshold=1024,
-            )
-            _fix_external_location(tmp, data_name + ".tmp", data_name, directory)
-            os.replace(directory / (data_name + ".tmp"), directory / data_name)
-            onnx.checker.check_model(tmp, full_check=True)
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving with external data rewrites the tensors in place
+            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
         else:
-            onnx.save_model(model, tmp)
-            onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, path)
-    except Exception:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            onnx.save_model(model, str(staged))
+        onnx.checker.check_model(str(staged), full_check=True)
+        if large:
+            os.replace(staging / data_name, directory / data_name)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _can_size(model: onnx.ModelProto) -> bool:
@@ -187,15 +188,6 @@ def _can_size(model: onnx.ModelProto) -> bool:
         return True
     except Exception:  # protobuf refuses to size messages over 2 GB
         return False
-
-
-def _fix_external_location(model_file: str, old: str, new: str, directory: Path) -> None:
-    model = onnx.load(model_file, load_external_data=False)
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    onnx.save_model(model, model_file)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -80,3 +80,29 @@ def test_matmul_constant_node_full_rank_with_bias():
     compressed = apply_decompositions(model, full_rank_plan(model, bias_shift=shift))
     assert [n.op_type for n in compressed.graph.node] == ["MatMul", "MatMul", "Add"]
     np.testing.assert_allclose(run(compressed, {"x": x}), run(model, {"x": x}) + shift, rtol=1e-5, atol=1e-4)
+
+
+class _TuckerFactors:
+    def __init__(self, u_out, core, u_in):
+        self.u_out, self.core, self.u_in = u_out, core, u_in
+
+
+@pytest.mark.parametrize("attrs", CONV_CASES)
+def test_tucker2_full_rank(attrs):
+    """Identity factors and the weight as core: the chain 1x1 -> kxk -> 1x1 is the original conv."""
+    model = conv_model(attrs)
+    layer = graph.find_layers(model)[0][0]
+    c_out, c_in, (kh, kw) = layer.out_features, layer.in_channels, layer.kernel
+    rng = np.random.default_rng(5)
+    q_out, _ = np.linalg.qr(rng.standard_normal((c_out, c_out)))
+    q_in, _ = np.linalg.qr(rng.standard_normal((c_in, c_in)))
+    W = layer.weight.astype(np.float64).reshape(c_out, c_in, kh, kw)
+    core = np.einsum("oa,oikl,ib->abkl", q_out, W, q_in)  # W = q_out . core . q_in^T on each mode
+    factors = _TuckerFactors(q_out, core, q_in)
+    decomposition = Decomposition("tucker2", factors, layer.bias.astype(np.float64), (c_out, c_in), 0, None, None)
+    compressed = apply_decompositions(model, [(layer, decomposition)])
+    onnx.checker.check_model(compressed, full_check=True)
+    assert [n.op_type for n in compressed.graph.node] == ["Conv", "Conv", "Conv", "Relu"]
+    x = np.random.default_rng(0).standard_normal((2, 6, 11, 11)).astype(np.float32)
+    expected, got = run(model, {"x": x}), run(compressed, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

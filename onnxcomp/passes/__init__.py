@@ -8,8 +8,9 @@ from ..decompose.solve import Decomposition
 from ..graph import TargetLayer
 from .common import GraphEditor
 from .lowrank import rewrite_lowrank
+from .tucker2 import rewrite_tucker2
 
-REWRITES = {"svd": rewrite_lowrank}
+REWRITES = {"svd": rewrite_lowrank, "tucker2": rewrite_tucker2}
 
 
 def apply_decompositions(

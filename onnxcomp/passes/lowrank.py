@@ -15,7 +15,7 @@ from ..decompose.solve import Decomposition
 from ..graph import TargetLayer
 from .common import GraphEditor
 
-_SPATIAL_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
+SPATIAL_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
 
 
 def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposition) -> None:
@@ -25,7 +25,7 @@ def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Deco
     rank = first.shape[0]
     if layer.op_type == "Conv":
         kh, kw = layer.kernel
-        spatial = {k: v for k, v in layer.attrs.items() if k in _SPATIAL_ATTRS}
+        spatial = {k: v for k, v in layer.attrs.items() if k in SPATIAL_ATTRS}
         steps = [
             ("Conv", [editor.constant(f"{base}/first_weight", first.reshape(rank, -1, kh, kw), dtype)], spatial),
             ("Conv", _with_bias(editor, base, second.reshape(second.shape[0], rank, 1, 1), bias, dtype), {}),
