@@ -106,3 +106,23 @@ def test_tucker2_full_rank(attrs):
     x = np.random.default_rng(0).standard_normal((2, 6, 11, 11)).astype(np.float32)
     expected, got = run(model, {"x": x}), run(compressed, {"x": x})
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_bias_correction_folds_into_following_add():
+    """MatMul + Add(constant) as exporters write Linear: no extra Add node, the shift lands in the bias."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[N, 7, 12] x) => (float[N, 7, 9] y) {
+        b = Constant <value = float[9] {1, 2, 3, 4, 5, 6, 7, 8, 9}> ()
+        h = MatMul (x, w)
+        y = Add (b, h)
+    }
+    """
+    from models import build
+
+    model = build(text, w=(12, 9))
+    shift = np.linspace(-1, 1, 9)
+    compressed = apply_decompositions(model, full_rank_plan(model, bias_shift=shift))
+    assert [n.op_type for n in compressed.graph.node] == ["MatMul", "MatMul", "Add"]
+    x = np.random.default_rng(3).standard_normal((2, 7, 12)).astype(np.float32)
+    np.testing.assert_allclose(run(compressed, {"x": x}), run(model, {"x": x}) + shift, rtol=1e-5, atol=1e-5)

@@ -73,3 +73,14 @@ class GraphEditor:
         model.metadata_props.extend(original.metadata_props)
         return model
 
+
+
+def constant_value(tensor) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output, else None."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    producers = list(tensor.inputs)
+    if len(producers) == 1 and producers[0].op == "Constant":
+        value = producers[0].attrs.get("value")
+        return value.values if isinstance(value, gs.Constant) else None
+    return None

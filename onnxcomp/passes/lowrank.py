@@ -13,7 +13,7 @@ import numpy as np
 
 from ..decompose.solve import Decomposition
 from ..graph import TargetLayer
-from .common import GraphEditor
+from .common import GraphEditor, constant_value
 
 SPATIAL_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
 
@@ -40,9 +40,30 @@ def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Deco
             ("MatMul", [editor.constant(f"{base}/first_weight", first.T, dtype)], {}),
             ("MatMul", [editor.constant(f"{base}/second_weight", second.T, dtype)], {}),
         ]
-        if bias is not None:
+        if bias is not None and not _fold_into_following_add(editor, node, bias, base, dtype):
             steps.append(("Add", [editor.constant(f"{base}/bias", bias, dtype)], {}))
     editor.chain(node, steps)
+
+
+def _fold_into_following_add(editor: GraphEditor, node, shift: np.ndarray, base: str, dtype) -> bool:
+    """MatMul + Add(constant bias), as exporters write Linear: add the shift to that bias.
+
+    Saves the extra Add node the bias correction would otherwise need. Only
+    when the Add is the MatMul's sole consumer and its bias is a constant
+    vector (a fresh constant is made: the old one may be shared).
+    """
+    output = node.outputs[0]
+    consumers = list(output.outputs)
+    if len(consumers) != 1 or consumers[0].op != "Add" or output in editor.graph.outputs:
+        return False
+    add = consumers[0]
+    other_index = 1 if add.inputs[0] is output else 0
+    bias = constant_value(add.inputs[other_index])
+    if bias is None or bias.size != shift.size or bias.shape[-1:] != shift.shape:
+        return False
+    folded = (bias.reshape(-1).astype(np.float64) + shift).reshape(bias.shape)
+    add.inputs[other_index] = editor.constant(f"{base}/add_bias", folded, dtype)
+    return True
 
 
 def _with_bias(editor: GraphEditor, base: str, weight: np.ndarray, bias, dtype) -> list:
