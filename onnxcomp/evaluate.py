@@ -20,7 +20,9 @@ def make_session(model: onnx.ModelProto | str, providers=None, threads: int | No
 def output_errors(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str]) -> dict:
     """Per output: relative L2 error, max absolute error, cosine similarity."""
     errors = {}
-    for name, ref, new in zip(names, reference, candidate):
+    for name, ref, new in zip(names, reference, candidate, strict=True):
+        if np.shape(ref) != np.shape(new):
+            raise ValueError(f"output {name!r} has shape {np.shape(new)}, the original {np.shape(ref)}")
         ref = np.asarray(ref, dtype=np.float64).ravel()
         new = np.asarray(new, dtype=np.float64).ravel()
         norm = np.linalg.norm(ref)
@@ -28,7 +30,8 @@ def output_errors(reference: list[np.ndarray], candidate: list[np.ndarray], name
         errors[name] = {
             "relative_l2": float(np.linalg.norm(new - ref) / norm) if norm > 0 else float(np.linalg.norm(new)),
             "max_abs": float(np.max(np.abs(new - ref))) if ref.size else 0.0,
-            "cosine": float(ref @ new / denominator) if denominator > 0 else 1.0,
+            # Two all-zero outputs agree perfectly; one all-zero output does not agree at all.
+            "cosine": float(ref @ new / denominator) if denominator > 0 else float(norm == np.linalg.norm(new)),
         }
     return errors
 

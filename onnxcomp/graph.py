@@ -420,8 +420,15 @@ def _matmul_layer(node, name, index, constants, shapes) -> TargetLayer:
 
 def count_params(model: onnx.ModelProto) -> int:
     """Float weights of the model: initializers and Constant-node tensors."""
-    floats = (np.float16, np.float32, np.float64)
-    return int(sum(v.size for v in constant_tensors(model.graph).values() if v.dtype in floats))
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    inputs = {i.name for i in model.graph.input}
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats and t.name not in inputs)
+    for node in model.graph.node:
+        if node.op_type == "Constant":  # Identity copies are not counted again
+            value = _constant_node_value(node)
+            if value is not None and value.dtype.kind == "f":
+                total += value.size
+    return int(total)
 
 
 def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int | None:

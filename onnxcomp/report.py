@@ -30,12 +30,14 @@ class Report:
     layers: list[LayerRow]
     totals: dict  # params / macs of the whole model, before and after
     output_error: dict | None = None  # per model output, on one calibration batch
+    seconds: dict = field(default_factory=dict)  # time per stage: calibration, solve, rewrite, check
 
     def to_dict(self) -> dict:
         return {
             "settings": self.settings,
             "totals": self.totals,
             "output_error": self.output_error,
+            "seconds": self.seconds,
             "layers": [asdict(row) for row in self.layers],
         }
 
@@ -68,6 +70,15 @@ class Report:
             f"model MACs per sample: {_count(t['macs_before'])} -> {_count(t['macs_after'])} ({_ratio(t['macs_after'], t['macs_before'])})",
             f"layers compressed: {t['layers_compressed']} of {t['layers_found']}",
         ]
+        target = self.settings.get("target")
+        if target:
+            achieved = "?" if target["achieved"] is None else f"{target['achieved']:.1%}"
+            lines.append(
+                f"budget: {target['fraction']:.1%} of the model's {target['kind']}, predicted {target['predicted']:.1%}, "
+                f"achieved {achieved}" + ("" if target["feasible"] else " (not reachable: the closest feasible point)")
+            )
+        if self.seconds:
+            lines.append("time: " + ", ".join(f"{stage} {s:.2f}s" for stage, s in self.seconds.items()))
         for name, err in (self.output_error or {}).items():
             lines.append(
                 f"output {name!r} on a calibration batch: relative L2 error {err['relative_l2']:.4g}, "

@@ -106,3 +106,14 @@ def test_input_shape_overrides():
         graph.parse_input_shapes(["x=1,3"])
     with pytest.raises(OnnxcompError, match="model's inputs"):
         graph.with_input_shapes(conv_model(), {"nope": [1]})
+
+
+def test_params_count_each_weight_once():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[2, 6] x) => (float[2, 4] y) {
+        wi = Identity (w)
+        y = MatMul (x, wi)
+    }
+    """
+    assert graph.count_params(build(text, w=(6, 4))) == 24

@@ -132,6 +132,31 @@ def _svd_rank(problem: LayerProblem, options: Options, spectrum, xp) -> int:
     raise OnnxcompError("no rank rule given: use --rank, --keep or --energy")
 
 
-SOLVERS = {"svd": solve_svd}
+@dataclass
+class Candidate:
+    """One point of a layer's error-versus-cost curve, for the budget allocation."""
 
-__all__ = ["Decomposition", "LayerProblem", "LowRank", "Options", "RankChoice", "SOLVERS", "solve_layer"]
+    method: str
+    rank: tuple[int, ...]
+    weights: int  # weights of the chain: params, and MACs per output position
+    error: float  # squared output error relative to the output variance
+
+
+def svd_candidates(problem: LayerProblem, options: Options, xp, most: int = 128) -> list[Candidate]:
+    """Every cheaper rank (or ``most`` of them, evenly spread) with its exact error, from one spectrum."""
+    m, d = problem.weight.shape
+    spectrum = output_spectrum(problem.weight, fit_matrix(problem.stats, options), xp)
+    total = float(spectrum.values.sum())
+    tails = np.concatenate([np.cumsum(spectrum.values[::-1])[::-1], [0.0]])
+    largest = (m * d - 1) // (m + d)  # the largest rank that is still cheaper than dense
+    ranks_ = np.unique(np.linspace(1, largest, num=min(most, largest)).round().astype(int)) if largest >= 1 else []
+    return [
+        Candidate("svd", (int(r),), int(r) * (m + d), float(tails[r] / total) if total > 0 else 0.0)
+        for r in ranks_
+    ]
+
+
+SOLVERS = {"svd": solve_svd}
+CANDIDATES = {"svd": svd_candidates}
+
+__all__ = ["CANDIDATES", "Candidate", "Decomposition", "LayerProblem", "LowRank", "Options", "RankChoice", "SOLVERS", "solve_layer"]

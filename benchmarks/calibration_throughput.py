@@ -1,0 +1,172 @@
+"""Calibration throughput on a ResNet-50-shaped model, against the Gram floor of DESIGN.md §3.
+
+Prints samples/s of plain onnxruntime inference, of statistics collection with
+method "outputs" and "graph", and of the floor: the float64 symmetric Gram
+products alone (dsyrk on random matrices with each statistic's (rows, d) shape
+per batch), timed on this machine in the same run. Each measurement runs in
+its own child process so that its peak memory (ru_maxrss; tracemalloc for the
+Python-side arrays) is its own.
+
+    python benchmarks/calibration_throughput.py [--batches 3] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from scipy.linalg import blas
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from resnet50 import build_resnet50  # noqa: E402
+
+from onnxcomp.calibration.collect import collect_statistics  # noqa: E402
+from onnxcomp.calibration.stats import Statistics  # noqa: E402
+from onnxcomp.graph import find_layers, load_model  # noqa: E402
+
+MODEL = HERE / ".cache" / "resnet50.onnx"
+METHODS = ("outputs", "graph")
+
+
+def calibration_data(batches: int, batch_size: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((batch_size, 3, 224, 224), dtype=np.float32) for _ in range(batches)]
+
+
+# ---------------------------------------------------------------- child measurements
+
+
+def measure_inference(batches: int, batch_size: int) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProvider"])
+    data = calibration_data(batches, batch_size)
+    session.run(None, {"input": data[0]})  # warm-up: first-run allocations and kernel choices
+    start = time.perf_counter()
+    for batch in data:
+        session.run(None, {"input": batch})
+    return {"seconds": time.perf_counter() - start}
+
+
+def measure_method(method: str, batches: int, batch_size: int, stats_path: str) -> dict:
+    model = load_model(MODEL)
+    layers, _ = find_layers(model)
+    data = calibration_data(batches, batch_size)
+    tracemalloc.start()
+    start = time.perf_counter()
+    stats = collect_statistics(model, layers, data, batch_size=batch_size, progress=False, method=method)
+    seconds = time.perf_counter() - start
+    _, traced_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    stats.save(stats_path)
+    return {"seconds": seconds, "tracemalloc_peak_mb": traced_peak / 2**20}
+
+
+def run_child(args: list[str]) -> dict:
+    """Run one measurement in a fresh interpreter; its JSON result plus its peak RSS."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def child_main(argv: list[str]) -> None:
+    what, batches, batch_size, *rest = argv
+    batches, batch_size = int(batches), int(batch_size)
+    if what == "inference":
+        result = measure_inference(batches, batch_size)
+    else:
+        result = measure_method(what, batches, batch_size, rest[0])
+    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the floor
+
+
+def statistic_shapes(batch_size: int) -> dict[str, tuple[int, int]]:
+    """(rows per batch, d) of every statistic key of the model."""
+    model = load_model(MODEL)
+    layers, _ = find_layers(model, {"input": [batch_size, 3, 224, 224]})
+    shapes = {}
+    for layer in layers:
+        positions = layer.positions if layer.conv is not None else 1
+        shapes[layer.stats_key] = (batch_size * positions, layer.in_features)
+    return shapes
+
+
+def gram_floor_seconds(shapes: dict[str, tuple[int, int]], batches: int) -> float:
+    """Seconds of the float64 symmetric Gram products of ``batches`` batches."""
+    rng = np.random.default_rng(1)
+    total = 0.0
+    for rows, dim in shapes.values():
+        x = rng.standard_normal((rows, dim))
+        blas.dsyrk(1.0, x[: min(rows, 256)].T)  # warm-up: BLAS threads, code pages
+        for _ in range(batches):
+            start = time.perf_counter()
+            blas.dsyrk(1.0, x.T)  # x.T is (d, rows) Fortran-ordered: no copy, X^T X upper triangle
+            total += time.perf_counter() - start
+    return total
+
+
+# ---------------------------------------------------------------- report
+
+
+def compare(paths: dict[str, str]) -> float:
+    """Largest relative difference between the two methods' Gram matrices."""
+    a, b = (Statistics.load(paths[m]) for m in METHODS)
+    return max(float(np.abs(a[k].gram - b[k].gram).max() / np.abs(a[k].gram).max()) for k in a)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    if not MODEL.exists():
+        MODEL.parent.mkdir(parents=True, exist_ok=True)
+        build_resnet50(MODEL)
+    samples = args.batches * args.batch_size
+    sizes = [str(args.batches), str(args.batch_size)]
+    print(f"ResNet-50-shaped model, {args.batches} batches of {args.batch_size} ({samples} samples), "
+          f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}")
+
+    inference = run_child(["inference", *sizes])
+    print(f"plain onnxruntime inference: {samples / inference['seconds']:8.2f} samples/s "
+          f"(peak RSS {inference['maxrss_mb']:.0f} MB)")
+
+    shapes = statistic_shapes(args.batch_size)
+    macs = sum(rows * dim * dim / 2 for rows, dim in shapes.values()) / args.batch_size
+    floor = samples / gram_floor_seconds(shapes, args.batches)
+    print(f"Gram floor (dsyrk only, {len(shapes)} statistics, {macs / 1e9:.2f} G multiply-adds per sample): "
+          f"{floor:8.2f} samples/s ({macs * floor / 1e9:.1f} GMAC/s)")
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {m: os.path.join(folder, f"{m}.npz") for m in METHODS}
+        for method in METHODS:
+            result = run_child([method, *sizes, paths[method]])
+            rate = samples / result["seconds"]
+            print(f"method {method:8s}: {rate:8.2f} samples/s = {rate / floor:5.1%} of the floor "
+                  f"(peak RSS {result['maxrss_mb']:.0f} MB, tracemalloc peak {result['tracemalloc_peak_mb']:.0f} MB)")
+        print(f"largest relative difference between the methods' Gram matrices: {compare(paths):.1e}")
+    print(f"load average at end {os.getloadavg()[0]:.2f} (other work on the machine skews every number)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,341 @@
+"""Calibration data in, validated feed dicts out.
+
+Users hand us calibration data in many shapes (an onnxruntime
+``CalibrationDataReader``, an iterable of feed dicts or of arrays, one array or
+a dict of arrays holding the whole set, a ``.npy`` / ``.npz`` file); every
+batch leaves :func:`iter_feeds` as a dict ``input name -> np.ndarray`` checked
+against the model's inputs, so that a mistake in the data is told in one line
+instead of surfacing as an onnxruntime error or, worse, as silently wrong
+statistics. Nothing is cast: a float64 array for a float32 input is an error.
+
+Whole sets (arrays, dicts of arrays, files) are read one batch at a time: a
+``.npy`` file is memory-mapped and a ``.npz`` member is streamed, so memory
+stays bounded by one batch however large the file.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import OnnxcompError
+from ..graph import as_model
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class ModelInput:
+    """One input the model needs fed."""
+
+    name: str
+    dtype: np.dtype | None  # None when the model does not say
+    dims: list[int | None] | None  # None: unknown rank; None entries: dynamic dims
+
+    def describe(self) -> str:
+        dims = "?" if self.dims is None else "[" + ",".join("?" if d is None else str(d) for d in self.dims) + "]"
+        return f"{self.name} {self.dtype or '?'} {dims}"
+
+
+def model_inputs(model) -> list[ModelInput]:
+    """The inputs to feed: graph inputs that are not initializers (those have defaults)."""
+    graph = as_model(model).graph
+    initializers = {t.name for t in graph.initializer}
+    return [_model_input(info) for info in graph.input if info.name not in initializers]
+
+
+def _model_input(info: onnx.ValueInfoProto) -> ModelInput:
+    tensor = info.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else None
+    dims = None
+    if tensor.HasField("shape"):
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
+    return ModelInput(info.name, None if dtype is None else np.dtype(dtype), dims)
+
+
+def iter_feeds(data, model, batch_size: int = 32) -> Iterator[Feed]:
+    """Validated feed dicts, one per batch, from any supported calibration data.
+
+    Whole sets are split into batches of ``batch_size`` along axis 0 (or of the
+    model's fixed batch size when all its inputs fix their first dimension);
+    readers and iterables are taken batch by batch as given.
+    """
+    if batch_size < 1:
+        raise OnnxcompError(f"batch size must be at least 1, got {batch_size}")
+    inputs = model_inputs(model)
+    batches = 0
+    for index, feed in enumerate(_raw_batches(data, inputs, batch_size)):
+        yield _validated(feed, inputs, f"batch {index}")
+        batches += 1
+    if batches == 0:
+        raise OnnxcompError("calibration data is empty: it gave no batch")
+
+
+def count_samples(data, model) -> int | None:
+    """How many samples ``data`` holds (for a progress bar), or None when it cannot tell without consuming it."""
+    inputs = model_inputs(model)
+    if not inputs:
+        return None
+    if isinstance(data, (str, os.PathLike)):
+        with _opened_file(Path(data), inputs) as streams:
+            return _whole_set_length(streams)
+    if isinstance(data, np.ndarray):
+        return len(data) if data.ndim else None
+    if isinstance(data, Mapping):
+        first = data.get(inputs[0].name)
+        return len(first) if isinstance(first, np.ndarray) and first.ndim else None
+    if isinstance(data, Sequence):
+        return _sequence_length(data, inputs[0].name)
+    return None
+
+
+def feed_samples(feed: Feed, model_input_names: Sequence[str]) -> int:
+    """Samples in one batch: the leading dimension of the first model input."""
+    first = feed[model_input_names[0]]
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _sequence_length(items: Sequence, first_input: str) -> int | None:
+    total = 0
+    for item in items:
+        value = item.get(first_input) if isinstance(item, Mapping) else item
+        shape = np.shape(value) if value is not None else ()
+        if not shape:
+            return None
+        total += shape[0]
+    return total
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _raw_batches(data, inputs: list[ModelInput], batch_size: int) -> Iterator:
+    """Unvalidated batches, whatever kind of data this is."""
+    if isinstance(data, (str, os.PathLike)):
+        return _file_batches(Path(data), inputs, batch_size)
+    if isinstance(data, np.ndarray):
+        return _split(_ArrayStream.of_mapping({_single_input(inputs, "an array"): data}), inputs, batch_size)
+    if isinstance(data, Mapping):
+        _check_names(data, inputs, "calibration data")
+        return _split(_ArrayStream.of_mapping(data), inputs, batch_size)
+    if callable(getattr(data, "get_next", None)):
+        return iter(data.get_next, None)
+    if isinstance(data, Iterable):
+        return _items_as_feeds(data, inputs)
+    raise OnnxcompError(
+        f"unsupported calibration data of type {type(data).__name__}: expected a CalibrationDataReader, "
+        "an iterable of dicts or arrays, an array, a dict of arrays, or a .npy/.npz path"
+    )
+
+
+def _items_as_feeds(items: Iterable, inputs: list[ModelInput]) -> Iterator:
+    for index, item in enumerate(items):
+        if isinstance(item, Mapping):
+            yield item
+        elif isinstance(item, np.ndarray) or hasattr(item, "__array__"):
+            yield {_single_input(inputs, "an iterable of arrays"): item}
+        else:
+            raise OnnxcompError(
+                f"calibration batch {index} is a {type(item).__name__}: expected a dict name -> array or an array"
+            )
+
+
+def _single_input(inputs: list[ModelInput], what: str) -> str:
+    if len(inputs) != 1:
+        names = [i.name for i in inputs]
+        raise OnnxcompError(
+            f"{what} can only feed a single-input model, but this model has {len(inputs)} inputs {names}: "
+            "pass dicts name -> array or an .npz file"
+        )
+    return inputs[0].name
+
+
+def _effective_batch(inputs: list[ModelInput], batch_size: int) -> int:
+    """A model that fixes its batch dimension gets batches of exactly that size."""
+    firsts = {i.dims[0] if i.dims else None for i in inputs}
+    if len(firsts) == 1 and None not in firsts:
+        return firsts.pop()
+    return batch_size
+
+
+def _whole_set_length(streams: Mapping[str, "_ArrayStream | _NpyStream"]) -> int:
+    lengths = {name: s.shape[0] if s.shape else None for name, s in streams.items()}
+    if None in lengths.values():
+        scalar = [n for n, length in lengths.items() if length is None][0]
+        raise OnnxcompError(f"calibration input {scalar!r} is a scalar: a whole set needs a sample axis 0")
+    if len(set(lengths.values())) > 1:
+        raise OnnxcompError(f"calibration inputs hold different numbers of samples along axis 0: {lengths}")
+    return next(iter(lengths.values()), 0)
+
+
+def _split(streams: Mapping, inputs: list[ModelInput], batch_size: int) -> Iterator[Feed]:
+    total = _whole_set_length(streams)
+    batch = _effective_batch(inputs, batch_size)
+    for start in range(0, total, batch):
+        count = min(batch, total - start)
+        yield {name: stream.read(count) for name, stream in streams.items()}
+
+
+class _ArrayStream:
+    """An in-memory (or memory-mapped) array read forward in batches."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape = array.shape
+        self.position = 0
+
+    @classmethod
+    def of_mapping(cls, arrays: Mapping) -> dict[str, "_ArrayStream"]:
+        return {name: cls(value if isinstance(value, np.ndarray) else np.asarray(value)) for name, value in arrays.items()}
+
+    def read(self, count: int) -> np.ndarray:
+        # ascontiguousarray pulls a memory-mapped slice into memory: one batch at a time.
+        batch = np.ascontiguousarray(self.array[self.position : self.position + count])
+        self.position += count
+        return batch
+
+
+# ---------------------------------------------------------------- files
+
+
+def _file_batches(path: Path, inputs: list[ModelInput], batch_size: int) -> Iterator[Feed]:
+    with _opened_file(path, inputs) as streams:
+        yield from _split(streams, inputs, batch_size)
+
+
+@contextmanager
+def _opened_file(path: Path, inputs: list[ModelInput]):
+    """The arrays of a .npy / .npz file as streams, name -> stream."""
+    if not path.exists():
+        raise OnnxcompError(f"calibration file not found: {path}")
+    if path.suffix == ".npy":
+        yield {_single_input(inputs, f"the .npy file {path}"): _ArrayStream(_load_npy(path))}
+    elif path.suffix == ".npz":
+        with _open_zip(path) as archive:
+            members = {name[: -len(".npy")]: name for name in archive.namelist() if name.endswith(".npy")}
+            _check_names(members, inputs, f"calibration file {path}")
+            yield {name: _NpyStream(archive, member, path) for name, member in members.items()}
+    else:
+        raise OnnxcompError(f"calibration file {path}: expected a .npy or .npz file")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # truncated, not an .npy, object arrays, a folder, ...
+        raise OnnxcompError(f"cannot read calibration file {path}: {_first_line(exc)}") from None
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except Exception as exc:  # not a zip, truncated, a folder, ...
+        raise OnnxcompError(f"cannot read calibration file {path}: {_first_line(exc)}") from None
+
+
+class _NpyStream:
+    """One array of an .npz archive read forward in batches without loading it whole.
+
+    Works for stored and compressed archives alike (zipfile decompresses as it
+    reads); a Fortran-ordered array cannot be cut by rows and is loaded whole.
+    """
+
+    def __init__(self, archive: zipfile.ZipFile, member: str, path: Path):
+        self.path = path
+        try:
+            self.file = archive.open(member)
+            version = np.lib.format.read_magic(self.file)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, fortran_order, self.dtype = read_header(self.file)
+            if self.dtype.hasobject:
+                raise ValueError("object arrays are not supported")
+            self.whole = np.lib.format.read_array(archive.open(member), allow_pickle=False) if fortran_order else None
+        except Exception as exc:
+            raise OnnxcompError(f"cannot read {member} in calibration file {path}: {_first_line(exc)}") from None
+        self.position = 0
+
+    def read(self, count: int) -> np.ndarray:
+        if self.whole is not None:
+            batch = np.ascontiguousarray(self.whole[self.position : self.position + count])
+            self.position += count
+            return batch
+        row_shape = tuple(self.shape[1:])
+        nbytes = count * int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
+        try:
+            raw = self.file.read(nbytes)
+        except Exception as exc:  # CRC errors, broken deflate streams
+            raise OnnxcompError(f"cannot read calibration file {self.path}: {_first_line(exc)}") from None
+        if len(raw) != nbytes:
+            raise OnnxcompError(f"cannot read calibration file {self.path}: data ends early (truncated file?)")
+        return np.frombuffer(raw, dtype=self.dtype).reshape((count, *row_shape)).copy()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_names(names: Iterable[str], inputs: list[ModelInput], where: str) -> None:
+    names = set(names)
+    required = [i.name for i in inputs]
+    missing = [n for n in required if n not in names]
+    unknown = sorted(n for n in names if n not in required)
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"missing input(s) {missing}")
+        if unknown:
+            problems.append(f"unknown input(s) {unknown}")
+        raise OnnxcompError(f"{where}: {' and '.join(problems)}; the model's inputs are {required}")
+
+
+def _validated(feed, inputs: list[ModelInput], where: str) -> Feed:
+    if not isinstance(feed, Mapping):
+        raise OnnxcompError(f"calibration {where} is a {type(feed).__name__}: expected a dict name -> array")
+    _check_names(feed, inputs, f"calibration {where}")
+    return {i.name: _validated_array(feed[i.name], i, where) for i in inputs}
+
+
+def _validated_array(value, model_input: ModelInput, where: str) -> np.ndarray:
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    name, expected = model_input.name, model_input.dtype
+    if expected is not None and array.dtype != expected:
+        raise OnnxcompError(
+            f"input {name!r} ({where}): expected {expected} data, got {array.dtype} "
+            f"(convert it, e.g. x.astype(np.{expected}); onnxcomp does not cast silently)"
+        )
+    _check_shape(array, model_input, where)
+    if array.size == 0:
+        raise OnnxcompError(f"input {name!r} ({where}) is empty: shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise OnnxcompError(f"input {name!r} ({where}) holds {bad} NaN or Inf value(s)")
+    return np.ascontiguousarray(array)
+
+
+def _check_shape(array: np.ndarray, model_input: ModelInput, where: str) -> None:
+    dims = model_input.dims
+    if dims is None:
+        return
+    if array.ndim != len(dims):
+        raise OnnxcompError(
+            f"input {model_input.name!r} ({where}): expected rank {len(dims)} like {model_input.describe()}, "
+            f"got rank {array.ndim} with shape {array.shape}"
+        )
+    for axis, (want, got) in enumerate(zip(dims, array.shape)):
+        if want is not None and want != got:
+            raise OnnxcompError(
+                f"input {model_input.name!r} ({where}): dimension {axis} is {got}, but the model fixes it "
+                f"to {want} ({model_input.describe()}; data shape {array.shape})"
+            )

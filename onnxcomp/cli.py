@@ -1,0 +1,148 @@
+"""The ``onnxcomp`` command: compress / calibrate / inspect."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from . import __version__, graph
+from .errors import OnnxcompError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except OnnxcompError as exc:
+        print(f"onnxcomp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxcomp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so in one line, the traceback only on request
+        if os.environ.get("ONNXCOMP_DEBUG"):
+            traceback.print_exc()
+        print(f"onnxcomp: internal error: {type(exc).__name__}: {exc} (set ONNXCOMP_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxcomp", description="Data-aware low-rank compression of ONNX models.")
+    parser.add_argument("--version", action="version", version=f"onnxcomp {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", help="compress a model's Conv/Gemm/MatMul layers")
+    compress.add_argument("input", help="model to compress (.onnx)")
+    compress.add_argument("output", help="where to write the compressed model")
+    _data_arguments(compress)
+    compress.add_argument("--method", default="svd", choices=["svd"], help="decomposition (default: svd)")
+    rule = compress.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--rank", type=int, help="the same rank for every layer")
+    rule.add_argument("--keep", type=float, help="fraction of each layer's MACs to keep, e.g. 0.5")
+    rule.add_argument("--energy", type=float, help="energy threshold tau in (0, 1], e.g. 0.95 (ARSVD)")
+    rule.add_argument("--target-macs", type=float, metavar="F",
+                      help="whole-model budget: keep this fraction of the model's MACs, ranks allocated across layers")
+    rule.add_argument("--target-params", type=float, metavar="F",
+                      help="whole-model budget: keep this fraction of the model's parameters")
+    compress.add_argument("--rank-rule", default="energy", choices=["energy", "entropy"],
+                          help="with --energy: ARSVD's energy or spectral-entropy rule")
+    compress.add_argument("--spectrum", default="data", choices=["data", "weight"],
+                          help="with --energy: threshold the data-aware or the weight spectrum")
+    compress.add_argument("--norm", default="data", choices=["data", "frobenius"],
+                          help="fit under the data norm (default) or the data-free Frobenius norm")
+    compress.add_argument("--uncentered", action="store_true",
+                          help="fit under the uncentered second moment, without bias correction")
+    compress.add_argument("--stats", help="statistics file from `onnxcomp calibrate` (instead of collecting)")
+    compress.add_argument("--report", help="write the per-layer report as JSON here")
+    compress.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the solvers run")
+    compress.set_defaults(run=_compress)
+
+    calibrate = commands.add_parser("calibrate", help="collect layer-input statistics into a file")
+    calibrate.add_argument("input", help="model (.onnx)")
+    calibrate.add_argument("output", help="statistics file to write (.npz)")
+    _data_arguments(calibrate, data_required=True)
+    calibrate.add_argument("--merge", nargs="+", default=[], metavar="STATS",
+                           help="statistics files to add to the result (shards of a larger set)")
+    calibrate.set_defaults(run=_calibrate)
+
+    inspect = commands.add_parser("inspect", help="list the compressible layers with shapes, params and MACs")
+    inspect.add_argument("input", help="model (.onnx)")
+    inspect.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                         help="fix a dynamic input shape, e.g. input:1,3,224,224 (repeatable)")
+    inspect.set_defaults(run=_inspect)
+
+    from .bench import register_command
+
+    register_command(commands)
+    return parser
+
+
+def _data_arguments(parser: argparse.ArgumentParser, data_required: bool = False) -> None:
+    parser.add_argument("--data", required=data_required,
+                        help="calibration data: .npz (input name -> array) or .npy (single-input model)")
+    parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                        help="fix a dynamic input shape, e.g. input:1,3,224,224 (repeatable)")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="NAME_OR_OPTYPE",
+                        help="layers to leave alone, by node name or op type (e.g. Gemm)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _compress(args) -> int:
+    from .pipeline import compress
+
+    model = graph.load_model(args.input)
+    compressed, report = compress(
+        model, args.data, method=args.method, rank=args.rank, keep=args.keep, energy=args.energy,
+        rule=args.rank_rule, spectrum=args.spectrum, norm=args.norm, centered=not args.uncentered,
+        stats=args.stats, skip=args.skip, input_shapes=args.input_shape, batch_size=args.batch_size,
+        device=args.device, progress=not args.quiet, target_macs=args.target_macs, target_params=args.target_params,
+    )
+    graph.save_model(compressed, args.output)
+    print(report.table())
+    print(f"wrote {args.output}")
+    if args.report:
+        report.save(args.report)
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .calibration.stats import Statistics
+    from .pipeline import calibrate
+
+    statistics = calibrate(graph.load_model(args.input), args.data, input_shapes=args.input_shape,
+                           skip=args.skip, batch_size=args.batch_size, progress=not args.quiet)
+    for shard in args.merge:
+        statistics = statistics.merged(Statistics.load(shard))
+    statistics.save(args.output)
+    samples = max(s.samples for s in statistics.values())
+    print(f"wrote {args.output}: {len(statistics)} layer inputs, {samples} samples")
+    return 0
+
+
+def _inspect(args) -> int:
+    model = graph.load_model(args.input)
+    shapes = graph.parse_input_shapes(args.input_shape)
+    layers, skipped = graph.find_layers(model, shapes)
+    header = ("layer", "op", "shape", "input", "params", "MACs/sample")
+    rows = [header] + [
+        (l.name, l.op_type, l.shape_text, l.input, str(l.params), "?" if l.macs() is None else str(l.macs()))
+        for l in layers
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    for s in skipped:
+        print(f"not compressible: {s.name} ({s.op_type}): {s.reason}")
+    total = graph.count_macs(model, shapes)
+    print(f"{len(layers)} compressible layers; model params {graph.count_params(model)}, "
+          f"MACs/sample {'unknown (dynamic shapes: use --input-shape)' if total is None else total}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

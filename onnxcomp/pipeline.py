@@ -1,0 +1,274 @@
+"""model -> layers -> statistics -> solver -> rewrite -> compressed model + report."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from . import graph
+from .calibration.collect import collect_statistics
+from .calibration.readers import iter_feeds
+from .calibration.stats import Statistics
+from .decompose.backend import get_backend
+from .decompose.budget import Option, allocate
+from .decompose.solve import CANDIDATES, Decomposition, LayerProblem, Options, RankChoice, solve_layer
+from .errors import OnnxcompError
+from .evaluate import compare_outputs
+from .passes import apply_decompositions
+from .report import LayerRow, Report
+
+
+def compress(
+    model,
+    data=None,
+    *,
+    method: str = "svd",
+    rank: int | None = None,
+    keep: float | None = None,
+    energy: float | None = None,
+    rule: str = "energy",
+    spectrum: str = "data",
+    norm: str = "data",
+    centered: bool = True,
+    stats=None,
+    skip=(),
+    input_shapes=None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    progress: bool = True,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Compress the Conv/Gemm/MatMul layers of ``model``; returns ``(model, report)``.
+
+    ``data``: calibration data (CalibrationDataReader, iterable of feed dicts or
+    arrays, array, dict of arrays, .npy/.npz path). ``stats``: a
+    :class:`Statistics` or a stats file from ``onnxcomp calibrate`` (then
+    ``data`` is only used for the final output check). Exactly one of
+    ``rank``, ``keep`` (fraction of each layer's MACs kept) and ``energy``
+    (threshold of the ``rule`` on the ``spectrum``) picks the ranks, or a
+    whole-model budget: ``target_macs`` / ``target_params``, the fraction of
+    the original model's MACs / params to end up with, allocated across layers.
+    """
+    model = graph.as_model(model)
+    target = _target(target_macs, target_params)
+    _one_rank_rule(rank, keep, energy, target)
+    options = Options(method, norm, centered, RankChoice(rank, keep, energy, rule, spectrum))
+    user_shapes = _input_shapes(input_shapes)
+    shapes = dict(user_shapes)  # for shape inference: per-sample shapes, batch 1
+    feeds, first_batch = _peek(iter_feeds(data, model, batch_size=batch_size)) if data is not None else (None, None)
+    if first_batch is not None:
+        shapes = {**_per_sample_shapes(first_batch), **shapes}
+    layers, skipped = graph.find_layers(model, shapes)
+    chosen = [layer for layer in layers if not _matches(layer, skip)]
+    if not chosen:
+        raise OnnxcompError(_no_layers_message(layers, skipped))
+
+    clock = _Clock()
+    statistics = _statistics(model, chosen, feeds, stats, norm, user_shapes, batch_size, progress)
+    clock.lap("calibration")
+    xp = get_backend(device)
+    problems = {layer.name: _problem(layer, statistics.get(layer.stats_key) if statistics else None) for layer in chosen}
+    budget = _allocate(chosen, problems, options, target, xp, model, shapes) if target else None
+    plan, rows = [], []
+    for layer in tqdm(chosen, desc="solve", unit="layer", disable=not progress):
+        layer_stats = problems[layer.name].stats
+        if budget is None:
+            result = solve_layer(problems[layer.name], options, xp)
+        elif budget["ranks"][layer.name] is None:
+            result = "the budget keeps it dense"
+        else:
+            layer_options = replace(options, ranks=RankChoice(rank=budget["ranks"][layer.name][0]))
+            result = solve_layer(problems[layer.name], layer_options, xp)
+        if isinstance(result, Decomposition):
+            plan.append((layer, result))
+        rows.append(_row(layer, result, layer_stats))
+    rows += [LayerRow(layer.name, layer.op_type, layer.shape_text, "skipped: --skip") for layer in layers if layer not in chosen]
+    rows += [LayerRow(s.name, s.op_type, "-", f"skipped: {s.reason}") for s in skipped]
+
+    clock.lap("solve")
+    compressed = apply_decompositions(model, plan)
+    clock.lap("rewrite")
+    output_error = compare_outputs(model, compressed, first_batch) if first_batch is not None else None
+    clock.lap("check")
+    settings = {k: v for k, v in asdict(options).items()}
+    settings.update(device=device, calibration_samples=_samples(statistics))
+    totals = _totals(model, compressed, shapes, len(plan), len(layers))
+    if budget is not None:
+        kind, fraction = target
+        achieved = totals[f"{kind}_after"] / totals[f"{kind}_before"] if totals[f"{kind}_before"] else None
+        settings["target"] = {"kind": kind, "fraction": fraction, "predicted": budget["predicted"],
+                              "achieved": achieved, "feasible": budget["feasible"]}
+    return compressed, Report(settings, rows, totals, output_error, clock.seconds)
+
+
+def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True) -> Statistics:
+    """Statistics of every compressible layer's input, to save and reuse with ``stats=``."""
+    model = graph.as_model(model)
+    shapes = _input_shapes(input_shapes)
+    layers, skipped = graph.find_layers(model, shapes)
+    layers = [layer for layer in layers if not _matches(layer, skip)]
+    if not layers:
+        raise OnnxcompError(_no_layers_message(layers, skipped))
+    return collect_statistics(model, layers, data, input_shapes=shapes, batch_size=batch_size, progress=progress)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class _Clock:
+    """Seconds spent in each stage, for the report."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 3)
+        self._last = now
+
+
+def _target(target_macs, target_params):
+    """("macs" | "params", fraction) or None."""
+    given = [(kind, v) for kind, v in (("macs", target_macs), ("params", target_params)) if v is not None]
+    if len(given) > 1:
+        raise OnnxcompError("give one budget: --target-macs or --target-params")
+    if given and not 0 < given[0][1] <= 1:
+        raise OnnxcompError(f"--target-{given[0][0]} must be a fraction in (0, 1], got {given[0][1]}")
+    return given[0] if given else None
+
+
+def _one_rank_rule(rank, keep, energy, target) -> None:
+    given = [name for name, v in (("rank", rank), ("keep", keep), ("energy", energy), ("target", target)) if v is not None]
+    if len(given) != 1:
+        raise OnnxcompError(
+            "give exactly one rank rule: --rank N, --keep F, --energy TAU or a budget --target-macs/--target-params F"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+
+
+def _input_shapes(specs) -> dict[str, list[int]]:
+    """``["name:1,3,224,224"]`` (CLI form) or ``{"name": [1, 3, 224, 224]}``."""
+    return graph.parse_input_shapes(specs) if isinstance(specs, (list, tuple)) else dict(specs or {})
+
+
+def _peek(iterator):
+    """The first item, and an iterator that still yields it."""
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise OnnxcompError("the calibration data is empty") from None
+    return itertools.chain([first], iterator), first
+
+
+def _per_sample_shapes(feed: dict) -> dict[str, list[int]]:
+    """Input shapes with batch 1, so shape inference can count MACs per sample."""
+    return {name: [1, *value.shape[1:]] for name, value in feed.items() if value.ndim >= 1}
+
+
+def _matches(layer: graph.TargetLayer, skip) -> bool:
+    return any(s == layer.name or s == layer.op_type for s in skip or ())
+
+
+def _no_layers_message(layers, skipped) -> str:
+    if layers:
+        return "every compressible layer was excluded by --skip"
+    reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+    return "no compressible layers (Conv/Gemm/MatMul with constant weights) in the model" + (
+        f" ({reasons}{'; ...' if len(skipped) > 3 else ''})" if reasons else ""
+    )
+
+
+def _statistics(model, layers, feeds, stats, norm, shapes, batch_size, progress) -> Statistics | None:
+    if stats is not None:
+        statistics = stats if isinstance(stats, Statistics) else Statistics.load(stats)
+        missing = [layer.name for layer in layers if layer.stats_key not in statistics]
+        if missing:
+            raise OnnxcompError(
+                f"the statistics file has no entry for {len(missing)} layer(s) of this model, e.g. {missing[0]!r}"
+            )
+        return statistics
+    if feeds is None:
+        if norm == "data":
+            raise OnnxcompError("the data norm needs calibration data (--data) or statistics (--stats); or use --norm frobenius")
+        return None
+    return collect_statistics(model, layers, feeds, input_shapes=shapes, batch_size=batch_size, progress=progress)
+
+
+def _allocate(layers, problems, options: Options, target, xp, model, shapes) -> dict:
+    """Ranks per layer meeting a whole-model budget (the layers outside the plan cost what they cost)."""
+    kind, fraction = target
+    total = graph.count_macs(model, shapes) if kind == "macs" else graph.count_params(model)
+    if total is None:
+        raise OnnxcompError("--target-macs needs static shapes: give calibration data or --input-shape")
+    choices, dense_total = [], 0
+    for layer in layers:
+        problem = problems[layer.name]
+        scale = _positions(layer, problem.stats) if kind == "macs" else 1
+        if scale is None:
+            raise OnnxcompError(f"cannot count the MACs of layer {layer.name!r}: give --input-shape")
+        dense = layer.weight.size * scale
+        dense_total += dense
+        candidates = CANDIDATES[options.method](problem, options, xp)
+        choices.append([Option(dense, 0.0, None)] + [Option(c.weights * scale, c.error, c) for c in candidates])
+    budget = fraction * total - (total - dense_total)
+    picked, feasible = allocate(choices, budget)
+    ranks = {layer.name: (None if options_[i].label is None else options_[i].label.rank)
+             for layer, options_, i in zip(layers, choices, picked)}
+    spent = sum(options_[i].cost for options_, i in zip(choices, picked))
+    return {"ranks": ranks, "predicted": (total - dense_total + spent) / total, "feasible": feasible}
+
+
+def _positions(layer: graph.TargetLayer, stats) -> int | None:
+    if layer.positions is not None:
+        return layer.positions
+    return None if stats is None else round(stats.positions)
+
+
+def _problem(layer: graph.TargetLayer, stats) -> LayerProblem:
+    if stats is not None and stats.dim != layer.in_features:
+        raise OnnxcompError(
+            f"statistics for layer {layer.name!r} have dimension {stats.dim}, the layer reads {layer.in_features}"
+        )
+    bias = None if layer.bias is None else layer.bias.astype(np.float64)
+    return LayerProblem(layer.name, layer.weight.astype(np.float64), bias, layer.kernel, stats)
+
+
+def _row(layer: graph.TargetLayer, result, stats) -> LayerRow:
+    positions = _positions(layer, stats)
+    macs_before = layer.macs(positions)
+    if not isinstance(result, Decomposition):
+        return LayerRow(layer.name, layer.op_type, layer.shape_text, f"kept: {result}",
+                        params_before=layer.params, params_after=layer.params,
+                        macs_before=macs_before, macs_after=macs_before)
+    weights = result.params - (0 if result.bias is None else result.bias.size)
+    return LayerRow(
+        layer.name, layer.op_type, layer.shape_text, "compressed", method=result.method,
+        rank=list(result.rank), params_before=layer.params, params_after=result.params,
+        macs_before=macs_before, macs_after=None if positions is None else weights * positions,
+        relative_error=result.relative_error, seconds=result.info.get("seconds"),
+        info={k: v for k, v in result.info.items() if k != "seconds"},
+    )
+
+
+def _samples(statistics) -> int | None:
+    if not statistics:
+        return None
+    return max(s.samples for s in statistics.values())
+
+
+def _totals(original, compressed, shapes, compressed_layers: int, found: int) -> dict:
+    return {
+        "params_before": graph.count_params(original),
+        "params_after": graph.count_params(compressed),
+        "macs_before": graph.count_macs(original, shapes),
+        "macs_after": graph.count_macs(compressed, shapes),
+        "layers_compressed": compressed_layers,
+        "layers_found": found,
+    }

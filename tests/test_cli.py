@@ -1,0 +1,142 @@
+"""The command line end to end: the embedded example, and every kind of bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcomp import graph
+from onnxcomp.cli import main
+from onnxcomp.evaluate import make_session
+
+from models import conv_model
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compress_example_end_to_end(tmp_path, capsys):
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    code, stdout, _ = run_cli(capsys, "compress", EXAMPLE / "digits_cnn.onnx", out,
+                              "--data", EXAMPLE / "calib.npz", "--keep", "0.5", "--report", report, "--quiet")
+    assert code == 0, stdout
+    assert "relative L2 error" in stdout
+    data = json.loads(report.read_text())
+    assert set(data) == {"settings", "totals", "output_error", "seconds", "layers"}
+    totals = data["totals"]
+    assert totals["macs_after"] < 0.6 * totals["macs_before"]
+    assert totals["layers_compressed"] >= 4
+    compressed = graph.load_model(out)
+    onnx.checker.check_model(compressed, full_check=True)
+    # The reported model MACs are what the written file really has.
+    assert graph.count_macs(compressed, {"input": [1, 1, 32, 32]}) == totals["macs_after"]
+    held_out = np.load(EXAMPLE / "heldout.npz")
+    logits = make_session(compressed).run(None, {"input": held_out["input"]})[0]
+    assert (logits.argmax(1) == held_out["labels"]).mean() > 0.75  # 0.818 measured; the original has 0.998
+    rows = {row["name"]: row for row in data["layers"]}
+    assert rows["/conv2/Conv"]["status"] == "compressed" and 0 < rows["/conv2/Conv"]["relative_error"] < 1
+
+
+def test_calibrate_then_compress_with_stats(tmp_path, capsys):
+    stats = tmp_path / "stats.npz"
+    code, stdout, _ = run_cli(capsys, "calibrate", EXAMPLE / "digits_cnn.onnx", stats,
+                              "--data", EXAMPLE / "calib.npz", "--quiet")
+    assert code == 0 and stats.is_file()
+    out = tmp_path / "small.onnx"
+    code, stdout, _ = run_cli(capsys, "compress", EXAMPLE / "digits_cnn.onnx", out, "--stats", stats,
+                              "--energy", "0.9", "--quiet")
+    assert code == 0 and out.is_file()
+
+
+def test_inspect_lists_layers(capsys):
+    code, stdout, _ = run_cli(capsys, "inspect", EXAMPLE / "digits_cnn.onnx")
+    assert code == 0
+    assert "/conv2/Conv" in stdout and "32x32x3x3" in stdout and "6 compressible layers" in stdout
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    path = tmp_path / "conv.onnx"
+    onnx.save(conv_model(), path)
+    return path
+
+
+def save_data(tmp_path, **arrays):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def good_data():
+    return np.random.default_rng(0).standard_normal((8, 6, 11, 11)).astype(np.float32)
+
+
+def expect_error(capsys, tmp_path, args, message):
+    out = tmp_path / "out.onnx"
+    code, stdout, stderr = run_cli(capsys, *args[:1], *args[1:2], out, *args[2:], "--quiet")
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxcomp: error:") and message in lines[0], stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_model(capsys, tmp_path):
+    expect_error(capsys, tmp_path, ["compress", tmp_path / "none.onnx", "--keep", "0.5", "--norm", "frobenius"], "not found")
+
+
+def test_corrupt_model(capsys, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage" * 100)
+    expect_error(capsys, tmp_path, ["compress", bad, "--keep", "0.5", "--norm", "frobenius"], "")
+
+
+def test_no_target_layers(capsys, tmp_path):
+    path = tmp_path / "relu.onnx"
+    onnx.save(onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        net (float[1, 4] x) => (float[1, 4] y) { y = Relu (x) }"""), path)
+    expect_error(capsys, tmp_path, ["compress", path, "--keep", "0.5", "--norm", "frobenius"], "no compressible layers")
+
+
+def test_wrong_input_name(capsys, tmp_path, small_model):
+    data = save_data(tmp_path, image=good_data())
+    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "x")
+
+
+def test_wrong_dtype(capsys, tmp_path, small_model):
+    data = save_data(tmp_path, x=good_data().astype(np.float64))
+    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "float")
+
+
+def test_wrong_rank_of_data(capsys, tmp_path, small_model):
+    data = save_data(tmp_path, x=good_data()[:, 0])
+    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "rank")
+
+
+def test_nan_in_data(capsys, tmp_path, small_model):
+    values = good_data()
+    values[3, 2, 1, 1] = np.nan
+    data = save_data(tmp_path, x=values)
+    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "NaN")
+
+
+def test_empty_data(capsys, tmp_path, small_model):
+    data = save_data(tmp_path, x=good_data()[:0])
+    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "empty")
+
+
+def test_rank_larger_than_layer(capsys, tmp_path, small_model):
+    data = save_data(tmp_path, x=good_data())
+    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--rank", "9"], "larger than layer")
+
+
+def test_data_norm_without_data(capsys, tmp_path, small_model):
+    expect_error(capsys, tmp_path, ["compress", small_model, "--keep", "0.5"], "calibration data")
