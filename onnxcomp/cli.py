@@ -38,11 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("input", help="model to compress (.onnx)")
     compress.add_argument("output", help="where to write the compressed model")
     _data_arguments(compress)
-    compress.add_argument("--method", default="svd", choices=["svd"], help="decomposition (default: svd)")
+    compress.add_argument("--method", default="svd", choices=["svd", "tucker2", "auto"],
+                          help="svd; tucker2 (kxk convs: 1x1 -> kxk -> 1x1; matrices get svd); "
+                               "auto: per layer the one with the lower error (default: svd)")
     rule = compress.add_mutually_exclusive_group(required=True)
-    rule.add_argument("--rank", type=int, help="the same rank for every layer")
+    rule.add_argument("--rank", type=_rank, metavar="N|R_OUT,R_IN",
+                      help="the same rank for every layer (Tucker-2: R_OUT,R_IN or one N for both)")
     rule.add_argument("--keep", type=float, help="fraction of each layer's MACs to keep, e.g. 0.5")
     rule.add_argument("--energy", type=float, help="energy threshold tau in (0, 1], e.g. 0.95 (ARSVD)")
+    rule.add_argument("--evbmf", action="store_true",
+                      help="Tucker-2 ranks from EVBMF on the weight's mode unfoldings (data-free, Kim et al. 2016)")
     rule.add_argument("--target-macs", type=float, metavar="F",
                       help="whole-model budget: keep this fraction of the model's MACs, ranks allocated across layers")
     rule.add_argument("--target-params", type=float, metavar="F",
@@ -80,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank(text: str):
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or R_OUT,R_IN, got {text!r}") from None
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected N or R_OUT,R_IN, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
 def _data_arguments(parser: argparse.ArgumentParser, data_required: bool = False) -> None:
     parser.add_argument("--data", required=data_required,
                         help="calibration data: .npz (input name -> array) or .npy (single-input model)")
@@ -97,7 +112,7 @@ def _compress(args) -> int:
     model = graph.load_model(args.input)
     compressed, report = compress(
         model, args.data, method=args.method, rank=args.rank, keep=args.keep, energy=args.energy,
-        rule=args.rank_rule, spectrum=args.spectrum, norm=args.norm, centered=not args.uncentered,
+        evbmf=args.evbmf, rule=args.rank_rule, spectrum=args.spectrum, norm=args.norm, centered=not args.uncentered,
         stats=args.stats, skip=args.skip, input_shapes=args.input_shape, batch_size=args.batch_size,
         device=args.device, progress=not args.quiet, target_macs=args.target_macs, target_params=args.target_params,
     )

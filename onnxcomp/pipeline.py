@@ -31,6 +31,7 @@ def compress(
     rank: int | None = None,
     keep: float | None = None,
     energy: float | None = None,
+    evbmf: bool = False,
     rule: str = "energy",
     spectrum: str = "data",
     norm: str = "data",
@@ -57,8 +58,8 @@ def compress(
     """
     model = graph.as_model(model)
     target = _target(target_macs, target_params)
-    _one_rank_rule(rank, keep, energy, target)
-    options = Options(method, norm, centered, RankChoice(rank, keep, energy, rule, spectrum))
+    _one_rank_rule(rank, keep, energy, evbmf or None, target)
+    options = Options(method, norm, centered, RankChoice(rank, keep, energy, rule, spectrum, evbmf))
     user_shapes = _input_shapes(input_shapes)
     shapes = dict(user_shapes)  # for shape inference: per-sample shapes, batch 1
     feeds, first_batch = _peek(iter_feeds(data, model, batch_size=batch_size)) if data is not None else (None, None)
@@ -83,7 +84,8 @@ def compress(
         elif budget["ranks"][layer.name] is None:
             result = "the budget keeps it dense"
         else:
-            layer_options = replace(options, ranks=RankChoice(rank=budget["ranks"][layer.name][0]))
+            candidate = budget["ranks"][layer.name]
+            layer_options = replace(options, method=candidate.method, ranks=RankChoice(rank=candidate.rank))
             result = solve_layer(problems[layer.name], layer_options, xp)
         if isinstance(result, Decomposition):
             plan.append((layer, result))
@@ -144,11 +146,12 @@ def _target(target_macs, target_params):
     return given[0] if given else None
 
 
-def _one_rank_rule(rank, keep, energy, target) -> None:
-    given = [name for name, v in (("rank", rank), ("keep", keep), ("energy", energy), ("target", target)) if v is not None]
+def _one_rank_rule(rank, keep, energy, evbmf, target) -> None:
+    rules = (("rank", rank), ("keep", keep), ("energy", energy), ("evbmf", evbmf), ("target", target))
+    given = [name for name, v in rules if v is not None]
     if len(given) != 1:
         raise OnnxcompError(
-            "give exactly one rank rule: --rank N, --keep F, --energy TAU or a budget --target-macs/--target-params F"
+            "give exactly one rank rule: --rank N, --keep F, --energy TAU, --evbmf or a budget --target-macs/--target-params F"
             + (f" (got {', '.join(given)})" if given else "")
         )
 
@@ -213,14 +216,14 @@ def _allocate(layers, problems, options: Options, target, xp, model, shapes) -> 
         scale = _positions(layer, problem.stats) if kind == "macs" else 1
         if scale is None:
             raise OnnxcompError(f"cannot count the MACs of layer {layer.name!r}: give --input-shape")
-        dense = layer.weight.size * scale
+        dense = layer.weight.size * scale if kind == "macs" else layer.weight.size
         dense_total += dense
         candidates = CANDIDATES[options.method](problem, options, xp)
-        choices.append([Option(dense, 0.0, None)] + [Option(c.weights * scale, c.error, c) for c in candidates])
+        cost = (lambda c: c.macs * scale) if kind == "macs" else (lambda c: c.params)
+        choices.append([Option(dense, 0.0, None)] + [Option(cost(c), c.error, c) for c in candidates])
     budget = fraction * total - (total - dense_total)
     picked, feasible = allocate(choices, budget)
-    ranks = {layer.name: (None if options_[i].label is None else options_[i].label.rank)
-             for layer, options_, i in zip(layers, choices, picked)}
+    ranks = {layer.name: options_[i].label for layer, options_, i in zip(layers, choices, picked)}
     spent = sum(options_[i].cost for options_, i in zip(choices, picked))
     return {"ranks": ranks, "predicted": (total - dense_total + spent) / total, "feasible": feasible}
 
@@ -237,7 +240,9 @@ def _problem(layer: graph.TargetLayer, stats) -> LayerProblem:
             f"statistics for layer {layer.name!r} have dimension {stats.dim}, the layer reads {layer.in_features}"
         )
     bias = None if layer.bias is None else layer.bias.astype(np.float64)
-    return LayerProblem(layer.name, layer.weight.astype(np.float64), bias, layer.kernel, stats)
+    # A strided conv's first 1x1 conv of a Tucker-2 chain runs at the input resolution.
+    input_ratio = float(np.prod(layer.conv.strides)) if layer.conv is not None else 1.0
+    return LayerProblem(layer.name, layer.weight.astype(np.float64), bias, layer.kernel, stats, input_ratio)
 
 
 def _row(layer: graph.TargetLayer, result, stats) -> LayerRow:
@@ -247,11 +252,10 @@ def _row(layer: graph.TargetLayer, result, stats) -> LayerRow:
         return LayerRow(layer.name, layer.op_type, layer.shape_text, f"kept: {result}",
                         params_before=layer.params, params_after=layer.params,
                         macs_before=macs_before, macs_after=macs_before)
-    weights = result.params - (0 if result.bias is None else result.bias.size)
     return LayerRow(
         layer.name, layer.op_type, layer.shape_text, "compressed", method=result.method,
         rank=list(result.rank), params_before=layer.params, params_after=result.params,
-        macs_before=macs_before, macs_after=None if positions is None else weights * positions,
+        macs_before=macs_before, macs_after=None if positions is None else result.macs * positions,
         relative_error=result.relative_error, seconds=result.info.get("seconds"),
         info={k: v for k, v in result.info.items() if k != "seconds"},
     )

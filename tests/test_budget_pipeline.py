@@ -49,3 +49,32 @@ def test_unreachable_budget_says_so(digits):
     model, stats, _, _ = digits
     _, report = onnxcomp.compress(model, stats=stats, target_macs=0.001, progress=False)
     assert report.settings["target"]["feasible"] is False
+
+
+def test_tucker2_beats_svd_on_the_convs_at_equal_macs(digits):
+    model, stats, images, reference = digits
+    _, svd = onnxcomp.compress(model, stats=stats, keep=0.5, progress=False)
+    tucker, report = onnxcomp.compress(model, stats=stats, keep=0.5, method="tucker2", progress=False)
+    svd_rows = {row.name: row for row in svd.layers}
+    better = 0
+    for row in report.layers:
+        if row.op == "Conv" and row.method == "tucker2":
+            assert row.macs_after <= svd_rows[row.name].macs_after * 1.02
+            # conv1 has one input channel: there Tucker-2 is the SVD, equal up to rounding.
+            assert row.relative_error <= svd_rows[row.name].relative_error * (1 + 1e-9)
+            better += row.relative_error < 0.7 * svd_rows[row.name].relative_error
+            assert row.info["error_last"] <= row.info["error_first"]
+    assert better >= 3
+
+
+def test_tucker2_rank_larger_than_layer(digits):
+    model, stats, _, _ = digits
+    with pytest.raises(onnxcomp.OnnxcompError, match="does not fit"):
+        onnxcomp.compress(model, stats=stats, rank=(16, 40), method="tucker2", skip=["Gemm", "/conv1/Conv"], progress=False)
+
+
+def test_auto_budget_mixes_methods_and_meets_target(digits):
+    model, stats, images, reference = digits
+    compressed, report = onnxcomp.compress(model, stats=stats, target_macs=0.3, method="auto", progress=False)
+    assert abs(report.settings["target"]["achieved"] - 0.3) <= 0.01
+    assert held_out_error(compressed, images, reference) < 0.02

@@ -102,6 +102,7 @@ def _assert_stats(stats, rows, samples):
     gram, total = _reference(rows)
     assert stats.rows == len(rows)
     assert stats.samples == samples
+    np.testing.assert_array_equal(stats.gram, stats.gram.T)
     scale = np.abs(gram).max()
     np.testing.assert_allclose(stats.gram, gram, rtol=RTOL, atol=RTOL * scale)
     np.testing.assert_allclose(stats.total, total, rtol=RTOL, atol=RTOL * np.abs(total).max())
@@ -291,6 +292,26 @@ def test_external_data_model_and_caller_model_untouched(method, tmp_path):
     assert loaded.SerializeToString() == before
     np.testing.assert_array_equal(_only(from_proto).gram, _only(from_path).gram)
     _assert_stats(_only(from_proto), _naive_patches(np.maximum(x, 0), (3, 3), pads=(1, 1, 1, 1)), 2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_models_too_large_for_protobuf_reach_onnxruntime_as_files(method, monkeypatch):
+    monkeypatch.setattr(collect_module, "_PROTOBUF_LIMIT", 0)
+    model = _conv_model(3, 4, (3, 3), pads=[1, 1, 1, 1])
+    layers, _ = find_layers(model)
+    x = np.random.default_rng(13).standard_normal((2, 3, 6, 5)).astype(np.float32)
+    stats = collect_statistics(model, layers, x, progress=False, method=method)
+    _assert_stats(_only(stats), _naive_patches(np.maximum(x, 0), (3, 3), pads=(1, 1, 1, 1)), 2)
+
+
+def test_graph_method_on_opset_11():
+    """ReduceSum takes its axes as an attribute before opset 13."""
+    model = _conv_model(3, 4, (3, 3), strides=[2, 2], pads=[1, 1, 1, 1])
+    model.opset_import[0].version = 11
+    layers, _ = find_layers(model)
+    x = np.random.default_rng(14).standard_normal((2, 3, 7, 6)).astype(np.float32)
+    stats = collect_statistics(model, layers, x, progress=False, method="graph")
+    _assert_stats(_only(stats), _naive_patches(np.maximum(x, 0), (3, 3), (2, 2), pads=(1, 1, 1, 1)), 2)
 
 
 def test_unloaded_external_data_is_a_clear_error(tmp_path):

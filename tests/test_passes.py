@@ -22,7 +22,7 @@ def full_rank_plan(model, bias_shift=None):
         bias = None if layer.bias is None else layer.bias.astype(np.float64)
         if bias_shift is not None:
             bias = (0 if bias is None else bias) + bias_shift[: W.shape[0]]
-        plan.append((layer, Decomposition("svd", factors, bias, (factors.rank,), 0, None, None)))
+        plan.append((layer, Decomposition("svd", factors, bias, (factors.rank,), 0, 0, None, None)))
     return plan
 
 
@@ -99,7 +99,7 @@ def test_tucker2_full_rank(attrs):
     W = layer.weight.astype(np.float64).reshape(c_out, c_in, kh, kw)
     core = np.einsum("oa,oikl,ib->abkl", q_out, W, q_in)  # W = q_out . core . q_in^T on each mode
     factors = _TuckerFactors(q_out, core, q_in)
-    decomposition = Decomposition("tucker2", factors, layer.bias.astype(np.float64), (c_out, c_in), 0, None, None)
+    decomposition = Decomposition("tucker2", factors, layer.bias.astype(np.float64), (c_out, c_in), 0, 0, None, None)
     compressed = apply_decompositions(model, [(layer, decomposition)])
     onnx.checker.check_model(compressed, full_check=True)
     assert [n.op_type for n in compressed.graph.node] == ["Conv", "Conv", "Conv", "Relu"]

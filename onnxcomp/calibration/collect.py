@@ -238,7 +238,8 @@ class _OutputsCollector:
             self.sums[target.key].add(_row_blocks(target, tensor, self.buffer.rows(target.dim)), rows, samples)
 
     def statistics(self) -> Statistics:
-        return Statistics({t.key: self.sums[t.key].result(t) for t in self.targets})
+        # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
+        return Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.targets})
 
 
 def _with_outputs(model: onnx.ModelProto, targets: list[_Target], fetch: list[str]) -> onnx.ModelProto:
@@ -298,7 +299,7 @@ class _GramSums:
         self.samples += samples
 
     def result(self, target: _Target) -> InputStats:
-        full = np.triu(self.upper) + np.triu(self.upper, 1).T
+        full = self.upper + np.triu(self.upper, 1).T  # dsyrk left the strict lower triangle at zero
         dim = target.dim
         gram, total = full[:dim, :dim], full[:dim, dim]
         if target.conv is not None:  # patches were built channel-last (i, j, c)
@@ -326,10 +327,13 @@ class _GraphCollector:
             gram, total, shape = (values[name] for name in self.outputs[target.key])
             target.check_shape(shape)
             rows, samples = target.rows_and_samples(shape)
-            # GEMM need not round (a, b) and (b, a) alike; keep the sums exactly symmetric.
-            self.stats[target.key].add_sums(rows, samples, total, 0.5 * (gram + gram.T))
+            self.stats[target.key].add_sums(rows, samples, total, gram)
 
     def statistics(self) -> Statistics:
+        for stats in self.stats.values():
+            # GEMM need not round (a, b) and (b, a) alike: make the sums exactly symmetric, in place.
+            np.add(stats.gram, stats.gram.T, out=stats.gram)
+            stats.gram *= 0.5
         return Statistics(self.stats)
 
 

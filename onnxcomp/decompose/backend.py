@@ -7,6 +7,8 @@ with :func:`to_numpy`.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ..errors import OnnxcompError
@@ -34,6 +36,7 @@ def get_backend(device: str = "cpu"):
             return cupy
         if device == "cuda":
             raise OnnxcompError("--device cuda: CuPy with a CUDA device is not available (pip install 'onnxcomp[gpu]')")
+        print("onnxcomp: note: no CUDA device with CuPy found, solving on the CPU", file=sys.stderr)
         return np
     raise OnnxcompError(f"unknown device {device!r}: use cpu, cuda or auto")
 

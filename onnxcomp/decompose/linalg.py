@@ -87,8 +87,14 @@ def cholesky_or_none(a):
     """
     xp = xp_of(a)
     try:
-        l = xp.linalg.cholesky(a)
-    except Exception:  # numpy.linalg.LinAlgError, cupy errors
+        if xp is np:
+            l = np.linalg.cholesky(a)
+        else:  # make cuSOLVER's failure flag raise instead of leaving garbage behind
+            import cupyx
+
+            with cupyx.errstate(linalg="raise"):
+                l = xp.linalg.cholesky(a)
+    except Exception:  # numpy.linalg.LinAlgError, cupy's LinAlgError
         return None
     if not bool(xp.isfinite(l).all()):
         return None
@@ -228,6 +234,7 @@ def cg(
     b,
     x0=None,
     *,
+    r0=None,
     precond: Callable | None = None,
     tol: float = 1e-8,
     rtol_initial: float | None = None,
@@ -243,7 +250,8 @@ def cg(
     ``maxiter`` products. The system may be singular if it is consistent
     (b in range(A)): CG then converges to a solution. Each iteration decreases
     the quadratic ``<x, A x> - 2 <b, x>`` monotonically, so stopping early never
-    makes the iterate worse than the warm start.
+    makes the iterate worse than the warm start. ``r0 = b - A x0`` may be passed
+    when the caller has it more cheaply than one product.
     """
     xp = xp_of(b)
     m_inv = precond or _identity
@@ -255,7 +263,7 @@ def cg(
         r = b.copy()
     else:
         x = x0.copy()
-        r = b - apply_a(x)
+        r = b - apply_a(x) if r0 is None else r0.copy()
     if bnorm == 0.0:
         return KrylovResult(xp.zeros_like(b), 0, 0.0, 0.0, True)
     rnorm = float(xp.linalg.norm(r.ravel()))

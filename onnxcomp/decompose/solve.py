@@ -16,6 +16,7 @@ from ..calibration.stats import InputStats
 from ..errors import OnnxcompError
 from . import objective, ranks
 from .svd import LowRank, output_spectrum, truncate
+from .tucker2 import energy_ranks, evbmf_ranks, search_ranks, tucker2, tucker2_cost
 
 NORMS = ("data", "frobenius")
 
@@ -24,11 +25,12 @@ NORMS = ("data", "frobenius")
 class RankChoice:
     """How the user asked for the rank of each layer (exactly one field set)."""
 
-    rank: int | None = None
+    rank: int | tuple[int, ...] | None = None  # Tucker-2 takes (R_out, R_in); one int means both
     keep: float | None = None  # fraction of the layer's MACs kept
     energy: float | None = None  # threshold tau of the energy / entropy rule
     rule: str = "energy"  # "energy" or "entropy"
     spectrum: str = "data"  # threshold on the "data"-aware or the "weight" spectrum
+    evbmf: bool = False  # Tucker-2 ranks from EVBMF on the mode unfoldings (data-free)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class LayerProblem:
     bias: np.ndarray | None  # (m,) or None
     kernel: tuple[int, int]  # (1, 1) for Gemm/MatMul
     stats: InputStats | None  # None: data-free
+    input_ratio: float = 1.0  # input positions per output position (stride_h * stride_w for a conv)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Decomposition:
     bias: np.ndarray | None  # bias of the last node of the chain (float64)
     rank: tuple[int, ...]
     params: int  # weights + bias of the chain
+    macs: int  # multiply-adds of the chain per output position
     error: float | None  # expected squared output change on the calibration data
     relative_error: float | None  # sqrt(error / output variance)
     info: dict = field(default_factory=dict)
@@ -108,14 +112,19 @@ def solve_svd(problem: LayerProblem, options: Options, xp) -> Decomposition | st
         return f"rank {rank} is not cheaper than the dense {m}x{d} layer"
     factors = truncate(W, spectrum, rank, xp)
     bias, error, relative = finish(problem, options, factors.matrix())
-    params = factors.first.size + factors.second.size + (0 if bias is None else bias.size)
-    return Decomposition("svd", factors, bias, (rank,), params, error, relative)
+    weights = factors.first.size + factors.second.size
+    return Decomposition("svd", factors, bias, (rank,), weights + _size(bias), weights, error, relative)
+
+
+def _size(array) -> int:
+    return 0 if array is None else int(array.size)
 
 
 def _svd_rank(problem: LayerProblem, options: Options, spectrum, xp) -> int:
     choice, (m, d) = options.ranks, problem.weight.shape
     if choice.rank is not None:
-        return ranks.check_rank(choice.rank, m, d, problem.name)
+        rank = choice.rank if isinstance(choice.rank, int) else choice.rank[0]
+        return ranks.check_rank(rank, m, d, problem.name)
     if choice.keep is not None:
         return ranks.rank_for_fraction(m, d, choice.keep)
     if choice.energy is not None:
@@ -132,13 +141,63 @@ def _svd_rank(problem: LayerProblem, options: Options, spectrum, xp) -> int:
     raise OnnxcompError("no rank rule given: use --rank, --keep or --energy")
 
 
+def solve_tucker2(problem: LayerProblem, options: Options, xp) -> Decomposition | str:
+    """Tucker-2 for kxk convolutions; 1x1 convs and Gemm/MatMul are matrices: SVD is their Tucker-2."""
+    if problem.kernel == (1, 1):
+        return solve_svd(problem, options, xp)
+    W = _conv_weight(problem)
+    c_out, c_in, kh, kw = W.shape
+    S = fit_matrix(problem.stats, options)
+    r_out, r_in = _tucker2_ranks(problem, options, W, S, xp)
+    chain = tucker2_cost(c_out, c_in, kh, kw, r_out, r_in, in_positions=problem.input_ratio)
+    if chain.macs >= problem.weight.size:
+        return f"ranks ({r_out}, {r_in}) are not cheaper than the dense {c_out}x{c_in}x{kh}x{kw} conv"
+    result = tucker2(W, S, (r_out, r_in), norm=options.norm, xp=xp)
+    bias, error, relative = finish(problem, options, result.weight().reshape(c_out, -1))
+    weights = result.u_out.size + result.core.size + result.u_in.size
+    info = {"iterations": result.iterations, "converged": result.converged, "init": result.init,
+            "error_first": result.errors[0] if result.errors else result.initial_error,
+            "error_last": result.errors[-1] if result.errors else result.initial_error}
+    return Decomposition("tucker2", result, bias, (r_out, r_in), weights + _size(bias), int(round(chain.macs)),
+                         error, relative, info)
+
+
+def _conv_weight(problem: LayerProblem) -> np.ndarray:
+    kh, kw = problem.kernel
+    return problem.weight.reshape(problem.weight.shape[0], -1, kh, kw)
+
+
+def _tucker2_ranks(problem: LayerProblem, options: Options, W, S, xp) -> tuple[int, int]:
+    choice = options.ranks
+    if choice.rank is not None:
+        pair = (choice.rank, choice.rank) if isinstance(choice.rank, int) else tuple(choice.rank)
+        for r, size, mode in zip(pair, W.shape[:2], ("output", "input")):
+            if not 1 <= r <= size:
+                raise OnnxcompError(
+                    f"Tucker-2 {mode} rank {r} does not fit layer {problem.name!r}: it has {size} {mode} channels"
+                )
+        return pair
+    if choice.keep is not None:
+        search = search_ranks(W, S, choice.keep, measure="macs", in_positions=problem.input_ratio, xp=xp)
+        return search.ranks
+    if choice.energy is not None:
+        data = S if choice.spectrum == "data" else None
+        if choice.spectrum == "data" and data is None and problem.stats is not None:
+            data = problem.stats.covariance()
+        return energy_ranks(W, data, choice.energy, method=choice.rule, xp=xp)
+    if choice.evbmf:
+        return evbmf_ranks(W)
+    raise OnnxcompError("no rank rule given: use --rank, --keep, --energy or --evbmf")
+
+
 @dataclass
 class Candidate:
     """One point of a layer's error-versus-cost curve, for the budget allocation."""
 
     method: str
     rank: tuple[int, ...]
-    weights: int  # weights of the chain: params, and MACs per output position
+    params: int  # weights of the chain
+    macs: float  # multiply-adds of the chain per output position
     error: float  # squared output error relative to the output variance
 
 
@@ -151,12 +210,48 @@ def svd_candidates(problem: LayerProblem, options: Options, xp, most: int = 128)
     largest = (m * d - 1) // (m + d)  # the largest rank that is still cheaper than dense
     ranks_ = np.unique(np.linspace(1, largest, num=min(most, largest)).round().astype(int)) if largest >= 1 else []
     return [
-        Candidate("svd", (int(r),), int(r) * (m + d), float(tails[r] / total) if total > 0 else 0.0)
+        Candidate("svd", (int(r),), int(r) * (m + d), int(r) * (m + d), float(tails[r] / total) if total > 0 else 0.0)
         for r in ranks_
     ]
 
 
-SOLVERS = {"svd": solve_svd}
-CANDIDATES = {"svd": svd_candidates}
+TUCKER2_FRACTIONS = (0.08, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8)
+
+
+def tucker2_candidates(problem: LayerProblem, options: Options, xp) -> list[Candidate]:
+    """A coarse curve: the best pair at a few MAC fractions, each scored by the solver's cheap proxy
+    (its initialisation and one exact output step: an upper bound of the ALS error)."""
+    if problem.kernel == (1, 1):
+        return svd_candidates(problem, options, xp)
+    W = _conv_weight(problem)
+    S = fit_matrix(problem.stats, options)
+    out = []
+    for fraction in TUCKER2_FRACTIONS:
+        try:
+            search = search_ranks(W, S, fraction, measure="macs", in_positions=problem.input_ratio, grid=4, refine=0, xp=xp)
+        except OnnxcompError:  # no pair fits this fraction
+            continue
+        cost = tucker2_cost(*W.shape, *search.ranks, in_positions=problem.input_ratio)
+        error = search.proxy_error / search.reference if search.reference > 0 else 0.0
+        out.append(Candidate("tucker2", search.ranks, cost.params, cost.macs, error))
+    return out
+
+
+def best_candidates(problem: LayerProblem, options: Options, xp) -> list[Candidate]:
+    """Both methods' curves: the budget then picks the method per layer too."""
+    return svd_candidates(problem, options, xp) + tucker2_candidates(problem, options, xp)
+
+
+def solve_best(problem: LayerProblem, options: Options, xp) -> Decomposition | str:
+    """``--method auto`` outside a budget: the method with the lower data error at the same rule."""
+    results = [solve_svd(problem, options, xp), solve_tucker2(problem, options, xp)]
+    done = [r for r in results if isinstance(r, Decomposition)]
+    if not done:
+        return results[0]
+    return min(done, key=lambda r: (r.error if r.error is not None else 0.0, r.macs))
+
+
+SOLVERS = {"svd": solve_svd, "tucker2": solve_tucker2, "auto": solve_best}
+CANDIDATES = {"svd": svd_candidates, "tucker2": tucker2_candidates, "auto": best_candidates}
 
 __all__ = ["CANDIDATES", "Candidate", "Decomposition", "LayerProblem", "LowRank", "Options", "RankChoice", "SOLVERS", "solve_layer"]
