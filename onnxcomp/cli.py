@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="fit under the data norm (default) or the data-free Frobenius norm")
     compress.add_argument("--uncentered", action="store_true",
                           help="fit under the uncentered second moment, without bias correction")
+    compress.add_argument("--sensitivity", default="auto", choices=["auto", "on", "off"],
+                          help="with a budget: weight each layer's error by its measured effect on the model's "
+                               "outputs (auto: only where that wins on a calibration batch)")
     compress.add_argument("--stats", help="statistics file from `onnxcomp calibrate` (instead of collecting)")
     compress.add_argument("--report", help="write the per-layer report as JSON here")
     compress.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the solvers run")
@@ -115,6 +118,7 @@ def _compress(args) -> int:
         evbmf=args.evbmf, rule=args.rank_rule, spectrum=args.spectrum, norm=args.norm, centered=not args.uncentered,
         stats=args.stats, skip=args.skip, input_shapes=args.input_shape, batch_size=args.batch_size,
         device=args.device, progress=not args.quiet, target_macs=args.target_macs, target_params=args.target_params,
+        sensitivity=args.sensitivity,
     )
     graph.save_model(compressed, args.output)
     print(report.table())

@@ -431,13 +431,47 @@ def count_params(model: onnx.ModelProto) -> int:
     return int(total)
 
 
-def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int | None:
+def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, feed: dict | None = None) -> int | None:
     """Multiply-adds per sample of every Conv, Gemm and MatMul (None if a shape is unknown).
 
     The first dimension of every tensor is taken as the batch: pass input
-    shapes with batch 1 (or any batch: the count is per sample).
+    shapes with batch 1 (or any batch: the count is per sample). Where ONNX
+    shape inference cannot follow the graph (a Reshape whose target is
+    computed at run time, common in opset <= 12 exports) and a ``feed`` of one
+    sample is given, the missing shapes are measured by running it once.
     """
     shapes = infer_shapes(with_input_shapes(model, input_shapes or {}))
+    if feed is not None and _macs_from(model, shapes) is None:
+        shapes.update(runtime_shapes(model, feed))
+    return _macs_from(model, shapes)
+
+
+def runtime_shapes(model: onnx.ModelProto, feed: dict) -> dict[str, list[int]]:
+    """Shapes of the Conv/Gemm/MatMul inputs and outputs, from one onnxruntime run on ``feed``."""
+    import onnxruntime as ort
+
+    wanted = {name for node in model.graph.node if node.op_type in TARGET_OPS for name in (node.input[0], node.output[0])}
+    wanted -= set(constant_tensors(model.graph))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    fetch = sorted(wanted - set(feed))
+    for name in fetch:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = session.run(fetch, feed)
+    except Exception:  # a float16 model or an exotic graph: shapes stay unknown
+        return {}
+    shapes = {name: list(value.shape) for name, value in zip(fetch, values)}
+    shapes.update({name: list(np.shape(value)) for name, value in feed.items() if name in wanted})
+    return shapes
+
+
+def _macs_from(model: onnx.ModelProto, shapes) -> int | None:
     total = 0
     for node in model.graph.node:
         if node.op_type not in TARGET_OPS:

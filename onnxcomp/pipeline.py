@@ -21,6 +21,7 @@ from .errors import OnnxcompError
 from .evaluate import compare_outputs
 from .passes import apply_decompositions
 from .report import LayerRow, Report
+from .sensitivity import layer_sensitivities
 
 
 def compress(
@@ -44,6 +45,7 @@ def compress(
     progress: bool = True,
     target_macs: float | None = None,
     target_params: float | None = None,
+    sensitivity: str = "auto",
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress the Conv/Gemm/MatMul layers of ``model``; returns ``(model, report)``.
 
@@ -54,7 +56,10 @@ def compress(
     ``rank``, ``keep`` (fraction of each layer's MACs kept) and ``energy``
     (threshold of the ``rule`` on the ``spectrum``) picks the ranks, or a
     whole-model budget: ``target_macs`` / ``target_params``, the fraction of
-    the original model's MACs / params to end up with, allocated across layers.
+    the original model's MACs / params to end up with, allocated across layers;
+    ``sensitivity`` ("auto", "on", "off") weights each layer's error by its
+    measured effect on the model's outputs ("auto": only where that wins on
+    the probe batch).
     """
     model = graph.as_model(model)
     target = _target(target_macs, target_params)
@@ -75,21 +80,26 @@ def compress(
     clock.lap("calibration")
     xp = get_backend(device)
     problems = {layer.name: _problem(layer, statistics.get(layer.stats_key) if statistics else None) for layer in chosen}
-    budget = _allocate(chosen, problems, options, target, xp, model, shapes) if target else None
-    plan, rows = [], []
-    for layer in tqdm(chosen, desc="solve", unit="layer", disable=not progress):
-        layer_stats = problems[layer.name].stats
-        if budget is None:
-            result = solve_layer(problems[layer.name], options, xp)
-        elif budget["ranks"][layer.name] is None:
-            result = "the budget keeps it dense"
-        else:
-            candidate = budget["ranks"][layer.name]
-            layer_options = replace(options, method=candidate.method, ranks=RankChoice(rank=candidate.rank))
-            result = solve_layer(problems[layer.name], layer_options, xp)
-        if isinstance(result, Decomposition):
-            plan.append((layer, result))
-        rows.append(_row(layer, result, layer_stats))
+    sample = None if first_batch is None else {k: v[:1] for k, v in first_batch.items()}
+    budget, sensitivity_note = None, None
+    if target:
+        curves = {layer.name: CANDIDATES[options.method](problems[layer.name], options, xp) for layer in chosen}
+        budget = _allocate(chosen, problems, curves, target, model, shapes, sample)
+    plan, rows = _solve_all(chosen, problems, options, budget, xp, progress)
+    if target and first_batch is not None and sensitivity != "off":
+        # Weight each layer's error by how much it moves the model's outputs; "auto" keeps
+        # whichever allocation gives the smaller output error on the probe batch.
+        probe = {k: v[:8] for k, v in first_batch.items()}
+        gains = layer_sensitivities(model, chosen, probe)
+        weighted = _allocate(chosen, problems, curves, target, model, shapes, sample, gains)
+        if weighted["ranks"] != budget["ranks"]:
+            weighted_plan, weighted_rows = _solve_all(chosen, problems, options, weighted, xp, progress)
+            errors = [_first_output_error(model, p, probe) for p in (plan, weighted_plan)]
+            sensitivity_note = {"unweighted_error": errors[0], "weighted_error": errors[1]}
+            if sensitivity == "on" or errors[1] <= errors[0]:
+                budget, plan, rows = weighted, weighted_plan, weighted_rows
+        sensitivity_note = {**(sensitivity_note or {}), "weighted": budget is weighted,
+                            "gains": {k: round(v, 6) for k, v in gains.items()}}
     rows += [LayerRow(layer.name, layer.op_type, layer.shape_text, "skipped: --skip") for layer in layers if layer not in chosen]
     rows += [LayerRow(s.name, s.op_type, "-", f"skipped: {s.reason}") for s in skipped]
 
@@ -100,12 +110,12 @@ def compress(
     clock.lap("check")
     settings = {k: v for k, v in asdict(options).items()}
     settings.update(device=device, calibration_samples=_samples(statistics))
-    totals = _totals(model, compressed, shapes, len(plan), len(layers))
+    totals = _totals(model, compressed, shapes, sample, len(plan), len(layers))
     if budget is not None:
         kind, fraction = target
         achieved = totals[f"{kind}_after"] / totals[f"{kind}_before"] if totals[f"{kind}_before"] else None
         settings["target"] = {"kind": kind, "fraction": fraction, "predicted": budget["predicted"],
-                              "achieved": achieved, "feasible": budget["feasible"]}
+                              "achieved": achieved, "feasible": budget["feasible"], "sensitivity": sensitivity_note}
     return compressed, Report(settings, rows, totals, output_error, clock.seconds)
 
 
@@ -204,12 +214,36 @@ def _statistics(model, layers, feeds, stats, norm, shapes, batch_size, progress)
     return collect_statistics(model, layers, feeds, input_shapes=shapes, batch_size=batch_size, progress=progress)
 
 
-def _allocate(layers, problems, options: Options, target, xp, model, shapes) -> dict:
+def _solve_all(layers, problems, options: Options, budget, xp, progress) -> tuple[list, list]:
+    """Decompose every layer (at its budgeted rank and method, if a budget decided)."""
+    plan, rows = [], []
+    for layer in tqdm(layers, desc="solve", unit="layer", disable=not progress):
+        problem = problems[layer.name]
+        if budget is None:
+            result = solve_layer(problem, options, xp)
+        elif budget["ranks"][layer.name] is None:
+            result = "the budget keeps it dense"
+        else:
+            candidate = budget["ranks"][layer.name]
+            layer_options = replace(options, method=candidate.method, ranks=RankChoice(rank=candidate.rank))
+            result = solve_layer(problem, layer_options, xp)
+        if isinstance(result, Decomposition):
+            plan.append((layer, result))
+        rows.append(_row(layer, result, problem.stats))
+    return plan, rows
+
+
+def _first_output_error(model, plan, feed) -> float:
+    errors = compare_outputs(model, apply_decompositions(model, plan), feed)
+    return next(iter(errors.values()))["relative_l2"]
+
+
+def _allocate(layers, problems, curves, target, model, shapes, sample, gains=None) -> dict:
     """Ranks per layer meeting a whole-model budget (the layers outside the plan cost what they cost)."""
     kind, fraction = target
-    total = graph.count_macs(model, shapes) if kind == "macs" else graph.count_params(model)
+    total = graph.count_macs(model, shapes, sample) if kind == "macs" else graph.count_params(model)
     if total is None:
-        raise OnnxcompError("--target-macs needs static shapes: give calibration data or --input-shape")
+        raise OnnxcompError("--target-macs cannot count this model's MACs: give calibration data (--data) or --input-shape")
     choices, dense_total = [], 0
     for layer in layers:
         problem = problems[layer.name]
@@ -218,9 +252,10 @@ def _allocate(layers, problems, options: Options, target, xp, model, shapes) -> 
             raise OnnxcompError(f"cannot count the MACs of layer {layer.name!r}: give --input-shape")
         dense = layer.weight.size * scale if kind == "macs" else layer.weight.size
         dense_total += dense
-        candidates = CANDIDATES[options.method](problem, options, xp)
+        candidates = curves[layer.name]
         cost = (lambda c: c.macs * scale) if kind == "macs" else (lambda c: c.params)
-        choices.append([Option(dense, 0.0, None)] + [Option(cost(c), c.error, c) for c in candidates])
+        weight = 1.0 if gains is None else gains[layer.name]
+        choices.append([Option(dense, 0.0, None)] + [Option(cost(c), weight * c.error, c) for c in candidates])
     budget = fraction * total - (total - dense_total)
     picked, feasible = allocate(choices, budget)
     ranks = {layer.name: options_[i].label for layer, options_, i in zip(layers, choices, picked)}
@@ -267,12 +302,12 @@ def _samples(statistics) -> int | None:
     return max(s.samples for s in statistics.values())
 
 
-def _totals(original, compressed, shapes, compressed_layers: int, found: int) -> dict:
+def _totals(original, compressed, shapes, sample, compressed_layers: int, found: int) -> dict:
     return {
         "params_before": graph.count_params(original),
         "params_after": graph.count_params(compressed),
-        "macs_before": graph.count_macs(original, shapes),
-        "macs_after": graph.count_macs(compressed, shapes),
+        "macs_before": graph.count_macs(original, shapes, sample),
+        "macs_after": graph.count_macs(compressed, shapes, sample),
         "layers_compressed": compressed_layers,
         "layers_found": found,
     }

@@ -59,7 +59,7 @@ def test_tucker2_beats_svd_on_the_convs_at_equal_macs(digits):
     better = 0
     for row in report.layers:
         if row.op == "Conv" and row.method == "tucker2":
-            assert row.macs_after <= svd_rows[row.name].macs_after * 1.02
+            assert row.macs_after <= 0.5 * row.macs_before  # the same per-layer fraction as the SVD
             # conv1 has one input channel: there Tucker-2 is the SVD, equal up to rounding.
             assert row.relative_error <= svd_rows[row.name].relative_error * (1 + 1e-9)
             better += row.relative_error < 0.7 * svd_rows[row.name].relative_error

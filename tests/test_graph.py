@@ -117,3 +117,25 @@ def test_params_count_each_weight_once():
     }
     """
     assert graph.count_params(build(text, w=(6, 4))) == 24
+
+
+def test_macs_of_runtime_reshape_measured_with_onnxruntime():
+    """Opset 12 cannot propagate Shape -> Slice -> Concat -> Reshape; one run on a sample can."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 12]>
+    g (float[N, 8, 1, 4] x) => (float[N, 4, 2] y) {
+      s = Shape (x)
+      st = Constant <value = int64[1] {0}> ()
+      en = Constant <value = int64[1] {2}> ()
+      h = Slice (s, st, en, st)
+      k = Constant <value = int64[1] {-1}> ()
+      shp = Concat <axis = 0> (h, k)
+      f = Reshape (x, shp)
+      t = Transpose <perm = [0, 2, 1]> (f)
+      y = MatMul (t, w)
+    }
+    """
+    model = build(text, w=(8, 2))
+    assert graph.count_macs(model, {"x": [1, 8, 1, 4]}) is None
+    sample = {"x": np.zeros((1, 8, 1, 4), np.float32)}
+    assert graph.count_macs(model, {"x": [1, 8, 1, 4]}, sample) == 4 * 8 * 2

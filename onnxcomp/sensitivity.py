@@ -1,0 +1,78 @@
+"""How much does each layer's output error move the model's outputs?
+
+A cheap one-layer-at-a-time probe: every target layer's output gets an
+``Add`` of a noise input (zeros by default) in one probe model; then, per
+layer, noise with a per-channel standard deviation of ``epsilon`` times that
+channel's own spread (a relative output error of about ``epsilon``, in the
+units of the solvers' relative error) is fed to that layer alone, and the
+relative change of the model's outputs is measured. The squared gain
+``(output change / epsilon)^2`` weights the layer's squared relative error in
+the budget allocation: errors in sensitive layers cost more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .evaluate import make_session
+from .graph import TargetLayer
+
+_SUFFIX = "/onnxcomp_clean"
+
+
+def layer_sensitivities(
+    model: onnx.ModelProto, layers: list[TargetLayer], feed: dict[str, np.ndarray], epsilon: float = 0.05, seed: int = 0
+) -> dict[str, float]:
+    """Layer name -> squared gain from its relative output error to the model's relative output error."""
+    probe = _probe_model(model, layers)
+    session = make_session(probe)
+    outputs = [o.name for o in model.graph.output]
+    clean_names = [layer.output + _SUFFIX for layer in layers]
+    zeros = {f"noise/{layer.output}": np.zeros((1,), np.float32) for layer in layers}
+    results = session.run(outputs + clean_names, {**feed, **zeros})
+    reference, clean = results[: len(outputs)], results[len(outputs):]
+    reference_norm = np.sqrt(sum(float(np.sum(np.square(r, dtype=np.float64))) for r in reference))
+    rng = np.random.default_rng(seed)
+    gains = {}
+    for layer, activation in zip(layers, clean):
+        noise = _relative_noise(activation, epsilon, rng)
+        perturbed = session.run(outputs, {**feed, **zeros, f"noise/{layer.output}": noise})
+        change = np.sqrt(sum(float(np.sum(np.square(p.astype(np.float64) - r))) for p, r in zip(perturbed, reference)))
+        gains[layer.name] = (change / max(reference_norm, 1e-30) / epsilon) ** 2
+    return gains
+
+
+def _relative_noise(activation: np.ndarray, epsilon: float, rng) -> np.ndarray:
+    """Gaussian noise whose energy per channel (axis 1, or the last axis of a row layout) is epsilon^2 times the channel's variance."""
+    axis = 1 if activation.ndim == 4 else activation.ndim - 1
+    reduce = tuple(i for i in range(activation.ndim) if i != axis)
+    spread = activation.astype(np.float64).std(axis=reduce, keepdims=True)
+    return (epsilon * spread * rng.standard_normal(activation.shape)).astype(activation.dtype)
+
+
+def _probe_model(model: onnx.ModelProto, layers: list[TargetLayer]) -> onnx.ModelProto:
+    """The model with ``y = y_clean + noise/y`` after every target layer, and the clean outputs exposed."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    by_output = {node.output[0]: node for node in graph.node if node.output}
+    additions = []
+    for layer in layers:
+        node = by_output[layer.output]
+        clean = layer.output + _SUFFIX
+        node.output[0] = clean
+        noise = f"noise/{layer.output}"
+        graph.input.append(onnx.helper.make_tensor_value_info(noise, onnx.TensorProto.FLOAT, None))
+        additions.append(onnx.helper.make_node("Add", [clean, noise], [layer.output], name=f"{noise}/add"))
+        graph.output.append(onnx.helper.make_tensor_value_info(clean, onnx.TensorProto.FLOAT, None))
+    # Keep topological order: each Add right after the node it follows.
+    ordered = []
+    after = {a.input[0]: a for a in additions}
+    for node in graph.node:
+        ordered.append(node)
+        if node.output and node.output[0] in after:
+            ordered.append(after[node.output[0]])
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return probe
