@@ -161,16 +161,41 @@ def prepare_psd(s, *, check: bool = True):
     return s, info
 
 
+def solve_lower(l, b, *, trans: bool = False, block: int = 64):
+    """Solve ``L X = B`` (or ``L^T X = B`` with ``trans``) for lower-triangular ``L`` (n x n), B (n x m).
+
+    Blocked recursion whose work is GEMMs (n^2 m multiply-adds in all); diagonal
+    blocks of at most ``block`` rows are inverted explicitly, which is accurate for
+    the well-conditioned factors it is used on (Cholesky factors with cond <= 1e5).
+    NumPy has no triangular solve and CuPy's lives in cupyx.scipy: this runs on both.
+    """
+    xp = xp_of(l)
+    n = l.shape[0]
+    if n <= block:
+        inv = xp.linalg.inv(l)
+        return (inv.T if trans else inv) @ b
+    h = n // 2
+    l11, l21, l22 = l[:h, :h], l[h:, :h], l[h:, h:]
+    if not trans:  # [L11 0; L21 L22] [X1; X2] = [B1; B2]
+        x1 = solve_lower(l11, b[:h], block=block)
+        x2 = solve_lower(l22, b[h:] - l21 @ x1, block=block)
+    else:  # [L11^T L21^T; 0 L22^T] [X1; X2] = [B1; B2]
+        x2 = solve_lower(l22, b[h:], trans=True, block=block)
+        x1 = solve_lower(l11, b[:h] - l21.T @ x2, trans=True, block=block)
+    return xp.concatenate([x1, x2], axis=0)
+
+
 def psd_solve(a, b, *, method: str = "auto", cond_limit: float = 1e10):
     """``X = B A^+`` for a symmetric PSD ``A`` (n x n) and ``B`` (m x n), exactly.
 
     Returns ``(X, Y)`` with ``Y = X A X^T = B A^+ B^T`` (m x m, symmetric).
     ``method="eigh"``: the pseudo-inverse from the eigendecomposition (eigenvalues
     at rounding level are exact zeros; tiny negative ones are clipped), exact for
-    singular A. ``"auto"``: a Cholesky factorisation decides: if A is positive
-    definite with a moderate condition estimate ``(max diag L / min diag L)^2 <
-    cond_limit``, X comes from one LU solve (about 8x cheaper than eigh),
-    otherwise from the eigendecomposition.
+    singular A. ``"auto"``: a Cholesky factorisation ``A = L L^T`` decides: if A is
+    positive definite with a moderate condition estimate ``(max diag L / min diag
+    L)^2 < cond_limit``, ``Z = B L^-T``, ``Y = Z Z^T`` and ``X = Z L^-1`` come from two
+    triangular solves (about 1/8 of the cost of eigh), otherwise from the
+    eigendecomposition.
     """
     xp = xp_of(a)
     a = symmetrize(a)
@@ -181,9 +206,9 @@ def psd_solve(a, b, *, method: str = "auto", cond_limit: float = 1e10):
             dl = xp.abs(xp.diagonal(l))
             lo, hi = float(dl.min()), float(dl.max())
             if lo > 0 and (hi / lo) ** 2 < cond_limit:
-                x = xp.linalg.solve(a, b.T).T
-                y = symmetrize(b @ x.T)
-                return x, y
+                zt = solve_lower(l, b.T)  # Z^T = L^-1 B^T
+                x = solve_lower(l, zt, trans=True).T  # X^T = L^-T Z^T
+                return x, symmetrize(zt.T @ zt)
         method = "eigh"
     if method != "eigh":
         raise ValueError(f"unknown method {method!r}")

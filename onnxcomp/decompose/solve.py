@@ -41,6 +41,7 @@ class LayerProblem:
     kernel: tuple[int, int]  # (1, 1) for Gemm/MatMul
     stats: InputStats | None  # None: data-free
     input_ratio: float = 1.0  # input positions per output position (stride_h * stride_w for a conv)
+    cache: dict = field(default_factory=dict, repr=False)  # spectra etc., shared by the budget and the solve
 
 
 @dataclass
@@ -87,8 +88,16 @@ def fit_matrix(stats: InputStats | None, options: Options):
     return stats.covariance() if options.centered else stats.second_moment()
 
 
-def finish(problem: LayerProblem, options: Options, approx: np.ndarray) -> tuple[np.ndarray | None, float | None, float | None]:
-    """Bias of the compressed layer and its error on the calibration data, for any W~."""
+def finish(
+    problem: LayerProblem, options: Options, approx: np.ndarray, solved: tuple[float, float] | None = None
+) -> tuple[np.ndarray | None, float | None, float | None]:
+    """Bias of the compressed layer and its error on the calibration data, for any W~.
+
+    ``solved``: (error, tr(W S W^T)) as the solver already knows them under the
+    covariance; with the bias corrected that *is* the output error, and the
+    two d x d products of a direct evaluation are skipped (the costliest part
+    of a large layer's solve).
+    """
     delta_w = problem.weight - approx
     stats = problem.stats
     correct = options.norm == "data" and options.centered
@@ -97,6 +106,9 @@ def finish(problem: LayerProblem, options: Options, approx: np.ndarray) -> tuple
         bias = objective.corrected_bias(problem.bias, delta_w, stats.mean())
     if stats is None:
         return bias, None, None
+    if correct and solved is not None:
+        error, reference = max(solved[0], 0.0), solved[1]
+        return bias, error, objective.relative_error(error, reference)
     covariance, mean = stats.covariance(), stats.mean()
     delta_b = None if bias is None else bias - (0 if problem.bias is None else problem.bias)
     error = objective.output_error(delta_w, covariance, mean, delta_b)
@@ -106,14 +118,22 @@ def finish(problem: LayerProblem, options: Options, approx: np.ndarray) -> tuple
 def solve_svd(problem: LayerProblem, options: Options, xp) -> Decomposition | str:
     W = problem.weight
     m, d = W.shape
-    spectrum = output_spectrum(W, fit_matrix(problem.stats, options), xp)
+    spectrum = _spectrum(problem, options, xp)
     rank = _svd_rank(problem, options, spectrum, xp)
     if not ranks.lowrank_is_cheaper(rank, m, d):
         return f"rank {rank} is not cheaper than the dense {m}x{d} layer"
     factors = truncate(W, spectrum, rank, xp)
-    bias, error, relative = finish(problem, options, factors.matrix())
+    bias, error, relative = finish(problem, options, factors.matrix(), (spectrum.error(rank), float(spectrum.values.sum())))
     weights = factors.first.size + factors.second.size
     return Decomposition("svd", factors, bias, (rank,), weights + _size(bias), weights, error, relative)
+
+
+def _spectrum(problem: LayerProblem, options: Options, xp):
+    """The layer's output spectrum under the fitted norm, computed once per problem and norm."""
+    key = ("spectrum", options.norm, options.centered)
+    if key not in problem.cache:
+        problem.cache[key] = output_spectrum(problem.weight, fit_matrix(problem.stats, options), xp)
+    return problem.cache[key]
 
 
 def _size(array) -> int:
@@ -153,7 +173,7 @@ def solve_tucker2(problem: LayerProblem, options: Options, xp) -> Decomposition 
     if chain.macs >= problem.weight.size:
         return f"ranks ({r_out}, {r_in}) are not cheaper than the dense {c_out}x{c_in}x{kh}x{kw} conv"
     result = tucker2(W, S, (r_out, r_in), norm=options.norm, xp=xp)
-    bias, error, relative = finish(problem, options, result.weight().reshape(c_out, -1))
+    bias, error, relative = finish(problem, options, result.weight().reshape(c_out, -1), (result.error, result.reference))
     weights = result.u_out.size + result.core.size + result.u_in.size
     info = {"iterations": result.iterations, "converged": result.converged, "init": result.init,
             "error_first": result.errors[0] if result.errors else result.initial_error,
@@ -204,7 +224,7 @@ class Candidate:
 def svd_candidates(problem: LayerProblem, options: Options, xp, most: int = 128) -> list[Candidate]:
     """Every cheaper rank (or ``most`` of them, evenly spread) with its exact error, from one spectrum."""
     m, d = problem.weight.shape
-    spectrum = output_spectrum(problem.weight, fit_matrix(problem.stats, options), xp)
+    spectrum = _spectrum(problem, options, xp)
     total = float(spectrum.values.sum())
     tails = np.concatenate([np.cumsum(spectrum.values[::-1])[::-1], [0.0]])
     largest = (m * d - 1) // (m + d)  # the largest rank that is still cheaper than dense

@@ -336,6 +336,7 @@ def tucker2(
     init="auto",
     cg_forcing: float = 0.3,
     cg_maxiter: int = 3,
+    precondition: bool = True,
     check_psd: bool = True,
 ) -> Tucker2Result:
     """Tucker-2 of a conv weight minimising the data error tr(dW S dW^T).
@@ -356,7 +357,9 @@ def tucker2(
         ``_DataProblem.data_in``), or a (C_in, R_in) array for U_in.
     cg_forcing, cg_maxiter : each input step runs preconditioned CG from the current
         U_in until the residual drops by ``cg_forcing`` (or ``cg_maxiter`` products):
-        an inexact but monotone inner solve.
+        an inexact but monotone inner solve (measured on 512x512x3x3: 3 products per
+        sweep converge in as many sweeps as exact solves).
+    precondition : use the nearest-Kronecker-product preconditioner in CG.
     check_psd : check S by Cholesky and project it onto the PSD cone if it fails.
     """
     t_start = time.perf_counter()
@@ -414,7 +417,8 @@ def tucker2(
             break
         op, rhs, pre, res0 = prob.input_system(u_out, g, r_in, u_in)
         t0 = time.perf_counter()
-        sol = cg(op, rhs, x0=u_in, r0=res0, precond=pre, tol=1e-14, rtol_initial=cg_forcing, maxiter=cg_maxiter)
+        sol = cg(op, rhs, x0=u_in, r0=res0, precond=pre if precondition else None, tol=1e-14,
+                 rtol_initial=cg_forcing, maxiter=cg_maxiter)
         prob._tick("input_cg", t0)
         cg_its.append(sol.iterations)
         t0 = time.perf_counter()
