@@ -150,17 +150,18 @@ def main() -> None:
 
     shapes = statistic_shapes(args.batch_size)
     macs = sum(rows * dim * dim / 2 for rows, dim in shapes.values()) / args.batch_size
-    floor = samples / gram_floor_seconds(shapes, args.batches)
-    print(f"Gram floor (dsyrk only, {len(shapes)} statistics, {macs / 1e9:.2f} G multiply-adds per sample): "
-          f"{floor:8.2f} samples/s ({macs * floor / 1e9:.1f} GMAC/s)")
-
+    print(f"Gram floor: {len(shapes)} statistics, {macs / 1e9:.2f} G multiply-adds per sample (dsyrk, half of X^T X); "
+          "timed right before each method, as the load of a shared machine drifts")
     with tempfile.TemporaryDirectory() as folder:
         paths = {m: os.path.join(folder, f"{m}.npz") for m in METHODS}
         for method in METHODS:
+            floor = samples / gram_floor_seconds(shapes, args.batches)
             result = run_child([method, *sizes, paths[method]])
             rate = samples / result["seconds"]
-            print(f"method {method:8s}: {rate:8.2f} samples/s = {rate / floor:5.1%} of the floor "
-                  f"(peak RSS {result['maxrss_mb']:.0f} MB, tracemalloc peak {result['tracemalloc_peak_mb']:.0f} MB)")
+            print(f"  floor    : {floor:8.2f} samples/s ({macs * floor / 1e9:.1f} GMAC/s)")
+            print(f"  {method:9s}: {rate:8.2f} samples/s = {rate / floor:5.1%} of the floor "
+                  f"(peak RSS {result['maxrss_mb']:.0f} MB, tracemalloc peak {result['tracemalloc_peak_mb']:.0f} MB, "
+                  f"load average {os.getloadavg()[0]:.2f})")
         print(f"largest relative difference between the methods' Gram matrices: {compare(paths):.1e}")
     print(f"load average at end {os.getloadavg()[0]:.2f} (other work on the machine skews every number)")
 

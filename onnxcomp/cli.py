@@ -38,9 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("input", help="model to compress (.onnx)")
     compress.add_argument("output", help="where to write the compressed model")
     _data_arguments(compress)
-    compress.add_argument("--method", default="svd", choices=["svd", "tucker2", "auto"],
-                          help="svd; tucker2 (kxk convs: 1x1 -> kxk -> 1x1; matrices get svd); "
-                               "auto: per layer the one with the lower error (default: svd)")
+    compress.add_argument("--method", default="svd", choices=["svd", "tucker2", "cp", "auto"],
+                          help="svd; tucker2 (kxk convs: 1x1 -> kxk -> 1x1; matrices get svd); cp (kxk convs: "
+                               "1x1 -> depthwise -> 1x1, with --rank or --keep); auto: per layer the lower error "
+                               "of svd and tucker2 (default: svd)")
+    compress.add_argument("--cp-form", default="4way", choices=["4way", "3way"],
+                          help="CP: depthwise kh x 1 then 1 x kw (4way) or one kh x kw depthwise (3way)")
     rule = compress.add_mutually_exclusive_group(required=True)
     rule.add_argument("--rank", type=_rank, metavar="N|R_OUT,R_IN",
                       help="the same rank for every layer (Tucker-2: R_OUT,R_IN or one N for both)")
@@ -118,7 +121,7 @@ def _compress(args) -> int:
         evbmf=args.evbmf, rule=args.rank_rule, spectrum=args.spectrum, norm=args.norm, centered=not args.uncentered,
         stats=args.stats, skip=args.skip, input_shapes=args.input_shape, batch_size=args.batch_size,
         device=args.device, progress=not args.quiet, target_macs=args.target_macs, target_params=args.target_params,
-        sensitivity=args.sensitivity,
+        sensitivity=args.sensitivity, cp_form=args.cp_form,
     )
     graph.save_model(compressed, args.output)
     print(report.table())

@@ -46,6 +46,7 @@ def compress(
     target_macs: float | None = None,
     target_params: float | None = None,
     sensitivity: str = "auto",
+    cp_form: str = "4way",
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress the Conv/Gemm/MatMul layers of ``model``; returns ``(model, report)``.
 
@@ -64,7 +65,9 @@ def compress(
     model = graph.as_model(model)
     target = _target(target_macs, target_params)
     _one_rank_rule(rank, keep, energy, evbmf or None, target)
-    options = Options(method, norm, centered, RankChoice(rank, keep, energy, rule, spectrum, evbmf))
+    options = Options(method, norm, centered, RankChoice(rank, keep, energy, rule, spectrum, evbmf), cp_form)
+    if target and method == "cp":
+        raise OnnxcompError("budgets (--target-*) allocate svd/tucker2/auto ranks; CP takes --rank or --keep")
     user_shapes = _input_shapes(input_shapes)
     shapes = dict(user_shapes)  # for shape inference: per-sample shapes, batch 1
     feeds, first_batch = _peek(iter_feeds(data, model, batch_size=batch_size)) if data is not None else (None, None)
@@ -100,7 +103,9 @@ def compress(
                 budget, plan, rows = weighted, weighted_plan, weighted_rows
         sensitivity_note = {**(sensitivity_note or {}), "weighted": budget is weighted,
                             "gains": {k: round(v, 6) for k, v in gains.items()}}
-    rows += [LayerRow(layer.name, layer.op_type, layer.shape_text, "skipped: --skip") for layer in layers if layer not in chosen]
+    rows += [LayerRow(layer.name, layer.op_type, layer.shape_text, "skipped: --skip", params_before=layer.params,
+                      params_after=layer.params, macs_before=layer.macs(), macs_after=layer.macs())
+             for layer in layers if layer not in chosen]
     rows += [LayerRow(s.name, s.op_type, "-", f"skipped: {s.reason}") for s in skipped]
 
     clock.lap("solve")

@@ -180,13 +180,14 @@ def test_conv_patch_statistics(name, method):
     _assert_stats(_only(stats), _naive_patches(np.maximum(x, 0), **_conv_geometry_args(CONV_CASES[name])), 5)
 
 
-def test_outputs_method_splits_large_inputs_into_blocks(monkeypatch):
-    """A block budget smaller than one sample's patches: blocks of output rows, then whole samples."""
+@pytest.mark.parametrize("block_rows", [4, 20, 110])
+def test_outputs_method_splits_large_inputs_into_blocks(block_rows, monkeypatch):
+    """Budgets below one output row (6 patches), below one sample (54) and of two samples."""
     case = CONV_CASES["dilation2"]
     model = _conv_model(3, 4, case["kernel"], dilations=case["dilations"], pads=case["pads"])
     layers, _ = find_layers(model)
     x = np.random.default_rng(4).standard_normal((3, 3, 9, 8)).astype(np.float32)
-    monkeypatch.setattr(collect_module, "BLOCK_BYTES", 8 * 28 * 20)  # 20 rows of 27 + 1 values
+    monkeypatch.setattr(collect_module, "BLOCK_BYTES", 8 * 28 * block_rows)  # rows of 27 values and a 1
     stats = collect_statistics(model, layers, x, progress=False, method="outputs")
     _assert_stats(_only(stats), _naive_patches(np.maximum(x, 0), **_conv_geometry_args(case)), 3)
 

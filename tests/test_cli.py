@@ -140,3 +140,16 @@ def test_rank_larger_than_layer(capsys, tmp_path, small_model):
 
 def test_data_norm_without_data(capsys, tmp_path, small_model):
     expect_error(capsys, tmp_path, ["compress", small_model, "--keep", "0.5"], "calibration data")
+
+
+@pytest.mark.parametrize("form", ["4way", "3way"])
+def test_cp_method_end_to_end(capsys, tmp_path, small_model, form):
+    data = save_data(tmp_path, x=good_data())
+    out, report = tmp_path / "cp.onnx", tmp_path / "cp.json"
+    code, stdout, _ = run_cli(capsys, "compress", small_model, out, "--data", data, "--method", "cp",
+                              "--cp-form", form, "--rank", "3", "--report", report, "--quiet")
+    assert code == 0, stdout
+    row = json.loads(report.read_text())["layers"][0]
+    assert row["method"] == "cp" and row["rank"] == [3] and row["info"]["form"] == form
+    ops = [n.op_type for n in graph.load_model(out).graph.node]
+    assert ops.count("Conv") == (4 if form == "4way" else 3)

@@ -126,7 +126,7 @@ def test_singular_and_slightly_indefinite_stats(indefinite):
     w = decaying_conv_weight(*shape, 6)
     s = singular_stats(12, 3, 3, 7, dead=(0, 5), indefinite=indefinite)
     assert np.linalg.matrix_rank(s) <= 64 < s.shape[0] - 2 * 9  # 64 patches: singular beyond the dead rows
-    res = tucker2(w, s, (6, 5), tol=1e-7)
+    res = tucker2(w, s, (6, 5), tol=1e-5)
     errs = [res.initial_error] + res.errors
     assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:]))
     assert np.isfinite(res.core).all() and np.isfinite(res.u_in).all()
@@ -228,17 +228,23 @@ def test_cost_formula_and_balanced_pair():
 @pytest.mark.parametrize("shape,fraction", [((32, 24, 3, 3), 0.25), ((24, 32, 3, 3), 0.4)])
 def test_rank_search_respects_budget_and_beats_balanced(shape, fraction):
     w, s = layer(shape, seed=12)
-    pick = search_ranks(w, s, fraction)
+    pick = search_ranks(w, s, fraction, grid=6, refine=2)
     assert pick.cost <= fraction * dense_cost(*shape).params
     assert pick.proxy_error <= pick.balanced_proxy_error
-    chosen = tucker2(w, s, pick.ranks, tol=1e-6)
-    balanced = tucker2(w, s, pick.balanced, tol=1e-6)
+    chosen = tucker2(w, s, pick.ranks, tol=1e-5)
+    balanced = tucker2(w, s, pick.balanced, tol=1e-5)
     assert chosen.error <= balanced.error * (1 + 1e-9), (pick.ranks, pick.balanced, chosen.error, balanced.error)
     assert chosen.error <= pick.proxy_error * (1 + 1e-12)  # ALS only improves on the proxy
-    macs = search_ranks(w, s, fraction, measure="macs", in_positions=4.0, multiple=2)
-    r_out, r_in = macs.ranks
+
+
+def test_rank_search_macs_with_stride_and_multiples():
+    shape, fraction = (16, 12, 3, 3), 0.3
+    w, s = layer(shape, seed=20)
+    pick = search_ranks(w, s, fraction, measure="macs", in_positions=4.0, multiple=2, grid=5, refine=0)
+    r_out, r_in = pick.ranks
     assert tucker2_cost(*shape, r_out, r_in, in_positions=4.0).macs <= fraction * dense_cost(*shape).macs
     assert r_in % 2 == 0 and (r_out % 2 == 0 or r_out == shape[0])
+    assert all(row[1] % 2 == 0 for row in pick.table)
 
 
 def test_energy_and_evbmf_ranks():

@@ -219,10 +219,10 @@ class _OutputsCollector:
     """Layer inputs leave the session as extra outputs; NumPy/BLAS reduce them."""
 
     def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers):
-        graph_inputs = {i.name for i in model.graph.input}
+        fed = {i.name for i in model_inputs(model)}
         self.targets = targets
-        # A tensor that is a graph input comes straight from the feed.
-        self.fetch = list(dict.fromkeys(t.tensor for t in targets if t.tensor not in graph_inputs))
+        # A tensor that is fed comes straight from the feed.
+        self.fetch = list(dict.fromkeys(t.tensor for t in targets if t.tensor not in fed))
         self.session = _Session(_with_outputs(model, targets, self.fetch), providers)
         self.sums = {t.key: _GramSums(t.dim) for t in targets}
         self.buffer = _BlockBuffer(BLOCK_BYTES)

@@ -64,28 +64,31 @@ def iter_patch_blocks(
     dim = int(np.prod(windows.shape[3:]))
     if out is None:
         out = np.empty((min(max_rows, n * out_h * out_w), dim))
-    for sample_range, row_range in _block_ranges(n, out_h, out_w, max_rows):
-        part = windows[slice(*sample_range), slice(*row_range)]
-        rows = part.shape[0] * part.shape[1] * out_w
-        block = out[:rows, :dim]
+    for samples, out_rows, out_cols in _block_ranges(n, out_h, out_w, max_rows):
+        part = windows[samples, out_rows, out_cols]
+        block = out[: int(np.prod(part.shape[:3])), :dim]
         block.reshape(part.shape)[...] = part  # splitting axes never copies: this writes into out
         yield block
 
 
-def _block_ranges(n: int, out_h: int, out_w: int, max_rows: int):
-    """((sample start, stop), (output row start, stop)) blocks of at most max_rows patches."""
-    per_sample = out_h * out_w
-    if per_sample == 0:
+def _block_ranges(n: int, out_h: int, out_w: int, max_rows: int) -> Iterator[tuple[slice, slice, slice]]:
+    """(samples, output rows, output columns) blocks of at most max_rows patches, in row order."""
+    if n * out_h * out_w == 0:
         return
-    if per_sample <= max_rows:
-        step = max_rows // per_sample
+    if out_h * out_w <= max_rows:
+        step = max_rows // (out_h * out_w)
         for start in range(0, n, step):
-            yield (start, min(start + step, n)), (0, out_h)
-        return
-    step = max(1, max_rows // out_w)
-    for sample in range(n):
-        for start in range(0, out_h, step):
-            yield (sample, sample + 1), (start, min(start + step, out_h))
+            yield slice(start, start + step), slice(None), slice(None)
+    elif out_w <= max_rows:
+        step = max_rows // out_w
+        for sample in range(n):
+            for start in range(0, out_h, step):
+                yield slice(sample, sample + 1), slice(start, start + step), slice(None)
+    else:
+        for sample in range(n):
+            for row in range(out_h):
+                for start in range(0, out_w, max_rows):
+                    yield slice(sample, sample + 1), slice(row, row + 1), slice(start, start + max_rows)
 
 
 def im2col(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:

@@ -16,6 +16,7 @@ from ..calibration.stats import InputStats
 from ..errors import OnnxcompError
 from . import objective, ranks
 from .svd import LowRank, output_spectrum, truncate
+from .cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from .tucker2 import energy_ranks, evbmf_ranks, search_ranks, tucker2, tucker2_cost
 
 NORMS = ("data", "frobenius")
@@ -63,6 +64,7 @@ class Options:
     norm: str = "data"
     centered: bool = True  # fit under the covariance and correct the bias
     ranks: RankChoice = field(default_factory=RankChoice)
+    cp_form: str = "4way"  # CP: "4way" (kh x 1 and 1 x kw depthwise) or "3way" (one kh x kw depthwise)
 
 
 def solve_layer(problem: LayerProblem, options: Options, xp=np) -> Decomposition | str:
@@ -182,6 +184,33 @@ def solve_tucker2(problem: LayerProblem, options: Options, xp) -> Decomposition 
                          error, relative, info)
 
 
+def solve_cp(problem: LayerProblem, options: Options, xp) -> Decomposition | str:
+    """CP for kxk convolutions (1x1 -> depthwise -> 1x1); matrices get the SVD, their CP."""
+    if problem.kernel == (1, 1):
+        return solve_svd(problem, options, xp)
+    W = _conv_weight(problem)
+    c_out, c_in, kh, kw = W.shape
+    choice, form = options.ranks, options.cp_form
+    if choice.rank is not None:
+        rank = choice.rank if isinstance(choice.rank, int) else choice.rank[0]
+    elif choice.keep is not None:
+        rank = cp_rank_for_fraction(c_out, c_in, kh, kw, choice.keep, form=form, measure="macs",
+                                    in_positions=problem.input_ratio)
+    else:
+        raise OnnxcompError("CP takes --rank R or --keep F (energy and EVBMF rules are for SVD / Tucker-2)")
+    chain = cp_cost(c_out, c_in, kh, kw, rank, form, in_positions=problem.input_ratio)
+    if chain.macs >= problem.weight.size:
+        return f"CP rank {rank} is not cheaper than the dense {c_out}x{c_in}x{kh}x{kw} conv"
+    S = fit_matrix(problem.stats, options)
+    result = cp_decompose(W, S, rank, form=form, norm=options.norm, xp=xp)
+    bias, error, relative = finish(problem, options, result.weight().reshape(c_out, -1), (result.error, result.reference))
+    weights = int(chain.params)
+    info = {"form": form, "iterations": result.iterations, "converged": result.converged, "init": result.init,
+            "error_first": result.errors[0] if result.errors else result.initial_error,
+            "error_last": result.errors[-1] if result.errors else result.initial_error}
+    return Decomposition("cp", result, bias, (rank,), weights + _size(bias), int(round(chain.macs)), error, relative, info)
+
+
 def _conv_weight(problem: LayerProblem) -> np.ndarray:
     kh, kw = problem.kernel
     return problem.weight.reshape(problem.weight.shape[0], -1, kh, kw)
@@ -271,7 +300,7 @@ def solve_best(problem: LayerProblem, options: Options, xp) -> Decomposition | s
     return min(done, key=lambda r: (r.error if r.error is not None else 0.0, r.macs))
 
 
-SOLVERS = {"svd": solve_svd, "tucker2": solve_tucker2, "auto": solve_best}
+SOLVERS = {"svd": solve_svd, "tucker2": solve_tucker2, "cp": solve_cp, "auto": solve_best}
 CANDIDATES = {"svd": svd_candidates, "tucker2": tucker2_candidates, "auto": best_candidates}
 
 __all__ = ["CANDIDATES", "Candidate", "Decomposition", "LayerProblem", "LowRank", "Options", "RankChoice", "SOLVERS", "solve_layer"]

@@ -279,11 +279,13 @@ class _DataProblem:
 
     # ---------------------------------------------------------------- initial bases
     def hosvd_in(self, r_in):
+        """Frobenius HOSVD input basis: top eigenvectors of the mode-2 unfolding's Gram."""
         xp = self.xp
-        w2 = xp.ascontiguousarray(self.w.reshape(self.c_out, self.c_in, self.k).transpose(1, 0, 2))
-        w2 = w2.reshape(self.c_in, -1)
-        _, v = psd_eigh(w2 @ w2.T)
-        return xp.ascontiguousarray(v[:, :r_in])
+        if getattr(self, "_hosvd_v", None) is None:
+            w2 = xp.ascontiguousarray(self.w.reshape(self.c_out, self.c_in, self.k).transpose(1, 0, 2))
+            w2 = w2.reshape(self.c_in, -1)
+            self._hosvd_v = psd_eigh(w2 @ w2.T)[1]
+        return xp.ascontiguousarray(self._hosvd_v[:, :r_in])
 
     def kron_factors(self):
         """Nearest Kronecker product S ~ Sc (x) Sk (both PSD): (Sc, Sk)."""
@@ -296,28 +298,33 @@ class _DataProblem:
         sc = (xp.asarray(sk.reshape(1, -1)) @ self.s_blocks).reshape(self.c_in, self.c_in)
         return symmetrize(sc), symmetrize(xp.asarray(sk))
 
+    def _data_in_factors(self):
+        if getattr(self, "_data_factors", None) is None:
+            xp = self.xp
+            ud = psd_eigh(self.ws @ self.w.T)[1]  # data-aware SVD output basis
+            sc, sk = self.kron_factors()
+            wc, vc = psd_eigh(sc)
+            wk, vk = psd_eigh(sk)
+            sc_half = (vc * xp.sqrt(wc)) @ vc.T
+            sk_half = (vk * xp.sqrt(wk)) @ vk.T
+            keep = wc > float(wc[0]) * self.c_in * np.finfo(np.float64).eps
+            sc_pinv_half = (vc[:, keep] / xp.sqrt(wc[keep])) @ vc[:, keep].T
+            self._data_factors = (ud, sc_half, sk_half, sc_pinv_half)
+        return self._data_factors
+
     def data_in(self, r_out, r_in):
-        """Data-aware input basis: the data-aware SVD output basis U_d (top eigenvectors of
-        W S W^T) projects W; the input mode of U_d^T W is then truncated in the metric of the
-        nearest Kronecker factorisation S ~ Sc (x) Sk (exact if S is separable)."""
+        """Data-aware input basis: the data-aware SVD output basis U_d (top R_out eigenvectors
+        of W S W^T) projects W; the input mode of U_d^T W is then truncated in the metric of
+        the nearest Kronecker factorisation S ~ Sc (x) Sk (exact if S is separable), and
+        mapped back with Sc^{+1/2}."""
         xp = self.xp
         c, k = self.c_in, self.k
-        _, ud = psd_eigh(self.ws @ self.w.T)
+        ud, sc_half, sk_half, sc_pinv_half = self._data_in_factors()
         z = ud[:, :r_out].T @ self.w  # (R_out, d)
-        sc, sk = self.kron_factors()
-        wc, vc = psd_eigh(sc)
-        wk, vk = psd_eigh(sk)
-        sc_half = (vc * xp.sqrt(wc)) @ vc.T
-        sk_half = (vk * xp.sqrt(wk)) @ vk.T
         z3 = z.reshape(-1, c, k) @ sk_half  # x_3 Sk^1/2
-        zc = xp.ascontiguousarray(z3.transpose(1, 0, 2)).reshape(c, -1)
-        zc = sc_half @ zc  # x_2 Sc^1/2
-        _, v = psd_eigh(zc @ zc.T)
-        v = v[:, :r_in]
-        keep = wc > wc[0] * c * np.finfo(np.float64).eps
-        sc_pinv_half = (vc[:, keep] / xp.sqrt(wc[keep])) @ vc[:, keep].T
-        u = sc_pinv_half @ v
-        q, _ = xp.linalg.qr(u)
+        zc = sc_half @ xp.ascontiguousarray(z3.transpose(1, 0, 2)).reshape(c, -1)  # x_2 Sc^1/2
+        v = psd_eigh(zc @ zc.T)[1][:, :r_in]
+        q, _ = xp.linalg.qr(sc_pinv_half @ v)
         return q
 
 

@@ -7,10 +7,11 @@ import onnx
 from ..decompose.solve import Decomposition
 from ..graph import TargetLayer
 from .common import GraphEditor
+from .cp import rewrite_cp
 from .lowrank import rewrite_lowrank
 from .tucker2 import rewrite_tucker2
 
-REWRITES = {"svd": rewrite_lowrank, "tucker2": rewrite_tucker2}
+REWRITES = {"svd": rewrite_lowrank, "tucker2": rewrite_tucker2, "cp": rewrite_cp}
 
 
 def apply_decompositions(
