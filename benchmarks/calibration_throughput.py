@@ -3,8 +3,11 @@
 Prints samples/s of plain onnxruntime inference, of statistics collection with
 method "outputs" and "graph", and of the floor: the float64 symmetric Gram
 products alone (dsyrk on random matrices with each statistic's (rows, d) shape
-per batch), timed on this machine in the same run. Each measurement runs in
-its own child process so that its peak memory (ru_maxrss; tracemalloc for the
+per batch), timed on this machine in the same run, right before each method.
+Every batch is timed on its own; the best batch tells what the code does on a
+quiet machine, the median what it did in this run (the development machine is
+shared, and other work steals cores in bursts). Each measurement runs in its
+own child process so that its peak memory (ru_maxrss; tracemalloc for the
 Python-side arrays) is its own.
 
     python benchmarks/calibration_throughput.py [--batches 3] [--batch-size 32]
@@ -44,6 +47,14 @@ def calibration_data(batches: int, batch_size: int) -> list[np.ndarray]:
     return [rng.standard_normal((batch_size, 3, 224, 224), dtype=np.float32) for _ in range(batches)]
 
 
+def timed(batches: list[np.ndarray], stamps: list[float]):
+    """Yield the batches, noting when each is asked for: the gaps are the per-batch times."""
+    for batch in batches:
+        stamps.append(time.perf_counter())
+        yield batch
+    stamps.append(time.perf_counter())
+
+
 # ---------------------------------------------------------------- child measurements
 
 
@@ -55,24 +66,27 @@ def measure_inference(batches: int, batch_size: int) -> dict:
     session = ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProvider"])
     data = calibration_data(batches, batch_size)
     session.run(None, {"input": data[0]})  # warm-up: first-run allocations and kernel choices
-    start = time.perf_counter()
+    seconds = []
     for batch in data:
+        start = time.perf_counter()
         session.run(None, {"input": batch})
-    return {"seconds": time.perf_counter() - start}
+        seconds.append(time.perf_counter() - start)
+    return {"batch_seconds": seconds, "seconds": sum(seconds)}
 
 
 def measure_method(method: str, batches: int, batch_size: int, stats_path: str) -> dict:
     model = load_model(MODEL)
     layers, _ = find_layers(model)
     data = calibration_data(batches, batch_size)
+    stamps: list[float] = []
     tracemalloc.start()
     start = time.perf_counter()
-    stats = collect_statistics(model, layers, data, batch_size=batch_size, progress=False, method=method)
-    seconds = time.perf_counter() - start
+    stats = collect_statistics(model, layers, timed(data, stamps), batch_size=batch_size, progress=False, method=method)
+    seconds = time.perf_counter() - start  # with session creation and the final symmetrisation
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     stats.save(stats_path)
-    return {"seconds": seconds, "tracemalloc_peak_mb": traced_peak / 2**20}
+    return {"batch_seconds": list(np.diff(stamps)), "seconds": seconds, "tracemalloc_peak_mb": traced_peak / 2**20}
 
 
 def run_child(args: list[str]) -> dict:
@@ -108,21 +122,26 @@ def statistic_shapes(batch_size: int) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def gram_floor_seconds(shapes: dict[str, tuple[int, int]], batches: int) -> float:
-    """Seconds of the float64 symmetric Gram products of ``batches`` batches."""
+def gram_floor_seconds(shapes: dict[str, tuple[int, int]], batches: int) -> list[float]:
+    """Seconds of the float64 symmetric Gram products, per batch."""
     rng = np.random.default_rng(1)
-    total = 0.0
+    seconds = [0.0] * batches
     for rows, dim in shapes.values():
         x = rng.standard_normal((rows, dim))
         blas.dsyrk(1.0, x[: min(rows, 256)].T)  # warm-up: BLAS threads, code pages
-        for _ in range(batches):
+        for batch in range(batches):
             start = time.perf_counter()
             blas.dsyrk(1.0, x.T)  # x.T is (d, rows) Fortran-ordered: no copy, X^T X upper triangle
-            total += time.perf_counter() - start
-    return total
+            seconds[batch] += time.perf_counter() - start
+    return seconds
 
 
 # ---------------------------------------------------------------- report
+
+
+def rates(batch_size: int, seconds: list[float]) -> tuple[float, float]:
+    """(best, median) samples/s over the batches."""
+    return batch_size / min(seconds), batch_size / float(np.median(seconds))
 
 
 def compare(paths: dict[str, str]) -> float:
@@ -139,29 +158,30 @@ def main() -> None:
     if not MODEL.exists():
         MODEL.parent.mkdir(parents=True, exist_ok=True)
         build_resnet50(MODEL)
-    samples = args.batches * args.batch_size
-    sizes = [str(args.batches), str(args.batch_size)]
-    print(f"ResNet-50-shaped model, {args.batches} batches of {args.batch_size} ({samples} samples), "
-          f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}")
+    batch = args.batch_size
+    sizes = [str(args.batches), str(batch)]
+    print(f"ResNet-50-shaped model, {args.batches} batches of {batch}, {os.cpu_count()} CPUs, "
+          f"load average at start {os.getloadavg()[0]:.2f}; samples/s as best batch / median batch")
 
     inference = run_child(["inference", *sizes])
-    print(f"plain onnxruntime inference: {samples / inference['seconds']:8.2f} samples/s "
-          f"(peak RSS {inference['maxrss_mb']:.0f} MB)")
+    best, median = rates(batch, inference["batch_seconds"])
+    print(f"plain onnxruntime inference: {best:7.2f} / {median:7.2f} samples/s (peak RSS {inference['maxrss_mb']:.0f} MB)")
 
-    shapes = statistic_shapes(args.batch_size)
-    macs = sum(rows * dim * dim / 2 for rows, dim in shapes.values()) / args.batch_size
-    print(f"Gram floor: {len(shapes)} statistics, {macs / 1e9:.2f} G multiply-adds per sample (dsyrk, half of X^T X); "
-          "timed right before each method, as the load of a shared machine drifts")
+    shapes = statistic_shapes(batch)
+    macs = sum(rows * dim * dim / 2 for rows, dim in shapes.values()) / batch
+    print(f"Gram floor: {len(shapes)} statistics, {macs / 1e9:.2f} G multiply-adds per sample (dsyrk, half of X^T X)")
     with tempfile.TemporaryDirectory() as folder:
         paths = {m: os.path.join(folder, f"{m}.npz") for m in METHODS}
         for method in METHODS:
-            floor = samples / gram_floor_seconds(shapes, args.batches)
+            floor_best, floor_median = rates(batch, gram_floor_seconds(shapes, args.batches))
             result = run_child([method, *sizes, paths[method]])
-            rate = samples / result["seconds"]
-            print(f"  floor    : {floor:8.2f} samples/s ({macs * floor / 1e9:.1f} GMAC/s)")
-            print(f"  {method:9s}: {rate:8.2f} samples/s = {rate / floor:5.1%} of the floor "
-                  f"(peak RSS {result['maxrss_mb']:.0f} MB, tracemalloc peak {result['tracemalloc_peak_mb']:.0f} MB, "
-                  f"load average {os.getloadavg()[0]:.2f})")
+            best, median = rates(batch, result["batch_seconds"])
+            print(f"  floor    : {floor_best:7.2f} / {floor_median:7.2f} samples/s "
+                  f"({macs * floor_best / 1e9:.1f} GMAC/s at best)")
+            print(f"  {method:9s}: {best:7.2f} / {median:7.2f} samples/s = {best / floor_best:5.1%} / "
+                  f"{median / floor_median:5.1%} of the floor; whole call {args.batches * batch / result['seconds']:.2f} "
+                  f"samples/s; peak RSS {result['maxrss_mb']:.0f} MB, tracemalloc peak "
+                  f"{result['tracemalloc_peak_mb']:.0f} MB; load average {os.getloadavg()[0]:.2f}")
         print(f"largest relative difference between the methods' Gram matrices: {compare(paths):.1e}")
     print(f"load average at end {os.getloadavg()[0]:.2f} (other work on the machine skews every number)")
 
