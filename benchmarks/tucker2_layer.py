@@ -25,7 +25,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+
+def _preset_threads(argv):
+    """--threads N must act before NumPy loads its BLAS (OpenBLAS reads the variable once)."""
+    for i, a in enumerate(argv):
+        n = a.split("=", 1)[1] if a.startswith("--threads=") else argv[i + 1] if a == "--threads" and i + 1 < len(argv) else None
+        if n is not None:
+            for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[var] = n
+
+
+_preset_threads(sys.argv[1:])
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,6 +71,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved operator/GEMM timings")
     ap.add_argument("--no-frobenius", action="store_true", help="skip the Frobenius baseline")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS threads (sets OPENBLAS/OMP/MKL_NUM_THREADS before NumPy loads; default: as is). "
+                         "On a shared machine 1 thread avoids OpenBLAS's thread thrashing in LAPACK calls")
     args = ap.parse_args(argv)
     xp = get_backend(args.device)
     c = args.channels
@@ -67,7 +82,8 @@ def main(argv=None):
     d = c * k
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"layer {c} -> {c} 3x3, d = {d}, ranks (R_out, R_in) = ({r_out}, {r_in}), device {args.device}, "
-          f"numpy {np.__version__}, cpus {os.cpu_count()}, load avg before {load}")
+          f"numpy {np.__version__}, cpus {os.cpu_count()}, BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}, "
+          f"load avg before {tuple(round(x, 2) for x in load) if load else None}")
 
     t0 = time.perf_counter()
     w = decaying_conv_weight(c, c, 3, 3, args.seed + 1)
@@ -123,7 +139,7 @@ def main(argv=None):
         print()
         print(f"Frobenius HOSVD/HOOI baseline: {fro.seconds:.2f} s, {fro.iterations} sweeps, relative data error "
               f"{fro.relative_error:.6g} (data-aware: {res.relative_error:.6g}, {fro.error / res.error:.2f}x lower)")
-    print(f"load avg after {os.getloadavg() if hasattr(os, 'getloadavg') else None}")
+    print(f"load avg after {tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, 'getloadavg') else None}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import pytest
 
 from onnxcomp.decompose.linalg import (
     KronBlockOperator,
-    KronPreconditioner,
     cg,
     minres,
     prepare_psd,

@@ -22,7 +22,8 @@ Alternating least squares, each block solved exactly, so E never increases:
   to the next output step.
 
 ``norm="frobenius"`` is the data-free baseline (HOSVD + HOOI, S = I).
-Rank helpers: :func:`tucker2_cost`, :func:`balanced_ranks`, :func:`search_ranks`
+The two steps are also exposed alone (:func:`tucker2_output_step`,
+:func:`tucker2_input_step`). Rank helpers: :func:`tucker2_cost`, :func:`balanced_ranks`, :func:`search_ranks`
 (data error minimised under a params/MACs budget), :func:`energy_ranks`,
 :func:`evbmf_ranks` (Nakajima et al.'s EVBMF, data-free).
 """
@@ -45,7 +46,7 @@ from .linalg import (
     cg,
     kron_block_gram,
     kron_blocks,
-    nearest_kron_coefficients,
+    orthonormal_basis,
     prepare_psd,
     psd_eigh,
     psd_solve,
@@ -80,7 +81,9 @@ class Tucker2Result:
     """Factors (NumPy float64) and the solver's record.
 
     ``errors[i]`` is the data error under S after sweep i+1 (under S = I when no
-    S was given); ``initial_error`` the error of the chosen initialisation;
+    S was given; a sweep that rounding would have made worse is reverted and
+    repeats the previous value); ``initial_error`` the error of the chosen
+    initialisation (after its closed-form output step);
     ``error`` the final error, evaluated directly as ``tr(dW S dW^T)``;
     ``reference = tr(W S W^T)`` (relative error = error / reference).
     """
@@ -429,7 +432,7 @@ def tucker2(
         prob._tick("input_cg", t0)
         cg_its.append(sol.iterations)
         t0 = time.perf_counter()
-        q, _ = xp.linalg.qr(sol.x)
+        q = orthonormal_basis(sol.x)
         prob._tick("qr", t0)
         new_out, new_g, new_err = prob.output_step(q, r_out)[:3]
         iterations += 1
