@@ -37,7 +37,7 @@ import onnx
 
 from . import graph
 from .calibration.readers import iter_feeds, model_inputs
-from .errors import OnnxcompError
+from .errors import OnnxcompError, first_line
 from .evaluate import make_session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -390,7 +390,7 @@ def _session(model: onnx.ModelProto, path: str | None, providers, threads, which
     try:
         session = make_session(path if path is not None else model, providers, threads)
     except Exception as exc:
-        raise OnnxcompError(f"onnxruntime cannot load the {which} model: {_first_line(exc)}") from None
+        raise OnnxcompError(f"onnxruntime cannot load the {which} model: {first_line(exc)}") from None
     if providers[0] != "CPUExecutionProvider" and providers[0] not in session.get_providers():
         raise OnnxcompError(
             f"onnxruntime fell back to {session.get_providers()} for the {which} model: "
@@ -496,7 +496,7 @@ def _read_data(data, labels, model, inputs) -> tuple[dict, np.ndarray | None, st
         try:
             feeds = {name: np.concatenate([b[name] for b in batches], axis=0) for name in names}
         except ValueError as exc:
-            raise OnnxcompError(f"the data's batches do not stack along axis 0: {_first_line(exc)}") from None
+            raise OnnxcompError(f"the data's batches do not stack along axis 0: {first_line(exc)}") from None
     else:
         raise OnnxcompError(f"cannot read data of type {type(data).__name__}: give a .npz/.npy path, arrays or feed dicts")
     if not isinstance(feeds, dict):  # one array
@@ -536,7 +536,7 @@ def _read_file(path, what: str):
         with np.load(path, allow_pickle=False) as loaded:
             return {name: loaded[name] for name in loaded.files}
     except Exception as exc:
-        raise OnnxcompError(f"cannot read {what} file {path}: {_first_line(exc)}") from None
+        raise OnnxcompError(f"cannot read {what} file {path}: {first_line(exc)}") from None
 
 
 def _sample_count(feeds: dict, inputs) -> int | None:
@@ -770,10 +770,6 @@ def _json_safe(value):
 def _describe(inputs: dict) -> str:
     return "[" + ", ".join(f"{name}: {kind}" for name, kind in inputs.items()) + "]"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _int(value) -> str:

@@ -7,3 +7,9 @@ class OnnxcompError(Exception):
     The CLI prints ``onnxcomp: error: <message>`` and exits non-zero; anything
     else that escapes is a bug in onnxcomp.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

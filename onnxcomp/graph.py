@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import OnnxcompError
+from .errors import OnnxcompError, first_line
 
 TARGET_OPS = ("Conv", "Gemm", "MatMul")
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -137,7 +137,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf's DecodeError, missing external data, ...
-        raise OnnxcompError(f"cannot read ONNX model {path}: {_first_line(exc)}") from None
+        raise OnnxcompError(f"cannot read ONNX model {path}: {first_line(exc)}") from None
     if not model.graph.node:
         raise OnnxcompError(f"{path} holds no ONNX graph (empty or not an ONNX model)")
     return model
@@ -189,10 +189,6 @@ def _can_size(model: onnx.ModelProto) -> bool:
     except Exception:  # protobuf refuses to size messages over 2 GB
         return False
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- constants

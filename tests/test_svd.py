@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onnxcomp.calibration.stats import InputStats
-from onnxcomp.decompose import objective, ranks
+from onnxcomp.decompose import ranks
 from onnxcomp.decompose.solve import LayerProblem, Options, RankChoice, solve_layer
 from onnxcomp.decompose.svd import output_spectrum, truncate
 from onnxcomp.errors import OnnxcompError

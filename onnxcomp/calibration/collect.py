@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy.linalg import blas
 from tqdm import tqdm
 
-from ..errors import OnnxcompError
+from ..errors import OnnxcompError, first_line
 from ..graph import ConvGeometry, TargetLayer, as_model, with_input_shapes
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, iter_feeds, model_inputs
@@ -178,7 +178,7 @@ class _Session:
             else:
                 self.session = self._from_file(model, options, providers)
         except Exception as exc:
-            raise OnnxcompError(f"onnxruntime cannot load the instrumented model: {_first_line(exc)}") from None
+            raise OnnxcompError(f"onnxruntime cannot load the instrumented model: {first_line(exc)}") from None
 
     def _from_file(self, model: onnx.ModelProto, options, providers) -> ort.InferenceSession:
         # Kept until the session goes: onnxruntime may memory-map the external data.
@@ -191,7 +191,7 @@ class _Session:
         try:
             return self.session.run(names, feed)
         except Exception as exc:
-            raise OnnxcompError(f"onnxruntime failed on calibration batch {index}: {_first_line(exc)}") from None
+            raise OnnxcompError(f"onnxruntime failed on calibration batch {index}: {first_line(exc)}") from None
 
 
 def _fits_protobuf(model: onnx.ModelProto) -> bool:
@@ -200,10 +200,6 @@ def _fits_protobuf(model: onnx.ModelProto) -> bool:
     except Exception:  # protobuf may refuse to even size a message over 2 GB
         return False
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import OnnxcompError
+from ..errors import OnnxcompError, first_line
 from ..graph import as_model
 
 Feed = dict[str, np.ndarray]
@@ -230,14 +230,14 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # truncated, not an .npy, object arrays, a folder, ...
-        raise OnnxcompError(f"cannot read calibration file {path}: {_first_line(exc)}") from None
+        raise OnnxcompError(f"cannot read calibration file {path}: {first_line(exc)}") from None
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except Exception as exc:  # not a zip, truncated, a folder, ...
-        raise OnnxcompError(f"cannot read calibration file {path}: {_first_line(exc)}") from None
+        raise OnnxcompError(f"cannot read calibration file {path}: {first_line(exc)}") from None
 
 
 class _NpyStream:
@@ -258,7 +258,7 @@ class _NpyStream:
                 raise ValueError("object arrays are not supported")
             self.whole = np.lib.format.read_array(archive.open(member), allow_pickle=False) if fortran_order else None
         except Exception as exc:
-            raise OnnxcompError(f"cannot read {member} in calibration file {path}: {_first_line(exc)}") from None
+            raise OnnxcompError(f"cannot read {member} in calibration file {path}: {first_line(exc)}") from None
         self.position = 0
 
     def read(self, count: int) -> np.ndarray:
@@ -271,15 +271,11 @@ class _NpyStream:
         try:
             raw = self.file.read(nbytes)
         except Exception as exc:  # CRC errors, broken deflate streams
-            raise OnnxcompError(f"cannot read calibration file {self.path}: {_first_line(exc)}") from None
+            raise OnnxcompError(f"cannot read calibration file {self.path}: {first_line(exc)}") from None
         if len(raw) != nbytes:
             raise OnnxcompError(f"cannot read calibration file {self.path}: data ends early (truncated file?)")
         return np.frombuffer(raw, dtype=self.dtype).reshape((count, *row_shape)).copy()
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------- validation
