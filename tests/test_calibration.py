@@ -7,6 +7,7 @@ Conv), Gram matrices from float64 NumPy products.
 
 from __future__ import annotations
 
+import io
 import zipfile
 
 import numpy as np
@@ -422,14 +423,13 @@ def test_multi_input_model_from_npz(tmp_path):
 def _corrupt_files(tmp_path):
     (tmp_path / "garbage.npy").write_bytes(b"not a numpy file")
     (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
+    (tmp_path / "truncated.npy").write_bytes(_npy_bytes(_images(4))[:200])
     with zipfile.ZipFile(tmp_path / "truncated.npz", "w") as archive:
         archive.writestr("x.npy", _npy_bytes(_images(4))[:200])
-    return ["garbage.npy", "garbage.npz", "truncated.npz"]
+    return ["garbage.npy", "truncated.npy", "garbage.npz", "truncated.npz"]
 
 
 def _npy_bytes(array):
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
@@ -464,8 +464,9 @@ def test_bad_files_are_one_line_errors(tmp_path):
     with pytest.raises(OnnxcompError, match="calibration file not found: .*missing.npz"):
         _batches(tmp_path / "missing.npz")
     for name in _corrupt_files(tmp_path):
-        with pytest.raises(OnnxcompError, match=f"cannot read .*{name}"):
+        with pytest.raises(OnnxcompError, match=f"cannot read calibration file .*{name}: ") as error:
             _batches(tmp_path / name)
+        assert "pickle" not in str(error.value)
     (tmp_path / "data.csv").write_text("1,2,3")
     with pytest.raises(OnnxcompError, match="expected a .npy or .npz file"):
         _batches(tmp_path / "data.csv")

@@ -12,18 +12,24 @@ batch. Two ways to instrument the model:
 - ``"graph"``: the reductions run inside the session (one-hot depthwise Conv to
   unfold patches, Transpose/Reshape to ``(d, rows)``, Cast to double, Gemm
   ``Z Z^T``, ReduceSum); only ``(d, d)`` Gram matrices and sums leave it.
-  Double precision is needed: a float32 Gram of 10^5 rows is off by ~1e-5
-  relative, the acceptance is 1e-6 against a float64 reference.
+  The product runs in double: a float32 Gram of one batch is already off by
+  0.9e-6 (layer1, 10^5 rows) to 1.5e-6 (stem, 4*10^5 rows) relative to
+  float64, against an acceptance of 1e-6.
 
-Measured on this project's 2-core CPU machine (AMD EPYC Zen 4, onnxruntime 1.32
-CPU EP, OpenBLAS), ResNet-50 at batch 32, see benchmarks/calibration_throughput.py:
-"outputs" 2.2 samples/s, "graph" 1.0 samples/s, plain inference 26 samples/s,
-Gram floor (dsyrk only) 2.9 samples/s. onnxruntime's double GEMM runs at
-37 GMAC/s (full product) where OpenBLAS dsyrk gives 43-53 GMAC/s on the half
-it needs, so the in-graph product costs 2-5x more; "auto" picks "outputs" on
-the CPU. On an accelerator (not measured: no GPU onnxruntime in the dev setup)
-"auto" picks "graph", which keeps activations on the device instead of
-copying every layer input to the host for CPU products.
+Measured on the project's 2-core CPU machine (AMD EPYC Zen 4, onnxruntime 1.32
+CPU EP, OpenBLAS), ResNet-50 at batch 32, best / median of 3 batches on a quiet
+machine (benchmarks/calibration_throughput.py): "outputs" 2.91 / 2.63
+samples/s = 74% / 67% of the Gram floor (dsyrk alone: 3.93 samples/s, 40
+GMAC/s), "graph" 1.61 / 1.50 samples/s = 41%; plain inference 22.3 samples/s.
+Reducing the same activations layer by layer, the in-graph reduction runs at
+13-21 GMAC/s and the NumPy one at 37-47 (2.3x less time): onnxruntime's double
+GEMM computes the whole product at ~37 GMAC/s where dsyrk computes the half it
+needs at 43-53. So "auto" picks "outputs" on the CPU. (On a loaded machine
+OpenBLAS' threads suffer more than onnxruntime's: both methods fell to ~1
+sample/s there and "graph" was at times ahead.) On an accelerator "auto" picks
+"graph", which keeps activations on the device instead of copying every layer
+input to the host for CPU products; that choice is reasoned, not measured (no
+GPU onnxruntime in the dev setup).
 """
 
 from __future__ import annotations
@@ -170,6 +176,10 @@ class _Session:
         options = ort.SessionOptions()
         # Idle spinning threads would steal the cores NumPy needs between runs (DESIGN.md §5).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Without the arena, memory freed after a batch goes back to the system: peak RSS on
+        # ResNet-50 at batch 32 drops from 4.4 to 3.7 GB ("outputs") and 6.4 to 4.4 GB
+        # ("graph"), at the same speed (11.5-12.4 s per batch either way for "outputs").
+        options.enable_cpu_mem_arena = False
         options.log_severity_level = 3
         providers = list(providers or ["CPUExecutionProvider"])
         try:
@@ -199,7 +209,6 @@ def _fits_protobuf(model: onnx.ModelProto) -> bool:
         return model.ByteSize() < _PROTOBUF_LIMIT
     except Exception:  # protobuf may refuse to even size a message over 2 GB
         return False
-
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

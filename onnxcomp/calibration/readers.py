@@ -228,6 +228,10 @@ def _opened_file(path: Path, inputs: list[ModelInput]):
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
+        with open(path, "rb") as file:
+            # np.load takes anything without the magic for a pickle and says so: misleading here.
+            if file.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                raise ValueError("not a NumPy .npy file")
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # truncated, not an .npy, object arrays, a folder, ...
         raise OnnxcompError(f"cannot read calibration file {path}: {first_line(exc)}") from None

@@ -86,9 +86,10 @@ class Statistics(dict):
     """Statistic key (``TargetLayer.stats_key``) -> :class:`InputStats`."""
 
     def merged(self, other: "Statistics") -> "Statistics":
-        out = Statistics(self)
+        # Fresh sums throughout: the result must not share arrays with either input.
+        out = Statistics({key: stats.merged(InputStats.empty(stats.dim)) for key, stats in self.items()})
         for key, stats in other.items():
-            out[key] = out[key].merged(stats) if key in out else stats
+            out[key] = out[key].merged(stats) if key in out else stats.merged(InputStats.empty(stats.dim))
         return out
 
     def save(self, path: str | Path) -> None:
