@@ -102,7 +102,9 @@ def main(argv=None):
     print(f"  init '{res.init}' (candidates, relative error after one output step: "
           + ", ".join(f"{n} {e / res.reference:.5g}" for n, e in res.init_errors.items()) + ")")
     print(f"  relative data error: initial {res.initial_error / res.reference:.6g} -> final {res.relative_error:.6g}")
-    print(f"  time per sweep: {(res.seconds - tm.get('setup', 0) - tm.get('init', 0) - tm.get('final_eval', 0)) / max(sweeps, 1):.2f} s; "
+    sw = res.sweep_seconds
+    print(f"  time per sweep: mean {statistics.mean(sw):.2f} s, min {min(sw):.2f} s, max {max(sw):.2f} s "
+          f"(setup {tm.get('setup', 0):.2f} s, init {tm.get('init', 0):.2f} s); "
           f"CG products per sweep: {sum(res.cg_iterations) / max(sweeps, 1):.1f} (+1 cheap initial residual)")
     print("  phases (s): " + ", ".join(f"{n} {v:.2f}" for n, v in sorted(tm.items(), key=lambda kv: -kv[1])))
     if res.psd is not None:

@@ -102,6 +102,7 @@ class Tucker2Result:
     init: str = ""
     init_errors: dict = field(default_factory=dict)  # candidate -> error after its output step
     cg_iterations: list[int] = field(default_factory=list)  # per sweep (data norm)
+    sweep_seconds: list[float] = field(default_factory=list)  # wall time of each sweep
     timings: dict = field(default_factory=dict)  # seconds per phase
     psd: PSDInfo | None = None
 
@@ -421,10 +422,12 @@ def tucker2(
     converged = False
     iterations = 0
     slack = 1e-12 * max(prob.reference, 1e-300)
+    sweep_seconds: list[float] = []
     for _ in range(max_iter):
         if err <= slack:
             converged = True
             break
+        t_sweep = time.perf_counter()
         op, rhs, pre, res0 = prob.input_system(u_out, g, r_in, u_in)
         t0 = time.perf_counter()
         sol = cg(op, rhs, x0=u_in, r0=res0, precond=pre if precondition else None, tol=1e-14,
@@ -436,6 +439,7 @@ def tucker2(
         prob._tick("qr", t0)
         new_out, new_g, new_err = prob.output_step(q, r_out)[:3]
         iterations += 1
+        sweep_seconds.append(time.perf_counter() - t_sweep)
         if new_err > err + slack:  # only rounding can do this: keep the best iterate and stop
             errors.append(err)
             converged = True
@@ -466,6 +470,7 @@ def tucker2(
         init=best_name,
         init_errors=init_errors,
         cg_iterations=cg_its,
+        sweep_seconds=sweep_seconds,
         timings=dict(prob.timings),
         psd=prob.psd,
     )
