@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import OnnxcompError
 from .backend import to_backend, to_numpy
-from .linalg import KronBlockOperator, KronPreconditioner, PSDInfo, cg, kron_block_gram, kron_blocks, prepare_psd, psd_solve, vdot
+from .linalg import KronBlockOperator, KronPreconditioner, SolverRecord, cg, kron_block_gram, kron_blocks, prepare_psd, psd_solve, vdot
 
 __all__ = [
     "CPResult",
@@ -68,14 +68,9 @@ EXACT_CHANNEL_LIMIT = 1024
 # ============================================================================ result
 
 
-@dataclass
-class CPResult:
-    """Factors (NumPy float64) and the solver's record.
-
-    ``errors[i]`` is the data error under S after sweep i+1 (under S = I when no S
-    was given); ``error`` the final error evaluated directly as ``tr(dW S dW^T)``;
-    ``reference = tr(W S W^T)``.
-    """
+@dataclass(kw_only=True)
+class CPResult(SolverRecord):
+    """Factors (NumPy float64) and the solver's record (see :class:`SolverRecord`)."""
 
     form: str
     a: np.ndarray  # (C_out, R)
@@ -83,28 +78,11 @@ class CPResult:
     h: np.ndarray | None  # (kh, R) for 4way
     v: np.ndarray | None  # (kw, R) for 4way
     kernel: np.ndarray | None  # (R, kh, kw) for 3way
-    error: float
-    initial_error: float
-    errors: list[float]
-    reference: float
-    iterations: int
-    converged: bool
-    seconds: float
-    norm: str = "data"
-    init: str = ""
-    init_errors: dict = field(default_factory=dict)  # candidate -> data error after its A step
-    cg_iterations: list[int] = field(default_factory=list)  # per sweep, channel step
     reverted: int = 0  # block steps rejected because they would have raised the error
-    timings: dict = field(default_factory=dict)
-    psd: PSDInfo | None = None
 
     @property
     def rank(self) -> int:
         return self.a.shape[1]
-
-    @property
-    def relative_error(self) -> float:
-        return self.error / self.reference if self.reference > 0 else 0.0
 
     def weight(self) -> np.ndarray:
         """The approximation W~ (C_out, C_in, kh, kw)."""

@@ -115,6 +115,35 @@ class PSDInfo:
     seconds: float = 0.0
 
 
+@dataclass(kw_only=True)
+class SolverRecord:
+    """What an alternating-least-squares solver reports besides its factors.
+
+    ``errors[i]`` is the data error under S after sweep i+1 (under S = I when no
+    S was given); ``initial_error`` the error of the chosen initialisation;
+    ``error`` the final error, evaluated directly as ``tr(dW S dW^T)``;
+    ``reference = tr(W S W^T)`` (relative error = error / reference).
+    """
+
+    error: float
+    initial_error: float
+    errors: list[float]
+    reference: float
+    iterations: int
+    converged: bool
+    seconds: float
+    norm: str = "data"
+    init: str = ""
+    init_errors: dict = field(default_factory=dict)  # initial candidate -> error after its first closed-form step
+    cg_iterations: list[int] = field(default_factory=list)  # per sweep
+    timings: dict = field(default_factory=dict)  # seconds per phase
+    psd: PSDInfo | None = None
+
+    @property
+    def relative_error(self) -> float:
+        return self.error / self.reference if self.reference > 0 else 0.0
+
+
 def prepare_psd(s, *, check: bool = True):
     """Symmetrise ``s`` and make it exactly PSD without adding any jitter.
 

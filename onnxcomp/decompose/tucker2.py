@@ -42,7 +42,7 @@ from .backend import to_backend, to_numpy
 from .linalg import (
     KronBlockOperator,
     KronPreconditioner,
-    PSDInfo,
+    SolverRecord,
     cg,
     kron_block_gram,
     kron_blocks,
@@ -76,43 +76,19 @@ __all__ = [
 # ============================================================================ result
 
 
-@dataclass
-class Tucker2Result:
-    """Factors (NumPy float64) and the solver's record.
-
-    ``errors[i]`` is the data error under S after sweep i+1 (under S = I when no
-    S was given; a sweep that rounding would have made worse is reverted and
-    repeats the previous value); ``initial_error`` the error of the chosen
-    initialisation (after its closed-form output step);
-    ``error`` the final error, evaluated directly as ``tr(dW S dW^T)``;
-    ``reference = tr(W S W^T)`` (relative error = error / reference).
-    """
+@dataclass(kw_only=True)
+class Tucker2Result(SolverRecord):
+    """Factors (NumPy float64) and the solver's record (see :class:`SolverRecord`; a sweep
+    that rounding would have made worse is reverted and repeats the previous error)."""
 
     u_out: np.ndarray  # (C_out, R_out), orthonormal columns
     core: np.ndarray  # (R_out, R_in, kh, kw)
     u_in: np.ndarray  # (C_in, R_in), orthonormal columns
-    error: float
-    initial_error: float
-    errors: list[float]
-    reference: float
-    iterations: int
-    converged: bool
-    seconds: float
-    norm: str = "data"
-    init: str = ""
-    init_errors: dict = field(default_factory=dict)  # candidate -> error after its output step
-    cg_iterations: list[int] = field(default_factory=list)  # per sweep (data norm)
     sweep_seconds: list[float] = field(default_factory=list)  # wall time of each sweep
-    timings: dict = field(default_factory=dict)  # seconds per phase
-    psd: PSDInfo | None = None
 
     @property
     def ranks(self) -> tuple[int, int]:
         return self.u_out.shape[1], self.u_in.shape[1]
-
-    @property
-    def relative_error(self) -> float:
-        return self.error / self.reference if self.reference > 0 else 0.0
 
     def weight(self) -> np.ndarray:
         """The approximation W~ (C_out, C_in, kh, kw)."""
