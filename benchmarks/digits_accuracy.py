@@ -6,8 +6,11 @@ images (never used for calibration).
 
 Each budget is run two ways: the same fraction for every layer (``--keep F``)
 and a whole-model budget allocated across layers (``--target-macs F``).
+``--latency`` adds the solve time and the latency ratio (compressed / original,
+``onnxcomp.bench`` at batch 1, one intra-op thread, median of interleaved pairs).
 
-    python benchmarks/digits_accuracy.py [--keep 0.75 0.5 0.35] [--methods svd]
+    python benchmarks/digits_accuracy.py [--keep 0.75 0.5 0.35] [--methods svd tucker2 cp]
+        [--norms data] [--allocations uniform allocated] [--latency]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 
 import onnxcomp
 from onnxcomp import graph
+from onnxcomp.bench import bench
 from onnxcomp.evaluate import make_session, output_errors
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
@@ -32,7 +36,11 @@ def accuracy_and_logits(model, images, labels):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.35, 0.25])
-    parser.add_argument("--methods", nargs="+", default=["svd"])
+    parser.add_argument("--methods", nargs="+", default=["svd"], choices=["svd", "tucker2", "cp", "auto"])
+    parser.add_argument("--norms", nargs="+", default=["data", "frobenius"], choices=["data", "frobenius"])
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "allocated"], choices=["uniform", "allocated"])
+    parser.add_argument("--latency", action="store_true",
+                        help="also the solve seconds and the latency ratio at batch 1, one thread")
     args = parser.parse_args()
 
     original = graph.load_model(EXAMPLE / "digits_cnn.onnx")
@@ -42,12 +50,14 @@ def main() -> None:
     base_macs = graph.count_macs(original, {"input": [1, 1, 32, 32]})
     print(f"original: accuracy {base_accuracy:.3f}, {base_macs / 1e6:.2f}M MACs/sample\n")
     stats = onnxcomp.calibrate(original, EXAMPLE / "calib.npz", progress=False)
-    print("| method | norm | ranks | budget | model MACs kept | held-out accuracy | output rel. L2 error |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    columns = ["method", "norm", "ranks", "budget", "model MACs kept", "held-out accuracy", "output rel. L2 error"]
+    columns += ["solve s", "latency ratio"] if args.latency else []
+    print("| " + " | ".join(columns) + " |")
+    print("|" + " --- |" * len(columns))
     for method in args.methods:
         for keep in args.keep:
-            for allocation in ("uniform", "allocated"):
-                for norm in ("data", "frobenius"):
+            for allocation in args.allocations:
+                for norm in args.norms:
                     rule = {"keep": keep} if allocation == "uniform" else {"target_macs": keep}
                     model, report = onnxcomp.compress(
                         original, stats=stats if norm == "data" else None, method=method, norm=norm,
@@ -56,7 +66,16 @@ def main() -> None:
                     accuracy, logits = accuracy_and_logits(model, images, labels)
                     error = output_errors([base_logits], [logits], ["logits"])["logits"]["relative_l2"]
                     macs = report.totals["macs_after"] / base_macs
-                    print(f"| {method} | {norm} | {allocation} | {keep:.2f} | {macs:.1%} | {accuracy:.3f} | {error:.4f} |")
+                    cells = [method, norm, allocation, f"{keep:.2f}", f"{macs:.1%}", f"{accuracy:.3f}", f"{error:.4f}"]
+                    if args.latency:
+                        cells += [f"{report.seconds['solve']:.1f}", f"{latency_ratio(original, model, images):.2f}"]
+                    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def latency_ratio(original, compressed, images) -> float:
+    """Compressed / original time per run at batch 1, one thread (median of interleaved pairs)."""
+    result = bench(original, compressed, {"input": images[:64]}, batch_sizes=(1,), threads=1)
+    return result.latency[0].ratio
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ ground truth with Pillow and the machine's TrueType fonts, checks that the
 original models read them well, then compresses each model at each budget and
 prints a markdown table of the task metric, the output error and the latency.
 
-    python benchmarks/ppocr.py [--methods svd] [--budgets 0.75 0.5] [--quick] [--plot out.png]
+    python benchmarks/ppocr.py [--methods svd tucker2 cp] [--budgets 0.75 0.5] [--models det] [--quick] [--plot out.png]
 
 Needs Pillow and SciPy (``pip install pillow``; matplotlib only for ``--plot``).
 
@@ -466,8 +466,10 @@ def header(args) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["svd"])
+    parser.add_argument("--methods", nargs="+", default=["svd"], choices=["svd", "tucker2", "cp", "auto"])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5])
+    parser.add_argument("--cp-form", default="4way", choices=["4way", "3way"],
+                        help="--methods cp: depthwise kh x 1 then 1 x kw (4way) or one kh x kw depthwise (3way)")
     parser.add_argument("--models", nargs="+", default=["cls", "rec", "det"], choices=["cls", "rec", "det"])
     parser.add_argument("--norms", nargs="+", default=["data", "frobenius"])
     parser.add_argument("--allocations", nargs="+", default=["keep", "target_macs"], choices=["keep", "target_macs"])
@@ -526,7 +528,8 @@ def main() -> None:
             for budget in args.budgets:
                 for allocation in args.allocations:
                     for norm in args.norms:
-                        label = f"{task.name} {method} {norm} {allocation}={budget}"
+                        shown = f"cp {args.cp_form}" if method == "cp" else method
+                        label = f"{task.name} {shown} {norm} {allocation}={budget}"
                         t0 = time.perf_counter()
                         try:
                             # The data norm also gets one calibration batch: it probes the layer
@@ -534,7 +537,7 @@ def main() -> None:
                             probe = {"x": task.calib[: task.calib_batch]} if norm == "data" else None
                             compressed, report = onnxcomp.compress(
                                 model, probe, stats=stats, input_shapes={"x": task.shape}, method=method, norm=norm,
-                                skip=task.skip, progress=False, **{allocation: budget},
+                                skip=task.skip, progress=False, cp_form=args.cp_form, **{allocation: budget},
                             )
                             t1 = time.perf_counter()
                             t = report.totals
@@ -545,27 +548,28 @@ def main() -> None:
                                            repeats=args.repeats, warmup=args.warmup, eval_batch_size=8)
                             error = next(iter(result.outputs.values()))["relative_l2"]
                             latency = result.latency[0].ratio
-                            rows.append((task.name, method, norm, f"{allocation}={budget}", f"{kept:.1%}",
+                            rows.append((task.name, shown, norm, f"{allocation}={budget}", f"{kept:.1%}",
                                          f"{fmt_metric(task, base)} -> {fmt_metric(task, score)}",
-                                         f"{error:.4f}", f"{latency:.2f}"))
-                            points.append((task.name, f"{method}/{norm}/{allocation}", kept, score["value"]))
+                                         f"{error:.4f}", f"{latency:.2f}", f"{report.seconds['solve']:.0f}"))
+                            points.append((task.name, f"{shown}/{norm}/{allocation}", kept, score["value"]))
                         except Exception as exc:  # report and go on: the table shows what failed
                             text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                             problems.append(f"{label}: {text}")
-                            rows.append((task.name, method, norm, f"{allocation}={budget}", "-", f"FAILED ({text[:80]})",
-                                         "-", "-"))
+                            rows.append((task.name, shown, norm, f"{allocation}={budget}", "-", f"FAILED ({text[:80]})",
+                                         "-", "-", "-"))
                         spent = f"{time.perf_counter() - t0:.1f}s"
                         if rows[-1][4] != "-":
                             spent += f": compress {t1 - t0:.1f}s, task metric {t2 - t1:.1f}s, bench {time.perf_counter() - t2:.1f}s"
                         print(f"  {label}: {' | '.join(rows[-1][4:])}  ({spent})", flush=True)
 
     out = ["", "Original models on the held-out rendered inputs:", "", *originals, "",
-           "| model | method | norm | allocation | MACs kept | task metric (original -> compressed) | output rel. L2 | latency ratio |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| model | method | norm | allocation | MACs kept | task metric (original -> compressed) | output rel. L2 | latency ratio | solve s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     out += ["", "allocation: keep=F keeps F of every compressed layer's MACs; target_macs=F is a whole-model budget "
             "(F of the model's MACs, allocated across layers). MACs kept: whole model, depthwise/grouped convs "
-            "(never compressed) included. rec metric: character accuracy / exact-line accuracy (spaces ignored)."]
+            "(never compressed) included. rec metric: character accuracy / exact-line accuracy (spaces ignored). "
+            "solve s: the compression's solve stage (candidates, allocation, decompositions), statistics excluded."]
     if workarounds:
         out += ["", "Workarounds in this script:", *[f"- {w}" for w in workarounds]]
     if problems:

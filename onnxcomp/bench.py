@@ -288,7 +288,7 @@ def bench(
             notes.append(f"the model has a fixed batch size of {fixed}: latency measured at batch {fixed} only")
         batch_sizes = [fixed]
     feeds = {name: feeds[name] for name in (i.name for i in inputs)}  # checked by the pass above
-    latency = [_time_pair(sessions, feeds, samples, b, repeats, warmup) for b in batch_sizes]
+    latency = [time_pair(sessions, feeds, samples, b, repeats, warmup) for b in batch_sizes]
 
     import onnxruntime as ort
 
@@ -681,7 +681,9 @@ class _ErrorSums:
 # ---------------------------------------------------------------- latency
 
 
-def _time_pair(sessions, feeds: dict, samples: int, batch: int, repeats: int | None, warmup: int | None) -> Latency:
+def time_pair(sessions, feeds: dict, samples: int, batch: int, repeats: int | None = None,
+              warmup: int | None = None) -> Latency:
+    """Both sessions timed in interleaved pairs at one batch size (also used by ``--target-latency``)."""
     feed, _ = _slice(feeds, 0, batch, samples, pad_to=batch)
     note = f"batch built by repeating the {samples} samples" if batch > samples else None
     a, b = sessions

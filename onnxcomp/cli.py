@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     _data_arguments(compress)
     compress.add_argument("--method", default="svd", choices=["svd", "tucker2", "cp", "auto"],
                           help="svd; tucker2 (kxk convs: 1x1 -> kxk -> 1x1; matrices get svd); cp (kxk convs: "
-                               "1x1 -> depthwise -> 1x1, with --rank or --keep); auto: per layer the lower error "
+                               "1x1 -> depthwise -> 1x1, with --rank, --keep or a budget); auto: per layer the lower error "
                                "of svd and tucker2 (default: svd)")
     compress.add_argument("--cp-form", default="4way", choices=["4way", "3way"],
                           help="CP: depthwise kh x 1 then 1 x kw (4way) or one kh x kw depthwise (3way)")
@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="whole-model budget: keep this fraction of the model's MACs, ranks allocated across layers")
     rule.add_argument("--target-params", type=float, metavar="F",
                       help="whole-model budget: keep this fraction of the model's parameters")
+    rule.add_argument("--target-latency", type=float, metavar="F",
+                      help="whole-model budget: this fraction of the model's onnxruntime latency at batch 1, "
+                           "every candidate chain timed on this machine (cached) with --provider and --threads")
+    compress.add_argument("--rank-multiple", type=int, metavar="N",
+                          help="budgets: only ranks that are multiples of N (default 8 with --target-latency)")
+    compress.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
+                          help="--target-latency: the onnxruntime execution provider to time on (default cpu)")
+    compress.add_argument("--threads", type=int, metavar="N",
+                          help="--target-latency: intra-op threads of the timed sessions (default: onnxruntime's)")
     compress.add_argument("--rank-rule", default="energy", choices=["energy", "entropy"],
                           help="with --energy: ARSVD's energy or spectral-entropy rule")
     compress.add_argument("--spectrum", default="data", choices=["data", "weight"],
@@ -121,7 +130,8 @@ def _compress(args) -> int:
         evbmf=args.evbmf, rule=args.rank_rule, spectrum=args.spectrum, norm=args.norm, centered=not args.uncentered,
         stats=args.stats, skip=args.skip, input_shapes=args.input_shape, batch_size=args.batch_size,
         device=args.device, progress=not args.quiet, target_macs=args.target_macs, target_params=args.target_params,
-        sensitivity=args.sensitivity, cp_form=args.cp_form,
+        sensitivity=args.sensitivity, cp_form=args.cp_form, target_latency=args.target_latency,
+        rank_multiple=args.rank_multiple, provider=args.provider, threads=args.threads,
     )
     graph.save_model(compressed, args.output)
     print(report.table())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import asdict, replace
@@ -14,11 +15,13 @@ from . import graph
 from .calibration.collect import collect_statistics
 from .calibration.readers import iter_feeds
 from .calibration.stats import Statistics
+from .costs import LatencyCost, MacCost, ParamCost, layer_positions
 from .decompose.backend import get_backend
 from .decompose.budget import Option, allocate
 from .decompose.solve import CANDIDATES, Decomposition, LayerProblem, Options, RankChoice, solve_layer
 from .errors import OnnxcompError
 from .evaluate import compare_outputs
+from .latency import Timer, interleaved_ratio, providers_for
 from .passes import apply_decompositions
 from .report import LayerRow, Report
 from .sensitivity import layer_sensitivities
@@ -45,8 +48,13 @@ def compress(
     progress: bool = True,
     target_macs: float | None = None,
     target_params: float | None = None,
+    target_latency: float | None = None,
     sensitivity: str = "auto",
     cp_form: str = "4way",
+    rank_multiple: int | None = None,
+    provider: str = "cpu",
+    threads: int | None = None,
+    latency_cache=None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Compress the Conv/Gemm/MatMul layers of ``model``; returns ``(model, report)``.
 
@@ -56,18 +64,27 @@ def compress(
     ``data`` is only used for the final output check). Exactly one of
     ``rank``, ``keep`` (fraction of each layer's MACs kept) and ``energy``
     (threshold of the ``rule`` on the ``spectrum``) picks the ranks, or a
-    whole-model budget: ``target_macs`` / ``target_params``, the fraction of
-    the original model's MACs / params to end up with, allocated across layers;
-    ``sensitivity`` ("auto", "on", "off") weights each layer's error by its
-    measured effect on the model's outputs ("auto": only where that wins on
-    the probe batch).
+    whole-model budget: ``target_macs`` / ``target_params`` /
+    ``target_latency``, the fraction of the original model's MACs / params /
+    onnxruntime latency (batch 1, measured on ``provider`` with ``threads``,
+    cached per machine in ``latency_cache``) to end up with, allocated across
+    layers; ``sensitivity`` ("auto", "on", "off") weights each layer's error by
+    its measured effect on the model's outputs ("auto": only where that wins on
+    the probe batch). ``rank_multiple``: budget candidates only at ranks that are
+    multiples of it (default 8 for latency budgets: such ranks run faster).
     """
     model = graph.as_model(model)
-    target = _target(target_macs, target_params)
+    target = _target(target_macs, target_params, target_latency)
     _one_rank_rule(rank, keep, energy, evbmf or None, target)
-    options = Options(method, norm, centered, RankChoice(rank, keep, energy, rule, spectrum, evbmf), cp_form)
-    if target and method == "cp":
-        raise OnnxcompError("budgets (--target-*) allocate svd/tucker2/auto ranks; CP takes --rank or --keep")
+    if rank_multiple is None and target and target[0] == "latency":
+        rank_multiple = 8
+    if rank_multiple is not None and (not isinstance(rank_multiple, int) or rank_multiple < 1):
+        raise OnnxcompError(f"--rank-multiple must be a positive integer, got {rank_multiple!r}")
+    ranks_ = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
+    options = Options(method, norm, centered, ranks_, cp_form, rank_multiple)
+    timer = Timer(provider, threads)
+    if target and target[0] == "latency":
+        providers_for(provider)  # fail before calibrating if the provider is missing
     user_shapes = _input_shapes(input_shapes)
     shapes = dict(user_shapes)  # for shape inference: per-sample shapes, batch 1
     feeds, first_batch = _peek(iter_feeds(data, model, batch_size=batch_size)) if data is not None else (None, None)
@@ -84,25 +101,17 @@ def compress(
     xp = get_backend(device)
     problems = {layer.name: _problem(layer, statistics.get(layer.stats_key) if statistics else None) for layer in chosen}
     sample = None if first_batch is None else {k: v[:1] for k, v in first_batch.items()}
-    budget, sensitivity_note = None, None
+    budget = None
     if target:
-        curves = {layer.name: CANDIDATES[options.method](problems[layer.name], options, xp) for layer in chosen}
-        budget = _allocate(chosen, problems, curves, target, model, shapes, sample)
-    plan, rows = _solve_all(chosen, problems, options, budget, xp, progress)
-    if target and first_batch is not None and sensitivity != "off":
-        # Weight each layer's error by how much it moves the model's outputs; "auto" keeps
-        # whichever allocation gives the smaller output error on the probe batch.
-        probe = {k: v[:8] for k, v in first_batch.items()}
-        gains = layer_sensitivities(model, chosen, probe)
-        weighted = _allocate(chosen, problems, curves, target, model, shapes, sample, gains)
-        if weighted["ranks"] != budget["ranks"]:
-            weighted_plan, weighted_rows = _solve_all(chosen, problems, options, weighted, xp, progress)
-            errors = [_first_output_error(model, p, probe) for p in (plan, weighted_plan)]
-            sensitivity_note = {"unweighted_error": errors[0], "weighted_error": errors[1]}
-            if sensitivity == "on" or errors[1] <= errors[0]:
-                budget, plan, rows = weighted, weighted_plan, weighted_rows
-        sensitivity_note = {**(sensitivity_note or {}), "weighted": budget is weighted,
-                            "gains": {k: round(v, 6) for k, v in gains.items()}}
+        costs = _cost_model(target[0], model, chosen, problems, shapes, sample, timer, latency_cache, progress)
+        plan_once = functools.partial(_budgeted_plan, model, chosen, problems, options, costs,
+                                      first_batch=first_batch, sensitivity=sensitivity, xp=xp, progress=progress)
+        budget, plan, rows = plan_once(target[1])
+        if target[0] == "latency":
+            budget, plan, rows = _close_latency_loop(model, plan_once, (budget, plan, rows), target[1], costs)
+            _add_layer_latencies(rows, chosen, budget, costs)
+    else:
+        plan, rows = _solve_all(chosen, problems, options, None, xp, progress)
     rows += [LayerRow(layer.name, layer.op_type, layer.shape_text, "skipped: --skip", params_before=layer.params,
                       params_after=layer.params, macs_before=layer.macs(), macs_after=layer.macs())
              for layer in layers if layer not in chosen]
@@ -116,12 +125,99 @@ def compress(
     settings = {k: v for k, v in asdict(options).items()}
     settings.update(device=device, calibration_samples=_samples(statistics))
     totals = _totals(model, compressed, shapes, sample, len(plan), len(layers))
+    if target and target[0] == "latency":
+        wall_ratio, before, after = interleaved_ratio(model, compressed, sample, timer)
+        totals.update(latency_before=costs.total, latency_after=costs.total * budget["measured"],
+                      latency_ratio=budget["measured"], latency_wall_before=before, latency_wall_after=after,
+                      latency_wall_ratio=wall_ratio, latency_setting={"provider": provider, "threads": threads, "batch": 1})
+        clock.lap("latency")
     if budget is not None:
         kind, fraction = target
-        achieved = totals[f"{kind}_after"] / totals[f"{kind}_before"] if totals[f"{kind}_before"] else None
+        achieved = _achieved(kind, totals)
         settings["target"] = {"kind": kind, "fraction": fraction, "predicted": budget["predicted"],
-                              "achieved": achieved, "feasible": budget["feasible"], "sensitivity": sensitivity_note}
+                              "achieved": achieved, "feasible": budget["feasible"],
+                              "sensitivity": budget.get("sensitivity")}
+        if kind == "latency":
+            settings["target"].update(rounds=budget["rounds"], timed=costs.table.measured)
     return compressed, Report(settings, rows, totals, output_error, clock.seconds)
+
+
+def _cost_model(kind, model, layers, problems, shapes, sample, timer, latency_cache, progress):
+    if kind == "macs":
+        return MacCost(model, layers, problems, shapes, sample)
+    if kind == "params":
+        return ParamCost(model)
+    return LatencyCost(model, layers, shapes, sample, timer, latency_cache, progress)
+
+
+# A measured latency further than this (relative to the target) from the target gets one correction round.
+LATENCY_RETRY = 0.03
+
+
+def _close_latency_loop(model, plan_once, first, fraction, costs):
+    """Measure the planned model; if it misses the target, re-plan once, aiming off by the miss.
+
+    The prediction (in-model dense times, isolated chain/dense ratios) misses what the
+    rewritten model does by a few percent (its chains fuse and cache differently); one
+    re-allocation at ``fraction + (fraction - measured)`` corrects most of it. The round
+    whose measurement is closer to the target is kept.
+    """
+    rounds = []
+    best = None
+    aim = fraction
+    for _ in range(2):
+        budget, plan, rows = first if best is None else plan_once(aim)
+        if best is not None and budget["ranks"] == best[0]["ranks"]:
+            break  # the allocation cannot move: nothing new to measure
+        measured = costs.measure(apply_decompositions(model, plan))
+        rounds.append({"aimed": aim, "predicted": budget["predicted"], "measured": measured})
+        if best is None or abs(measured - fraction) < abs(best[0]["measured"] - fraction):
+            best = ({**budget, "measured": measured}, plan, rows)
+        if abs(measured - fraction) <= LATENCY_RETRY * fraction:
+            break
+        aim = min(1.0, max(0.01, aim + fraction - measured))
+    best[0]["rounds"] = rounds
+    return best
+
+
+def _add_layer_latencies(rows, layers, budget, costs) -> None:
+    """Each row's predicted latency before and after, from the (cached) table."""
+    for row, layer in zip(rows, layers):
+        candidate = budget["ranks"][layer.name]
+        row.latency_before = costs.dense(layer)
+        row.latency_after = row.latency_before if candidate is None else costs.of(layer, candidate)
+
+
+def _budgeted_plan(model, layers, problems, options, costs, fraction, *, first_batch, sensitivity, xp, progress):
+    """Allocate the budget, solve at the allocated ranks; with sensitivity, maybe re-allocate."""
+    curves = {layer.name: CANDIDATES[options.method](problems[layer.name], options, xp) for layer in layers}
+    budget = _allocate(layers, curves, costs, fraction)
+    plan, rows = _solve_all(layers, problems, options, budget, xp, progress)
+    if first_batch is not None and sensitivity != "off":
+        # Weight each layer's error by how much it moves the model's outputs; "auto" keeps
+        # whichever allocation gives the smaller output error on the probe batch.
+        probe = {k: v[:8] for k, v in first_batch.items()}
+        gains = layer_sensitivities(model, layers, probe)
+        weighted = _allocate(layers, curves, costs, fraction, gains)
+        note = {}
+        if weighted["ranks"] != budget["ranks"]:
+            weighted_plan, weighted_rows = _solve_all(layers, problems, options, weighted, xp, progress)
+            errors = [_first_output_error(model, p, probe) for p in (plan, weighted_plan)]
+            note = {"unweighted_error": errors[0], "weighted_error": errors[1]}
+            if sensitivity == "on" or errors[1] <= errors[0]:
+                budget, plan, rows = weighted, weighted_plan, weighted_rows
+        budget["sensitivity"] = {**note, "weighted": budget is weighted,
+                                 "gains": {k: round(v, 6) for k, v in gains.items()}}
+    if hasattr(costs, "save"):
+        costs.save()
+    return budget, plan, rows
+
+
+def _achieved(kind: str, totals: dict) -> float | None:
+    if kind == "latency":
+        return totals["latency_ratio"]
+    before = totals[f"{kind}_before"]
+    return totals[f"{kind}_after"] / before if before else None
 
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True) -> Statistics:
@@ -151,11 +247,12 @@ class _Clock:
         self._last = now
 
 
-def _target(target_macs, target_params):
-    """("macs" | "params", fraction) or None."""
-    given = [(kind, v) for kind, v in (("macs", target_macs), ("params", target_params)) if v is not None]
+def _target(target_macs, target_params, target_latency=None):
+    """("macs" | "params" | "latency", fraction) or None."""
+    kinds = (("macs", target_macs), ("params", target_params), ("latency", target_latency))
+    given = [(kind, v) for kind, v in kinds if v is not None]
     if len(given) > 1:
-        raise OnnxcompError("give one budget: --target-macs or --target-params")
+        raise OnnxcompError("give one budget: --target-macs, --target-params or --target-latency")
     if given and not 0 < given[0][1] <= 1:
         raise OnnxcompError(f"--target-{given[0][0]} must be a fraction in (0, 1], got {given[0][1]}")
     return given[0] if given else None
@@ -166,7 +263,7 @@ def _one_rank_rule(rank, keep, energy, evbmf, target) -> None:
     given = [name for name, v in rules if v is not None]
     if len(given) != 1:
         raise OnnxcompError(
-            "give exactly one rank rule: --rank N, --keep F, --energy TAU, --evbmf or a budget --target-macs/--target-params F"
+            "give exactly one rank rule: --rank N, --keep F, --energy TAU, --evbmf or a budget --target-macs/--target-params/--target-latency F"
             + (f" (got {', '.join(given)})" if given else "")
         )
 
@@ -243,35 +340,21 @@ def _first_output_error(model, plan, feed) -> float:
     return next(iter(errors.values()))["relative_l2"]
 
 
-def _allocate(layers, problems, curves, target, model, shapes, sample, gains=None) -> dict:
+def _allocate(layers, curves, costs, fraction: float, gains=None) -> dict:
     """Ranks per layer meeting a whole-model budget (the layers outside the plan cost what they cost)."""
-    kind, fraction = target
-    total = graph.count_macs(model, shapes, sample) if kind == "macs" else graph.count_params(model)
-    if total is None:
-        raise OnnxcompError("--target-macs cannot count this model's MACs: give calibration data (--data) or --input-shape")
-    choices, dense_total = [], 0
-    for layer in layers:
-        problem = problems[layer.name]
-        scale = _positions(layer, problem.stats) if kind == "macs" else 1
-        if scale is None:
-            raise OnnxcompError(f"cannot count the MACs of layer {layer.name!r}: give --input-shape")
-        dense = layer.weight.size * scale if kind == "macs" else layer.weight.size
+    choices, dense_total = [], 0.0
+    for layer in tqdm(layers, desc="costs", unit="layer", disable=not getattr(costs, "progress", False)):
+        dense = costs.dense(layer)
         dense_total += dense
-        candidates = curves[layer.name]
-        cost = (lambda c: c.macs * scale) if kind == "macs" else (lambda c: c.params)
         weight = 1.0 if gains is None else gains[layer.name]
-        choices.append([Option(dense, 0.0, None)] + [Option(cost(c), weight * c.error, c) for c in candidates])
+        choices.append([Option(dense, 0.0, None)]
+                       + [Option(costs.of(layer, c), weight * c.error, c) for c in curves[layer.name]])
+    total = costs.total
     budget = fraction * total - (total - dense_total)
     picked, feasible = allocate(choices, budget)
     ranks = {layer.name: options_[i].label for layer, options_, i in zip(layers, choices, picked)}
     spent = sum(options_[i].cost for options_, i in zip(choices, picked))
     return {"ranks": ranks, "predicted": (total - dense_total + spent) / total, "feasible": feasible}
-
-
-def _positions(layer: graph.TargetLayer, stats) -> int | None:
-    if layer.positions is not None:
-        return layer.positions
-    return None if stats is None else round(stats.positions)
 
 
 def _problem(layer: graph.TargetLayer, stats) -> LayerProblem:
@@ -286,7 +369,7 @@ def _problem(layer: graph.TargetLayer, stats) -> LayerProblem:
 
 
 def _row(layer: graph.TargetLayer, result, stats) -> LayerRow:
-    positions = _positions(layer, stats)
+    positions = layer_positions(layer, stats)
     macs_before = layer.macs(positions)
     if not isinstance(result, Decomposition):
         return LayerRow(layer.name, layer.op_type, layer.shape_text, f"kept: {result}",

@@ -21,6 +21,8 @@ class LayerRow:
     macs_after: int | None = None
     relative_error: float | None = None  # sqrt(output error / output variance) on calibration data
     seconds: float | None = None
+    latency_before: float | None = None  # seconds at batch 1, from the latency table (--target-latency)
+    latency_after: float | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -45,7 +47,9 @@ class Report:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def table(self) -> str:
-        header = ("layer", "op", "shape", "method", "rank", "params", "MACs", "rel.err", "status")
+        timed = any(row.latency_before is not None for row in self.layers)
+        header = ("layer", "op", "shape", "method", "rank", "params", "MACs") + (("ms",) if timed else ()) + (
+            "rel.err", "status")
         rows = [header]
         for row in self.layers:
             rows.append((
@@ -53,6 +57,7 @@ class Report:
                 "x".join(map(str, row.rank)) if row.rank else "-",
                 f"{_count(row.params_before)}->{_count(row.params_after)}",
                 f"{_count(row.macs_before)}->{_count(row.macs_after)}",
+                *((_ms(row.latency_before, row.latency_after),) if timed else ()),
                 "-" if row.relative_error is None else f"{row.relative_error:.4f}",
                 row.status,
             ))
@@ -70,6 +75,14 @@ class Report:
             f"model MACs per sample: {_count(t['macs_before'])} -> {_count(t['macs_after'])} ({_ratio(t['macs_after'], t['macs_before'])})",
             f"layers compressed: {t['layers_compressed']} of {t['layers_found']}",
         ]
+        if t.get("latency_before") is not None:
+            setting = t.get("latency_setting", {})
+            lines.append(
+                f"model latency (onnxruntime {setting.get('provider', 'cpu')}, threads {setting.get('threads') or 'default'}, "
+                f"batch 1), summed fastest node times: {t['latency_before'] * 1e3:.3g} ms -> {t['latency_after'] * 1e3:.3g} ms "
+                f"({t['latency_ratio']:.1%}); whole runs, interleaved: {t['latency_wall_before'] * 1e3:.3g} ms -> "
+                f"{t['latency_wall_after'] * 1e3:.3g} ms ({t['latency_wall_ratio']:.1%})"
+            )
         target = self.settings.get("target")
         if target:
             achieved = "?" if target["achieved"] is None else f"{target['achieved']:.1%}"
@@ -94,6 +107,12 @@ def _count(value) -> str:
         if abs(value) >= size:
             return f"{value / size:.2f}{unit}"
     return str(int(value))
+
+
+def _ms(before, after) -> str:
+    if before is None:
+        return "-"
+    return f"{before * 1e3:.3g}->{after * 1e3:.3g}"
 
 
 def _ratio(after, before) -> str:

@@ -65,6 +65,7 @@ class Options:
     centered: bool = True  # fit under the covariance and correct the bias
     ranks: RankChoice = field(default_factory=RankChoice)
     cp_form: str = "4way"  # CP: "4way" (kh x 1 and 1 x kw depthwise) or "3way" (one kh x kw depthwise)
+    rank_multiple: int | None = None  # budgets: candidate ranks only at multiples of this (they run faster)
 
 
 def solve_layer(problem: LayerProblem, options: Options, xp=np) -> Decomposition | str:
@@ -202,13 +203,28 @@ def solve_cp(problem: LayerProblem, options: Options, xp) -> Decomposition | str
     if chain.macs >= problem.weight.size:
         return f"CP rank {rank} is not cheaper than the dense {c_out}x{c_in}x{kh}x{kw} conv"
     S = fit_matrix(problem.stats, options)
-    result = cp_decompose(W, S, rank, form=form, norm=options.norm, xp=xp)
+    # A budget's candidate at this rank left its factors: continuing from them keeps the final
+    # error at or below the candidate's (the allocation's upper bound) and skips the initialisation.
+    warm = problem.cache.get(_cp_cache_key(options, rank))
+    init = "auto" if warm is None or options.norm != "data" else _cp_factors(warm)
+    result = cp_decompose(W, S, rank, form=form, norm=options.norm, init=init, xp=xp)
     bias, error, relative = finish(problem, options, result.weight().reshape(c_out, -1), (result.error, result.reference))
     weights = int(chain.params)
     info = {"form": form, "iterations": result.iterations, "converged": result.converged, "init": result.init,
             "error_first": result.errors[0] if result.errors else result.initial_error,
             "error_last": result.errors[-1] if result.errors else result.initial_error}
     return Decomposition("cp", result, bias, (rank,), weights + _size(bias), int(round(chain.macs)), error, relative, info)
+
+
+def _cp_cache_key(options: Options, rank: int) -> tuple:
+    return ("cp", options.cp_form, options.norm, options.centered, int(rank))
+
+
+def _cp_factors(result) -> tuple:
+    """A CP result's factors in the form ``cp_decompose(init=...)`` takes."""
+    if result.form == "4way":
+        return result.a, result.b, result.h, result.v
+    return result.a, result.b, result.kernel
 
 
 def _conv_weight(problem: LayerProblem) -> np.ndarray:
@@ -248,6 +264,7 @@ class Candidate:
     params: int  # weights of the chain
     macs: float  # multiply-adds of the chain per output position
     error: float  # squared output error relative to the output variance
+    form: str | None = None  # CP: "4way" or "3way" (the chain it rewrites into)
 
 
 def svd_candidates(problem: LayerProblem, options: Options, xp, most: int = 128) -> list[Candidate]:
@@ -257,11 +274,22 @@ def svd_candidates(problem: LayerProblem, options: Options, xp, most: int = 128)
     total = float(spectrum.values.sum())
     tails = np.concatenate([np.cumsum(spectrum.values[::-1])[::-1], [0.0]])
     largest = (m * d - 1) // (m + d)  # the largest rank that is still cheaper than dense
-    ranks_ = np.unique(np.linspace(1, largest, num=min(most, largest)).round().astype(int)) if largest >= 1 else []
     return [
         Candidate("svd", (int(r),), int(r) * (m + d), int(r) * (m + d), float(tails[r] / total) if total > 0 else 0.0)
-        for r in ranks_
+        for r in candidate_ranks(largest, most, options.rank_multiple)
     ]
+
+
+def candidate_ranks(largest: int, most: int, multiple: int | None = None) -> list[int]:
+    """Up to ``most`` ranks in [1, largest], evenly spread; with ``multiple``, only its multiples
+    (all ranks when not even one multiple fits: a tiny layer has no fast rank to round to)."""
+    if largest < 1:
+        return []
+    if multiple and largest >= multiple:
+        steps = np.arange(1, largest // multiple + 1)
+        picked = np.unique(np.linspace(0, len(steps) - 1, num=min(most, len(steps))).round().astype(int))
+        return [int(steps[i] * multiple) for i in picked]
+    return [int(r) for r in np.unique(np.linspace(1, largest, num=min(most, largest)).round().astype(int))]
 
 
 TUCKER2_FRACTIONS = (0.08, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8)
@@ -277,13 +305,56 @@ def tucker2_candidates(problem: LayerProblem, options: Options, xp) -> list[Cand
     out = []
     for fraction in TUCKER2_FRACTIONS:
         try:
-            search = search_ranks(W, S, fraction, measure="macs", in_positions=problem.input_ratio, grid=4, refine=0, xp=xp)
+            search = search_ranks(W, S, fraction, measure="macs", in_positions=problem.input_ratio, grid=4, refine=0,
+                                  multiple=options.rank_multiple or 1, xp=xp)
         except OnnxcompError:  # no pair fits this fraction
+            continue
+        if search.ranks in {c.rank for c in out}:
             continue
         cost = tucker2_cost(*W.shape, *search.ranks, in_positions=problem.input_ratio)
         error = search.proxy_error / search.reference if search.reference > 0 else 0.0
         out.append(Candidate("tucker2", search.ranks, cost.params, cost.macs, error))
     return out
+
+
+CP_FRACTIONS = TUCKER2_FRACTIONS
+CP_CANDIDATE_SWEEPS = 2
+
+
+def cp_candidates(problem: LayerProblem, options: Options, xp) -> list[Candidate]:
+    """A coarse curve: the CP rank that fits each of a few MAC fractions, scored by the error after
+    the solver's initialisation and ``CP_CANDIDATE_SWEEPS`` ALS sweeps.
+
+    That score is an upper bound of the final error at the rank: every block step of the data-norm
+    ALS is checked and reverted if it would raise the error, so more sweeps never raise it, and the
+    solve at the chosen rank continues from these very factors (cached on the problem). Under the
+    Frobenius norm the final solve restarts from the same seeded initialisation, so its first sweeps
+    are these (plain CP-ALS is monotone up to its tiny ridge). 1x1 convs and Gemm/MatMul are matrices:
+    their CP is the SVD, with its exact curve.
+    """
+    if problem.kernel == (1, 1):
+        return svd_candidates(problem, options, xp)
+    W = _conv_weight(problem)
+    c_out, c_in, kh, kw = W.shape
+    S = fit_matrix(problem.stats, options)
+    form, out = options.cp_form, []
+    for rank in _cp_candidate_ranks(W.shape, form, problem.input_ratio, options.rank_multiple):
+        result = cp_decompose(W, S, rank, form=form, norm=options.norm, max_iter=CP_CANDIDATE_SWEEPS, xp=xp)
+        problem.cache[_cp_cache_key(options, rank)] = result
+        cost = cp_cost(c_out, c_in, kh, kw, rank, form, in_positions=problem.input_ratio)
+        error = result.error / result.reference if result.reference > 0 else 0.0
+        out.append(Candidate("cp", (rank,), cost.params, cost.macs, error, form=form))
+    return out
+
+
+def _cp_candidate_ranks(shape, form: str, input_ratio: float, multiple: int | None = None) -> list[int]:
+    """The distinct ranks that fit ``CP_FRACTIONS`` of the dense MACs (rank 1 only if it is cheaper),
+    rounded down to multiples of ``multiple`` where at least one fits (as :func:`candidate_ranks`)."""
+    dense = int(np.prod(shape))
+    ranks_ = {cp_rank_for_fraction(*shape, f, form=form, measure="macs", in_positions=input_ratio) for f in CP_FRACTIONS}
+    if multiple and max(ranks_) >= multiple:
+        ranks_ = {r // multiple * multiple for r in ranks_ if r >= multiple}
+    return sorted(r for r in ranks_ if cp_cost(*shape, r, form, in_positions=input_ratio).macs < dense)
 
 
 def best_candidates(problem: LayerProblem, options: Options, xp) -> list[Candidate]:
@@ -301,6 +372,8 @@ def solve_best(problem: LayerProblem, options: Options, xp) -> Decomposition | s
 
 
 SOLVERS = {"svd": solve_svd, "tucker2": solve_tucker2, "cp": solve_cp, "auto": solve_best}
-CANDIDATES = {"svd": svd_candidates, "tucker2": tucker2_candidates, "auto": best_candidates}
+# CP is not part of "auto": its candidate curves cost about 7x Tucker-2's and its solves about 10x
+# (README, "CP vs Tucker-2 vs SVD"), and its depthwise chains often run slower than Tucker-2's.
+CANDIDATES = {"svd": svd_candidates, "tucker2": tucker2_candidates, "cp": cp_candidates, "auto": best_candidates}
 
 __all__ = ["CANDIDATES", "Candidate", "Decomposition", "LayerProblem", "LowRank", "Options", "RankChoice", "SOLVERS", "solve_layer"]
