@@ -472,7 +472,7 @@ def main() -> None:
                         help="--methods cp: depthwise kh x 1 then 1 x kw (4way) or one kh x kw depthwise (3way)")
     parser.add_argument("--models", nargs="+", default=["cls", "rec", "det"], choices=["cls", "rec", "det"])
     parser.add_argument("--norms", nargs="+", default=["data", "frobenius"])
-    parser.add_argument("--allocations", nargs="+", default=["keep", "target_macs"], choices=["keep", "target_macs"])
+    parser.add_argument("--allocations", nargs="+", default=["keep", "target_macs"], choices=["keep", "target_macs", "target_latency"])
     parser.add_argument("--quick", action="store_true", help="smoke test: cls only, one budget, small sets")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every session (default 1)")
     parser.add_argument("--repeats", type=int, default=30, help="timed A/B pairs per latency measurement")
@@ -538,6 +538,7 @@ def main() -> None:
                             compressed, report = onnxcomp.compress(
                                 model, probe, stats=stats, input_shapes={"x": task.shape}, method=method, norm=norm,
                                 skip=task.skip, progress=False, cp_form=args.cp_form, **{allocation: budget},
+                                threads=args.threads, latency_cache=CACHE / "latency" / "latency.json",
                             )
                             t1 = time.perf_counter()
                             t = report.totals
@@ -567,7 +568,8 @@ def main() -> None:
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     out += ["", "allocation: keep=F keeps F of every compressed layer's MACs; target_macs=F is a whole-model budget "
-            "(F of the model's MACs, allocated across layers). MACs kept: whole model, depthwise/grouped convs "
+            "(F of the model's MACs, allocated across layers); target_latency=F: F of the model's measured "
+            "onnxruntime latency (batch 1, --threads). MACs kept: whole model, depthwise/grouped convs "
             "(never compressed) included. rec metric: character accuracy / exact-line accuracy (spaces ignored). "
             "solve s: the compression's solve stage (candidates, allocation, decompositions), statistics excluded."]
     if workarounds:

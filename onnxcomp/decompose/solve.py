@@ -7,6 +7,7 @@ plain arrays (:class:`LayerProblem`), never as ONNX, and returns a
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -295,18 +296,20 @@ def candidate_ranks(largest: int, most: int, multiple: int | None = None) -> lis
 TUCKER2_FRACTIONS = (0.08, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8)
 
 
-def tucker2_candidates(problem: LayerProblem, options: Options, xp) -> list[Candidate]:
+def tucker2_candidates(problem: LayerProblem, options: Options, xp, fractions=TUCKER2_FRACTIONS,
+                       refine: int = 0) -> list[Candidate]:
     """A coarse curve: the best pair at a few MAC fractions, each scored by the solver's cheap proxy
-    (its initialisation and one exact output step: an upper bound of the ALS error)."""
+    (its initialisation and one exact output step: an upper bound of the ALS error). ``refine``:
+    input ranks scored around the best grid point (see :func:`search_ranks`)."""
     if problem.kernel == (1, 1):
         return svd_candidates(problem, options, xp)
     W = _conv_weight(problem)
     S = fit_matrix(problem.stats, options)
     out = []
-    for fraction in TUCKER2_FRACTIONS:
+    for fraction in fractions:
         try:
-            search = search_ranks(W, S, fraction, measure="macs", in_positions=problem.input_ratio, grid=4, refine=0,
-                                  multiple=options.rank_multiple or 1, xp=xp)
+            search = search_ranks(W, S, fraction, measure="macs", in_positions=problem.input_ratio, grid=4,
+                                  refine=refine, multiple=options.rank_multiple or 1, xp=xp)
         except OnnxcompError:  # no pair fits this fraction
             continue
         if search.ranks in {c.rank for c in out}:
@@ -321,7 +324,7 @@ CP_FRACTIONS = TUCKER2_FRACTIONS
 CP_CANDIDATE_SWEEPS = 2
 
 
-def cp_candidates(problem: LayerProblem, options: Options, xp) -> list[Candidate]:
+def cp_candidates(problem: LayerProblem, options: Options, xp, fractions=None) -> list[Candidate]:
     """A coarse curve: the CP rank that fits each of a few MAC fractions, scored by the error after
     the solver's initialisation and ``CP_CANDIDATE_SWEEPS`` ALS sweeps.
 
@@ -338,7 +341,7 @@ def cp_candidates(problem: LayerProblem, options: Options, xp) -> list[Candidate
     c_out, c_in, kh, kw = W.shape
     S = fit_matrix(problem.stats, options)
     form, out = options.cp_form, []
-    for rank in _cp_candidate_ranks(W.shape, form, problem.input_ratio, options.rank_multiple):
+    for rank in _cp_candidate_ranks(W.shape, form, problem.input_ratio, options.rank_multiple, fractions or CP_FRACTIONS):
         result = cp_decompose(W, S, rank, form=form, norm=options.norm, max_iter=CP_CANDIDATE_SWEEPS, xp=xp)
         problem.cache[_cp_cache_key(options, rank)] = result
         cost = cp_cost(c_out, c_in, kh, kw, rank, form, in_positions=problem.input_ratio)
@@ -347,11 +350,12 @@ def cp_candidates(problem: LayerProblem, options: Options, xp) -> list[Candidate
     return out
 
 
-def _cp_candidate_ranks(shape, form: str, input_ratio: float, multiple: int | None = None) -> list[int]:
-    """The distinct ranks that fit ``CP_FRACTIONS`` of the dense MACs (rank 1 only if it is cheaper),
+def _cp_candidate_ranks(shape, form: str, input_ratio: float, multiple: int | None = None,
+                        fractions=CP_FRACTIONS) -> list[int]:
+    """The distinct ranks that fit ``fractions`` of the dense MACs (rank 1 only if it is cheaper),
     rounded down to multiples of ``multiple`` where at least one fits (as :func:`candidate_ranks`)."""
     dense = int(np.prod(shape))
-    ranks_ = {cp_rank_for_fraction(*shape, f, form=form, measure="macs", in_positions=input_ratio) for f in CP_FRACTIONS}
+    ranks_ = {cp_rank_for_fraction(*shape, f, form=form, measure="macs", in_positions=input_ratio) for f in fractions}
     if multiple and max(ranks_) >= multiple:
         ranks_ = {r // multiple * multiple for r in ranks_ if r >= multiple}
     return sorted(r for r in ranks_ if cp_cost(*shape, r, form, in_positions=input_ratio).macs < dense)
@@ -374,6 +378,8 @@ def solve_best(problem: LayerProblem, options: Options, xp) -> Decomposition | s
 SOLVERS = {"svd": solve_svd, "tucker2": solve_tucker2, "cp": solve_cp, "auto": solve_best}
 # CP is not part of "auto": its candidate curves cost about 7x Tucker-2's and its solves about 10x
 # (README, "CP vs Tucker-2 vs SVD"), and its depthwise chains often run slower than Tucker-2's.
+# Curves sampled at a few fractions; the budget asks them for more points where its spare cost reaches.
+REFINABLE = {"tucker2": functools.partial(tucker2_candidates, refine=4), "cp": cp_candidates}
 CANDIDATES = {"svd": svd_candidates, "tucker2": tucker2_candidates, "cp": cp_candidates, "auto": best_candidates}
 
 __all__ = ["CANDIDATES", "Candidate", "Decomposition", "LayerProblem", "LowRank", "Options", "RankChoice", "SOLVERS", "solve_layer"]
