@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="fit under the uncentered second moment, without bias correction")
     compress.add_argument("--sensitivity", default="auto", choices=["auto", "on", "off"],
                           help="with a budget: weight each layer's error by its measured effect on the model's "
-                               "outputs (auto: only where that wins on a calibration batch)")
+                               "outputs (auto: only where that wins on 8 calibration samples held out of the statistics)")
     compress.add_argument("--stats", help="statistics file from `onnxcomp calibrate` (instead of collecting)")
     compress.add_argument("--report", help="write the per-layer report as JSON here")
     compress.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the solvers run")

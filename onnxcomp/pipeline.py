@@ -96,6 +96,9 @@ def compress(
         raise OnnxcompError(_no_layers_message(layers, skipped))
 
     clock = _Clock()
+    probe = None
+    if target and first_batch is not None and sensitivity != "off":
+        probe, feeds = _hold_out_probe(first_batch, feeds, stats)
     statistics = _statistics(model, chosen, feeds, stats, norm, user_shapes, batch_size, progress)
     clock.lap("calibration")
     xp = get_backend(device)
@@ -105,7 +108,7 @@ def compress(
     if target:
         costs = _cost_model(target[0], model, chosen, problems, shapes, sample, timer, latency_cache, progress)
         plan_once = functools.partial(_budgeted_plan, model, chosen, problems, options, costs,
-                                      first_batch=first_batch, sensitivity=sensitivity, xp=xp, progress=progress)
+                                      probe=probe, sensitivity=sensitivity, xp=xp, progress=progress)
         budget, plan, rows = plan_once(target[1])
         if target[0] == "latency":
             budget, plan, rows = _close_latency_loop(model, plan_once, (budget, plan, rows), target[1], costs)
@@ -188,17 +191,17 @@ def _add_layer_latencies(rows, layers, budget, costs) -> None:
         row.latency_after = row.latency_before if candidate is None else costs.of(layer, candidate)
 
 
-def _budgeted_plan(model, layers, problems, options, costs, fraction, *, first_batch, sensitivity, xp, progress):
+def _budgeted_plan(model, layers, problems, options, costs, fraction, *, probe, sensitivity, xp, progress):
     """Allocate the budget, solve at the allocated ranks; with sensitivity, maybe re-allocate."""
     curves = {layer.name: CANDIDATES[options.method](problems[layer.name], options, xp) for layer in layers}
     refine = functools.partial(_refine_curves, layers, problems, options, xp, curves, costs)
     budget = _allocate(layers, curves, costs, fraction)
     budget = refine(budget, fraction)
     plan, rows = _solve_all(layers, problems, options, budget, xp, progress)
-    if first_batch is not None and sensitivity != "off":
+    if probe is not None:
         # Weight each layer's error by how much it moves the model's outputs; "auto" keeps
-        # whichever allocation gives the smaller output error on the probe batch.
-        probe = {k: v[:8] for k, v in first_batch.items()}
+        # whichever allocation gives the smaller output error on the probe samples.
+        probe, where = probe
         gains = layer_sensitivities(model, layers, probe)
         weighted = refine(_allocate(layers, curves, costs, fraction, gains), fraction, gains)
         note = {}
@@ -208,7 +211,7 @@ def _budgeted_plan(model, layers, problems, options, costs, fraction, *, first_b
             note = {"unweighted_error": errors[0], "weighted_error": errors[1]}
             if sensitivity == "on" or errors[1] <= errors[0]:
                 budget, plan, rows = weighted, weighted_plan, weighted_rows
-        budget["sensitivity"] = {**note, "weighted": budget is weighted,
+        budget["sensitivity"] = {**note, "weighted": budget is weighted, "probe": where,
                                  "gains": {k: round(v, 6) for k, v in gains.items()}}
     if hasattr(costs, "save"):
         costs.save()
@@ -244,6 +247,29 @@ def _refine_curves(layers, problems, options, xp, curves, costs, budget, fractio
             break
         budget = _allocate(layers, curves, costs, fraction, gains)
     return budget
+
+
+# Samples the sensitivity probe takes from the first calibration batch, kept out of the statistics.
+PROBE_SAMPLES = 8
+
+
+def _hold_out_probe(first_batch: dict, feeds, stats):
+    """((probe feed, where it came from), the feeds left for the statistics).
+
+    The weighted and the unweighted allocation are compared on samples the statistics never
+    saw (the first ``PROBE_SAMPLES`` of the first batch), so the comparison is a held-out one;
+    with precomputed statistics every sample given is already outside them; a first batch too
+    small to spare them is probed in-sample, and the report says so.
+    """
+    size = len(next(iter(first_batch.values())))
+    probe = {k: v[:PROBE_SAMPLES] for k, v in first_batch.items()}
+    if stats is not None:
+        return (probe, "data given besides --stats"), feeds
+    if size < 2 * PROBE_SAMPLES:
+        return (probe, "calibration samples (too few to hold out)"), feeds
+    next(feeds)  # the first batch again: it is replaced by its remainder
+    rest = {k: v[PROBE_SAMPLES:] for k, v in first_batch.items()}
+    return (probe, f"{PROBE_SAMPLES} samples held out of the statistics"), itertools.chain([rest], feeds)
 
 
 def _achieved(kind: str, totals: dict) -> float | None:

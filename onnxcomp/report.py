@@ -89,6 +89,7 @@ class Report:
             lines.append(
                 f"budget: {target['fraction']:.1%} of the model's {target['kind']}, predicted {target['predicted']:.1%}, "
                 f"achieved {achieved}" + ("" if target["feasible"] else " (not reachable: the closest feasible point)")
+                + _rounds_note(target.get("rounds"))
             )
         if self.seconds:
             lines.append("time: " + ", ".join(f"{stage} {s:.2f}s" for stage, s in self.seconds.items()))
@@ -98,6 +99,16 @@ class Report:
                 f"max abs {err['max_abs']:.4g}, cosine {err['cosine']:.6f}"
             )
         return lines
+
+
+def _rounds_note(rounds) -> str:
+    """Latency budgets: say when the kept allocation aimed off the target to correct a measured miss."""
+    if not rounds or len(rounds) < 2:
+        return ""
+    first = rounds[0]
+    return (f"; measured: round 1 (aimed {first['aimed']:.1%}) {first['measured']:.1%}, "
+            + ", ".join(f"round {i} (aimed {r['aimed']:.1%}) {r['measured']:.1%}" for i, r in enumerate(rounds[1:], 2))
+            + ", the closer kept")
 
 
 def _count(value) -> str:
