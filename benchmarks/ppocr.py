@@ -54,6 +54,7 @@ import onnxruntime as ort
 import onnxcomp
 from onnxcomp.bench import bench
 from onnxcomp.evaluate import make_session
+from onnxcomp.pipeline import PROBE_SAMPLES
 
 try:
     from PIL import Image, ImageDraw, ImageFont
@@ -521,8 +522,10 @@ def main() -> None:
             print(f"  {workarounds[-1]}", flush=True)
 
         t0 = time.perf_counter()
-        stats = onnxcomp.calibrate(model, {"x": task.calib}, batch_size=task.calib_batch, progress=False,
-                                   skip=task.skip)
+        # The budgets' sensitivity probe takes the first PROBE_SAMPLES of the batch passed below:
+        # keep them out of the statistics, as `compress` does when it collects statistics itself.
+        stats = onnxcomp.calibrate(model, {"x": task.calib[PROBE_SAMPLES:]}, batch_size=task.calib_batch,
+                                   progress=False, skip=task.skip)
         print(f"  calibration: {time.perf_counter() - t0:.1f}s, {len(stats)} layer inputs", flush=True)
         for method in args.methods:
             for budget in args.budgets:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import graph
 from .calibration.collect import collect_statistics
-from .calibration.readers import iter_feeds
+from .calibration.readers import count_samples, iter_feeds
 from .calibration.stats import Statistics
 from .costs import LatencyCost, MacCost, ParamCost, layer_positions
 from .decompose.backend import get_backend
@@ -96,10 +96,11 @@ def compress(
         raise OnnxcompError(_no_layers_message(layers, skipped))
 
     clock = _Clock()
-    probe = None
+    probe, samples = None, count_samples(data, model) if data is not None else None
     if target and first_batch is not None and sensitivity != "off":
-        probe, feeds = _hold_out_probe(first_batch, feeds, stats)
-    statistics = _statistics(model, chosen, feeds, stats, norm, user_shapes, batch_size, progress)
+        probe, held, feeds = _hold_out_probe(first_batch, feeds, stats)
+        samples = samples - held if samples else samples
+    statistics = _statistics(model, chosen, feeds, stats, norm, user_shapes, batch_size, progress, samples)
     clock.lap("calibration")
     xp = get_backend(device)
     problems = {layer.name: _problem(layer, statistics.get(layer.stats_key) if statistics else None) for layer in chosen}
@@ -254,7 +255,7 @@ PROBE_SAMPLES = 8
 
 
 def _hold_out_probe(first_batch: dict, feeds, stats):
-    """((probe feed, where it came from), the feeds left for the statistics).
+    """((probe feed, where it came from), samples held out, the feeds left for the statistics).
 
     The weighted and the unweighted allocation are compared on samples the statistics never
     saw (the first ``PROBE_SAMPLES`` of the first batch), so the comparison is a held-out one;
@@ -264,12 +265,12 @@ def _hold_out_probe(first_batch: dict, feeds, stats):
     size = len(next(iter(first_batch.values())))
     probe = {k: v[:PROBE_SAMPLES] for k, v in first_batch.items()}
     if stats is not None:
-        return (probe, "data given besides --stats"), feeds
+        return (probe, "data given besides --stats"), 0, feeds
     if size < 2 * PROBE_SAMPLES:
-        return (probe, "calibration samples (too few to hold out)"), feeds
+        return (probe, "calibration samples (too few to hold out)"), 0, feeds
     next(feeds)  # the first batch again: it is replaced by its remainder
     rest = {k: v[PROBE_SAMPLES:] for k, v in first_batch.items()}
-    return (probe, f"{PROBE_SAMPLES} samples held out of the statistics"), itertools.chain([rest], feeds)
+    return (probe, f"{PROBE_SAMPLES} samples held out of the statistics"), PROBE_SAMPLES, itertools.chain([rest], feeds)
 
 
 def _achieved(kind: str, totals: dict) -> float | None:
@@ -359,7 +360,7 @@ def _no_layers_message(layers, skipped) -> str:
     )
 
 
-def _statistics(model, layers, feeds, stats, norm, shapes, batch_size, progress) -> Statistics | None:
+def _statistics(model, layers, feeds, stats, norm, shapes, batch_size, progress, samples=None) -> Statistics | None:
     if stats is not None:
         statistics = stats if isinstance(stats, Statistics) else Statistics.load(stats)
         missing = [layer.name for layer in layers if layer.stats_key not in statistics]
@@ -372,7 +373,8 @@ def _statistics(model, layers, feeds, stats, norm, shapes, batch_size, progress)
         if norm == "data":
             raise OnnxcompError("the data norm needs calibration data (--data) or statistics (--stats); or use --norm frobenius")
         return None
-    return collect_statistics(model, layers, feeds, input_shapes=shapes, batch_size=batch_size, progress=progress)
+    return collect_statistics(model, layers, feeds, input_shapes=shapes, batch_size=batch_size, progress=progress,
+                              total=samples)
 
 
 def _solve_all(layers, problems, options: Options, budget, xp, progress) -> tuple[list, list]:

@@ -69,6 +69,7 @@ def collect_statistics(
     providers: Sequence | None = None,
     progress: bool = True,
     method: str = "auto",
+    total: int | None = None,
 ) -> Statistics:
     """Input statistics of ``layers`` on calibration ``data``, keyed by ``layer.stats_key``.
 
@@ -76,7 +77,8 @@ def collect_statistics(
     :func:`~onnxcomp.calibration.readers.iter_feeds` accepts; ``input_shapes``
     fixes dynamic input dims (the data is checked against them);
     ``providers`` are onnxruntime execution providers (CPU by default);
-    ``method`` is "outputs", "graph" or "auto" (see the module docstring).
+    ``method`` is "outputs", "graph" or "auto" (see the module docstring);
+    ``total``: samples expected, for the progress bar, when ``data`` cannot tell (an iterator).
     """
     method = choose_method(method, providers)
     model = with_input_shapes(as_model(model), input_shapes or {})
@@ -86,7 +88,7 @@ def collect_statistics(
         return Statistics()
     collector = (_OutputsCollector if method == "outputs" else _GraphCollector)(model, targets, providers)
     input_names = [i.name for i in model_inputs(model)]
-    total = count_samples(data, model)
+    total = total if total is not None else count_samples(data, model)
     with tqdm(total=total, unit="sample", desc=f"calibration ({method})", disable=not progress) as bar:
         for index, feed in enumerate(iter_feeds(data, model, batch_size)):
             collector.add(feed, index)
