@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from onnxcomp.decompose.backend import get_backend  # noqa: E402
 from onnxcomp.decompose.cp import cp_cost, cp_decompose  # noqa: E402
-from realistic_stats import decaying_conv_weight, realistic_patch_covariance  # noqa: E402
-
-
-def load_average():
-    return tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None
+from realistic_stats import benchmark_layer, load_average  # noqa: E402
 
 
 def trace(res):
@@ -113,10 +108,8 @@ def main(argv=None):
     print(f"layer {c} -> {c} 3x3, d = {d}, CP {args.form} rank {r} ({cost.params / (c * c * 9):.1%} of the params), "
           f"device {args.device}, numpy {np.__version__}, cpus {os.cpu_count()}, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, load avg before {load_average()}")
-    t0 = time.perf_counter()
-    w = decaying_conv_weight(c, c, 3, 3, args.seed + 1)
-    s, _ = realistic_patch_covariance(c, 3, 3, args.seed)
-    print(f"statistics: {time.perf_counter() - t0:.1f} s to build W and S (not part of the solve)")
+    w, s, built = benchmark_layer(c, args.seed)
+    print(f"statistics: {built:.1f} s to build W and S (not part of the solve)")
 
     cp_decompose(w[:8, :8], s[:72, :72], 4, form=args.form, xp=xp, max_iter=2)  # warm-up (BLAS / cuBLAS init)
 

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from onnxcomp.decompose.backend import get_backend, to_backend  # noqa: E402
 from onnxcomp.decompose.linalg import KronBlockOperator, KronPreconditioner  # noqa: E402
 from onnxcomp.decompose.tucker2 import tucker2  # noqa: E402
-from realistic_stats import decaying_conv_weight, realistic_patch_covariance  # noqa: E402
+from realistic_stats import benchmark_layer, load_average  # noqa: E402
 
 
 def sync(xp):
@@ -80,15 +80,12 @@ def main(argv=None):
     r_out, r_in = args.ranks
     k = 9
     d = c * k
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"layer {c} -> {c} 3x3, d = {d}, ranks (R_out, R_in) = ({r_out}, {r_in}), device {args.device}, "
           f"numpy {np.__version__}, cpus {os.cpu_count()}, BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}, "
-          f"load avg before {tuple(round(x, 2) for x in load) if load else None}")
+          f"load avg before {load_average()}")
 
-    t0 = time.perf_counter()
-    w = decaying_conv_weight(c, c, 3, 3, args.seed + 1)
-    s, _ = realistic_patch_covariance(c, 3, 3, args.seed)
-    print(f"statistics: {time.perf_counter() - t0:.1f} s to build W and S (not part of the solve)")
+    w, s, built = benchmark_layer(c, args.seed)
+    print(f"statistics: {built:.1f} s to build W and S (not part of the solve)")
 
     # warm-up on a small layer: BLAS/cuBLAS initialisation is not the solver's time
     tucker2(w[:16, :16], s[: 16 * k, : 16 * k], (4, 4), xp=xp, max_iter=2)
@@ -141,7 +138,7 @@ def main(argv=None):
         print()
         print(f"Frobenius HOSVD/HOOI baseline: {fro.seconds:.2f} s, {fro.iterations} sweeps, relative data error "
               f"{fro.relative_error:.6g} (data-aware: {res.relative_error:.6g}, {fro.error / res.error:.2f}x lower)")
-    print(f"load avg after {tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, 'getloadavg') else None}")
+    print(f"load avg after {load_average()}")
 
 
 if __name__ == "__main__":

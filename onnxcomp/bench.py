@@ -38,9 +38,8 @@ import onnx
 from . import graph
 from .calibration.readers import iter_feeds, model_inputs
 from .errors import OnnxcompError, first_line
-from .evaluate import make_session
+from .evaluate import PROVIDERS, execution_providers, make_session
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 LABELS_KEY = "labels"
 
 # Automatic repetition: per batch size, warm up for about WARMUP_SECONDS (at least
@@ -241,7 +240,7 @@ def bench(
         raise OnnxcompError(f"threads must be a positive integer, got {threads!r}")
     eval_batch = eval_batch_size if eval_batch_size is not None else max(batch_sizes)
     _positive_ints([eval_batch], "evaluation batch size")
-    providers = _providers(provider)
+    providers = execution_providers(provider)
 
     models = [_load(original, "original"), _load(compressed, "compressed")]
     sessions = [_session(model, source, providers, threads, which)
@@ -359,22 +358,6 @@ def _run(args) -> int:
 
 
 # ---------------------------------------------------------------- models and sessions
-
-
-def _providers(provider: str) -> list[str]:
-    if provider not in PROVIDERS:
-        raise OnnxcompError(f"unknown provider {provider!r}: use one of {sorted(PROVIDERS)}")
-    if provider == "cpu":
-        return ["CPUExecutionProvider"]
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in available:
-        raise OnnxcompError(
-            f"--provider cuda: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider "
-            f"(it has {', '.join(available)}); install onnxruntime-gpu instead of onnxruntime"
-        )
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def _load(model, which: str) -> tuple[onnx.ModelProto, str | None]:
@@ -683,7 +666,7 @@ class _ErrorSums:
 
 def time_pair(sessions, feeds: dict, samples: int, batch: int, repeats: int | None = None,
               warmup: int | None = None) -> Latency:
-    """Both sessions timed in interleaved pairs at one batch size (also used by ``--target-latency``)."""
+    """Both sessions timed in interleaved pairs at one batch size."""
     feed, _ = _slice(feeds, 0, batch, samples, pad_to=batch)
     note = f"batch built by repeating the {samples} samples" if batch > samples else None
     a, b = sessions

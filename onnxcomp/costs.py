@@ -16,7 +16,24 @@ from .errors import OnnxcompError
 from .latency import LatencyTable, Timer, profile
 
 
-class MacCost:
+class CostModel:
+    """What every cost model offers; MACs and params are counted, so there is nothing to show or keep."""
+
+    kind = ""
+    total = 0.0
+    progress = False  # a progress bar while pricing: only measuring takes long enough
+
+    def dense(self, layer) -> float:
+        raise NotImplementedError
+
+    def of(self, layer, candidate: Candidate) -> float:
+        raise NotImplementedError
+
+    def save(self) -> None:
+        """Keep what was measured for the next run (nothing to keep for counted costs)."""
+
+
+class MacCost(CostModel):
     kind = "macs"
 
     def __init__(self, model, layers, problems, shapes, sample):
@@ -37,7 +54,7 @@ class MacCost:
         return float(candidate.macs * self._positions[layer.name])
 
 
-class ParamCost:
+class ParamCost(CostModel):
     kind = "params"
 
     def __init__(self, model):
@@ -50,7 +67,7 @@ class ParamCost:
         return float(candidate.params)
 
 
-class LatencyCost:
+class LatencyCost(CostModel):
     """Seconds at batch 1, measured with onnxruntime (see :mod:`onnxcomp.latency`): the whole model
     and each dense layer from the profiler (in place, fusions included), each candidate as its
     measured ratio to the dense layer."""

@@ -6,13 +6,38 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .errors import OnnxcompError
 
-def make_session(model: onnx.ModelProto | str, providers=None, threads: int | None = None) -> ort.InferenceSession:
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def execution_providers(provider: str) -> list[str]:
+    """onnxruntime's provider list for ``"cpu"`` or ``"cuda"``, or a one-line error if this install lacks it."""
+    if provider not in PROVIDERS:
+        raise OnnxcompError(f"unknown provider {provider!r}: use one of {sorted(PROVIDERS)}")
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise OnnxcompError(
+            f"--provider cuda: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider "
+            f"(it has {', '.join(available)}); install onnxruntime-gpu instead of onnxruntime"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def make_session(model: onnx.ModelProto | str, providers=None, threads: int | None = None,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A session that does not spin when idle; ``profile_prefix``: write onnxruntime's profile there."""
     options = ort.SessionOptions()
     # Idle sessions must not spin: in one process, a spinning session steals the cores of the other.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
 

@@ -44,29 +44,19 @@ import onnxruntime as ort
 
 from .decompose.solve import Candidate, Decomposition
 from .errors import OnnxcompError
-from .evaluate import make_session
+from .evaluate import execution_providers, make_session
 from .graph import TargetLayer
 from .passes import REWRITES
 from .passes.common import GraphEditor
 
 CACHE_ENV = "ONNXCOMP_CACHE"
 CACHE_FORMAT = "chain/dense ratios v1"  # bump when what is cached changes meaning
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 def default_cache_path() -> Path:
     """``$ONNXCOMP_CACHE/latency.json``, else ``~/.cache/onnxcomp/latency.json``."""
     root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "onnxcomp")
     return Path(root) / "latency.json"
-
-
-def providers_for(provider: str) -> list[str]:
-    if provider not in PROVIDERS:
-        raise OnnxcompError(f"unknown execution provider {provider!r}: use 'cpu' or 'cuda'")
-    wanted = PROVIDERS[provider][0]
-    if wanted not in ort.get_available_providers():
-        raise OnnxcompError(f"onnxruntime here has no {wanted} (install onnxruntime-gpu for 'cuda')")
-    return PROVIDERS[provider]
 
 
 @dataclass
@@ -83,7 +73,7 @@ class Timer:
     def session(self, model):
         if isinstance(model, ort.InferenceSession):
             return model
-        return make_session(model, providers_for(self.provider), self.threads)
+        return make_session(model, execution_providers(self.provider), self.threads)
 
     def seconds(self, model, feed: dict) -> float:
         """Seconds per run of ``model`` on ``feed``: the *fastest* sample (as ``timeit`` advises:
@@ -212,15 +202,9 @@ class Profile:
 
 def profile(model: onnx.ModelProto, feed: dict, timer: Timer, layers=(), runs: int = 8) -> Profile:
     """Per-node fastest kernel times of ``model`` on ``feed`` and the target ``layers``' share."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if timer.threads:
-        options.intra_op_num_threads = timer.threads
-    options.log_severity_level = 3
     with tempfile.TemporaryDirectory() as folder:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(folder, "profile")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=providers_for(timer.provider))
+        session = make_session(model, execution_providers(timer.provider), timer.threads,
+                               profile_prefix=os.path.join(folder, "profile"))
         for _ in range(timer.warmup + runs):
             session.run(None, feed)
         with open(session.end_profiling()) as f:

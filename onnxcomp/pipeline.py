@@ -20,8 +20,8 @@ from .decompose.backend import get_backend
 from .decompose.budget import Option, allocate
 from .decompose.solve import CANDIDATES, REFINABLE, Decomposition, LayerProblem, Options, RankChoice, solve_layer
 from .errors import OnnxcompError
-from .evaluate import compare_outputs
-from .latency import Timer, interleaved_ratio, providers_for
+from .evaluate import compare_outputs, execution_providers
+from .latency import Timer, interleaved_ratio
 from .passes import apply_decompositions
 from .report import LayerRow, Report
 from .sensitivity import layer_sensitivities
@@ -84,7 +84,7 @@ def compress(
     options = Options(method, norm, centered, ranks_, cp_form, rank_multiple)
     timer = Timer(provider, threads)
     if target and target[0] == "latency":
-        providers_for(provider)  # fail before calibrating if the provider is missing
+        execution_providers(provider)  # fail before calibrating if the provider is missing
     user_shapes = _input_shapes(input_shapes)
     shapes = dict(user_shapes)  # for shape inference: per-sample shapes, batch 1
     feeds, first_batch = _peek(iter_feeds(data, model, batch_size=batch_size)) if data is not None else (None, None)
@@ -214,8 +214,7 @@ def _budgeted_plan(model, layers, problems, options, costs, fraction, *, probe, 
                 budget, plan, rows = weighted, weighted_plan, weighted_rows
         budget["sensitivity"] = {**note, "weighted": budget is weighted, "probe": where,
                                  "gains": {k: round(v, 6) for k, v in gains.items()}}
-    if hasattr(costs, "save"):
-        costs.save()
+    costs.save()
     return budget, plan, rows
 
 
@@ -404,7 +403,7 @@ def _first_output_error(model, plan, feed) -> float:
 def _allocate(layers, curves, costs, fraction: float, gains=None) -> dict:
     """Ranks per layer meeting a whole-model budget (the layers outside the plan cost what they cost)."""
     choices, dense_total = [], 0.0
-    for layer in tqdm(layers, desc="costs", unit="layer", disable=not getattr(costs, "progress", False)):
+    for layer in tqdm(layers, desc="costs", unit="layer", disable=not costs.progress):
         dense = costs.dense(layer)
         dense_total += dense
         weight = 1.0 if gains is None else gains[layer.name]

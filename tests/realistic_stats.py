@@ -9,6 +9,9 @@ every difference between data-aware and Frobenius compression; this one does not
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 
 
@@ -103,3 +106,16 @@ def decaying_conv_weight(c_out, c_in, kh, kw, seed, *, decay=0.7):
     b = b * (1.0 + np.arange(c_in)) ** -decay
     w = np.einsum("oa,cb,abij->ocij", a, b, z, optimize=True)
     return w / np.linalg.norm(w) * np.sqrt(c_out)
+
+
+def benchmark_layer(channels, seed):
+    """The square 3x3 layer the layer benchmarks solve: (W, S, seconds it took to build them)."""
+    start = time.perf_counter()
+    w = decaying_conv_weight(channels, channels, 3, 3, seed + 1)
+    s, _ = realistic_patch_covariance(channels, 3, 3, seed)
+    return w, s, time.perf_counter() - start
+
+
+def load_average():
+    """The 1/5/15-minute load, rounded (benchmarks print it: the machine is shared)."""
+    return tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -60,15 +60,18 @@ def test_unsupported_layers_are_listed_with_reasons():
     assert "grouped" in reasons["Conv"] and "not a constant" in reasons["MatMul"]
 
 
+# A MatMul whose weight reaches it through an Identity (as some exporters write shared weights).
+WEIGHT_BEHIND_IDENTITY = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[2, 6] x) => (float[2, 4] y) {
+    wi = Identity (w)
+    y = MatMul (x, wi)
+}
+"""
+
+
 def test_weight_behind_identity_is_constant():
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    net (float[2, 6] x) => (float[2, 4] y) {
-        wi = Identity (w)
-        y = MatMul (x, wi)
-    }
-    """
-    layer = graph.find_layers(build(text, w=(6, 4)))[0][0]
+    layer = graph.find_layers(build(WEIGHT_BEHIND_IDENTITY, w=(6, 4)))[0][0]
     assert layer.weight.shape == (4, 6)
 
 
@@ -109,14 +112,7 @@ def test_input_shape_overrides():
 
 
 def test_params_count_each_weight_once():
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    net (float[2, 6] x) => (float[2, 4] y) {
-        wi = Identity (w)
-        y = MatMul (x, wi)
-    }
-    """
-    assert graph.count_params(build(text, w=(6, 4))) == 24
+    assert graph.count_params(build(WEIGHT_BEHIND_IDENTITY, w=(6, 4))) == 24
 
 
 def test_macs_of_runtime_reshape_measured_with_onnxruntime():
