@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from onnxcomp.decompose.backend import get_backend  # noqa: E402
 from onnxcomp.decompose.cp import cp_cost, cp_decompose  # noqa: E402
+
 from realistic_stats import benchmark_layer, load_average  # noqa: E402
 
 

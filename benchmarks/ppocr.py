@@ -53,8 +53,8 @@ import onnxruntime as ort
 
 import onnxcomp
 from onnxcomp.bench import bench
+from onnxcomp.calibration.holdout import PROBE_SAMPLES
 from onnxcomp.evaluate import make_session
-from onnxcomp.pipeline import PROBE_SAMPLES
 
 try:
     from PIL import Image, ImageDraw, ImageFont

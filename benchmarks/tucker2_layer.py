@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from onnxcomp.decompose.backend import get_backend, to_backend  # noqa: E402
 from onnxcomp.decompose.linalg import KronBlockOperator, KronPreconditioner  # noqa: E402
 from onnxcomp.decompose.tucker2 import tucker2  # noqa: E402
+
 from realistic_stats import benchmark_layer, load_average  # noqa: E402
 
 

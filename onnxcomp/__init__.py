@@ -11,7 +11,7 @@ Python API::
 __version__ = "0.1.0"
 
 from .errors import OnnxcompError
-from .graph import find_layers, load_model, save_model
+from .model import find_layers, load_model, save_model
 
 
 def __getattr__(name):

@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import graph
 from .calibration.readers import iter_feeds, model_inputs
 from .errors import OnnxcompError, first_line
-from .evaluate import PROVIDERS, execution_providers, make_session
+from .model import count_macs, count_params, load_model
+from .runtime import PROVIDERS, execution_providers, make_session
 
 LABELS_KEY = "labels"
 
@@ -366,7 +366,7 @@ def _load(model, which: str) -> tuple[onnx.ModelProto, str | None]:
         return model, None
     if not isinstance(model, (str, os.PathLike)):
         raise OnnxcompError(f"the {which} model must be an .onnx path or an onnx.ModelProto, got {type(model).__name__}")
-    return graph.load_model(model), str(model)
+    return load_model(model), str(model)
 
 
 def _session(model: onnx.ModelProto, path: str | None, providers, threads, which: str):
@@ -410,10 +410,10 @@ def _model_info(model: onnx.ModelProto, path: str | None, feeds: dict, session) 
             per_sample[0] = dims[0]  # a fixed batch stays fixed, or shape inference may break
         shapes[name] = per_sample
     try:
-        macs = graph.count_macs(model, shapes)
+        macs = count_macs(model, shapes)
     except Exception:  # shape inference trouble: MACs are a help here, not a requirement
         macs = None
-    return ModelInfo(path or "<ModelProto>", graph.count_params(model), macs, _file_bytes(model, path))
+    return ModelInfo(path or "<ModelProto>", count_params(model), macs, _file_bytes(model, path))
 
 
 def _file_bytes(model: onnx.ModelProto, path: str | None) -> int:

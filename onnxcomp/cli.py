@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import traceback
 
-from . import __version__, graph
+from . import __version__
 from .errors import OnnxcompError
+from .io import check_writable, columns
+from .model import count_macs, count_params, find_layers, load_model, parse_input_shapes, save_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,13 +67,13 @@ def _parser() -> argparse.ArgumentParser:
                           help="--target-latency: the onnxruntime execution provider to time on (default cpu)")
     compress.add_argument("--threads", type=int, metavar="N",
                           help="--target-latency: intra-op threads of the timed sessions (default: onnxruntime's)")
-    compress.add_argument("--rank-rule", default="energy", choices=["energy", "entropy"],
+    compress.add_argument("--rank-rule", dest="rule", default="energy", choices=["energy", "entropy"],
                           help="with --energy: ARSVD's energy or spectral-entropy rule")
     compress.add_argument("--spectrum", default="data", choices=["data", "weight"],
                           help="with --energy: threshold the data-aware or the weight spectrum")
     compress.add_argument("--norm", default="data", choices=["data", "frobenius"],
                           help="fit under the data norm (default) or the data-free Frobenius norm")
-    compress.add_argument("--uncentered", action="store_true",
+    compress.add_argument("--uncentered", dest="centered", action="store_false",
                           help="fit under the uncentered second moment, without bias correction")
     compress.add_argument("--sensitivity", default="auto", choices=["auto", "on", "off"],
                           help="with a budget: weight each layer's error by its measured effect on the model's "
@@ -90,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="list the compressible layers with shapes, params and MACs")
     inspect.add_argument("input", help="model (.onnx)")
-    inspect.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+    inspect.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME:D1,D2,...",
                          help="fix a dynamic input shape, e.g. input:1,3,224,224 (repeatable)")
     inspect.set_defaults(run=_inspect)
 
@@ -114,26 +117,25 @@ def _data_arguments(parser: argparse.ArgumentParser, data_required: bool = False
     parser.add_argument("--data", required=data_required,
                         help="calibration data: .npz (input name -> array) or .npy (single-input model)")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
-    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+    parser.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME:D1,D2,...",
                         help="fix a dynamic input shape, e.g. input:1,3,224,224 (repeatable)")
     parser.add_argument("--skip", nargs="+", default=[], metavar="NAME_OR_OPTYPE",
                         help="layers to leave alone, by node name or op type (e.g. Gemm)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
 
 
 def _compress(args) -> int:
+    from .config import CompressConfig
     from .pipeline import compress
 
-    model = graph.load_model(args.input)
-    compressed, report = compress(
-        model, args.data, method=args.method, rank=args.rank, keep=args.keep, energy=args.energy,
-        evbmf=args.evbmf, rule=args.rank_rule, spectrum=args.spectrum, norm=args.norm, centered=not args.uncentered,
-        stats=args.stats, skip=args.skip, input_shapes=args.input_shape, batch_size=args.batch_size,
-        device=args.device, progress=not args.quiet, target_macs=args.target_macs, target_params=args.target_params,
-        sensitivity=args.sensitivity, cp_form=args.cp_form, target_latency=args.target_latency,
-        rank_multiple=args.rank_multiple, provider=args.provider, threads=args.threads,
-    )
-    graph.save_model(compressed, args.output)
+    # The option names of the command line are those of the Python API (``dest``s above).
+    names = inspect.signature(CompressConfig.from_options).parameters
+    config = CompressConfig.from_options(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    check_writable(args.output, "output")
+    if args.report:
+        check_writable(args.report, "report")
+    compressed, report = compress(load_model(args.input), args.data, config, stats=args.stats)
+    save_model(compressed, args.output)
     print(report.table())
     print(f"wrote {args.output}")
     if args.report:
@@ -146,8 +148,9 @@ def _calibrate(args) -> int:
     from .calibration.stats import Statistics
     from .pipeline import calibrate
 
-    statistics = calibrate(graph.load_model(args.input), args.data, input_shapes=args.input_shape,
-                           skip=args.skip, batch_size=args.batch_size, progress=not args.quiet)
+    check_writable(args.output, "statistics")
+    statistics = calibrate(load_model(args.input), args.data, input_shapes=args.input_shapes,
+                           skip=args.skip, batch_size=args.batch_size, progress=args.progress)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
     statistics.save(args.output)
@@ -157,21 +160,20 @@ def _calibrate(args) -> int:
 
 
 def _inspect(args) -> int:
-    model = graph.load_model(args.input)
-    shapes = graph.parse_input_shapes(args.input_shape)
-    layers, skipped = graph.find_layers(model, shapes)
+    model = load_model(args.input)
+    shapes = parse_input_shapes(args.input_shapes)
+    layers, skipped = find_layers(model, shapes)
     header = ("layer", "op", "shape", "input", "params", "MACs/sample")
     rows = [header] + [
         (l.name, l.op_type, l.shape_text, l.input, str(l.params), "?" if l.macs() is None else str(l.macs()))
         for l in layers
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    for line in columns(rows):
+        print(line)
     for s in skipped:
         print(f"not compressible: {s.name} ({s.op_type}): {s.reason}")
-    total = graph.count_macs(model, shapes)
-    print(f"{len(layers)} compressible layers; model params {graph.count_params(model)}, "
+    total = count_macs(model, shapes)
+    print(f"{len(layers)} compressible layers; model params {count_params(model)}, "
           f"MACs/sample {'unknown (dynamic shapes: use --input-shape)' if total is None else total}")
     return 0
 

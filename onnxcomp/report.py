@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .io import columns, write_json
+from .model import count_macs, count_params
 
 
 @dataclass
@@ -44,7 +46,8 @@ class Report:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write :meth:`to_dict` as JSON, atomically."""
+        write_json(path, self.to_dict(), "report")
 
     def table(self) -> str:
         timed = any(row.latency_before is not None for row in self.layers)
@@ -61,9 +64,7 @@ class Report:
                 "-" if row.relative_error is None else f"{row.relative_error:.4f}",
                 row.status,
             ))
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = columns(rows, rule=True)
         lines.append("")
         lines.extend(self.summary_lines())
         return "\n".join(lines)
@@ -99,6 +100,48 @@ class Report:
                 f"max abs {err['max_abs']:.4g}, cosine {err['cosine']:.6f}"
             )
         return lines
+
+
+def layer_rows(layers, chosen, skipped, problems, solved, allocation=None) -> list[LayerRow]:
+    """One row per Conv/Gemm/MatMul: the solved layers in model order, then those left alone."""
+    latency = (allocation.layer_latency if allocation is not None else None) or {}
+    rows = []
+    for layer in chosen:
+        row = _solved_row(layer, problems[layer.name], solved[layer.name])
+        row.latency_before, row.latency_after = latency.get(layer.name, (None, None))
+        rows.append(row)
+    rows += [LayerRow(layer.name, layer.op_type, layer.shape_text, "skipped: --skip", params_before=layer.params,
+                      params_after=layer.params, macs_before=layer.macs(), macs_after=layer.macs())
+             for layer in layers if layer not in chosen]
+    rows += [LayerRow(s.name, s.op_type, "-", f"skipped: {s.reason}") for s in skipped]
+    return rows
+
+
+def _solved_row(layer, problem, result) -> LayerRow:
+    macs_before = layer.macs(problem.positions)
+    if isinstance(result, str):
+        return LayerRow(layer.name, layer.op_type, layer.shape_text, f"kept: {result}",
+                        params_before=layer.params, params_after=layer.params,
+                        macs_before=macs_before, macs_after=macs_before)
+    return LayerRow(
+        layer.name, layer.op_type, layer.shape_text, "compressed", method=str(result.method),
+        rank=list(result.rank), params_before=layer.params, params_after=result.params,
+        macs_before=macs_before, macs_after=None if problem.positions is None else result.macs * problem.positions,
+        relative_error=result.relative_error, seconds=result.info.get("seconds"),
+        info={k: v for k, v in result.info.items() if k != "seconds"},
+    )
+
+
+def model_totals(original, compressed, shapes, sample, compressed_layers: int, found: int) -> dict:
+    """Params and MACs per sample of the whole model, before and after."""
+    return {
+        "params_before": count_params(original),
+        "params_after": count_params(compressed),
+        "macs_before": count_macs(original, shapes, sample),
+        "macs_after": count_macs(compressed, shapes, sample),
+        "layers_compressed": compressed_layers,
+        "layers_found": found,
+    }
 
 
 def _rounds_note(rounds) -> str:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+# The embedded example: the digits CNN, its calibration and held-out data.
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
 
 
 def build(text: str, seed: int = 0, **weights) -> onnx.ModelProto:

@@ -1,7 +1,6 @@
 """`onnxcomp bench`: output error, agreement, accuracy, sizes, latency, and bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,9 +12,8 @@ from onnxcomp.bench import bench
 from onnxcomp.cli import main
 from onnxcomp.errors import OnnxcompError
 
-from models import build, gemm_model
+from models import EXAMPLE, build, gemm_model
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
 FAST = dict(repeats=20, warmup=3)  # enough for a sanity check, quick on a shared machine
 
 MLP = """

@@ -1,19 +1,16 @@
 """The command line end to end: the embedded example, and every kind of bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from onnxcomp import graph
 from onnxcomp.cli import main
-from onnxcomp.evaluate import make_session
+from onnxcomp.model import count_macs, load_model
+from onnxcomp.runtime import make_session
 
-from models import conv_model
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
+from models import EXAMPLE, conv_model
 
 
 def run_cli(capsys, *args):
@@ -33,10 +30,10 @@ def test_compress_example_end_to_end(tmp_path, capsys):
     totals = data["totals"]
     assert totals["macs_after"] < 0.6 * totals["macs_before"]
     assert totals["layers_compressed"] >= 4
-    compressed = graph.load_model(out)
+    compressed = load_model(out)
     onnx.checker.check_model(compressed, full_check=True)
     # The reported model MACs are what the written file really has.
-    assert graph.count_macs(compressed, {"input": [1, 1, 32, 32]}) == totals["macs_after"]
+    assert count_macs(compressed, {"input": [1, 1, 32, 32]}) == totals["macs_after"]
     held_out = np.load(EXAMPLE / "heldout.npz")
     logits = make_session(compressed).run(None, {"input": held_out["input"]})[0]
     assert (logits.argmax(1) == held_out["labels"]).mean() > 0.75  # 0.818 measured; the original has 0.998
@@ -151,5 +148,5 @@ def test_cp_method_end_to_end(capsys, tmp_path, small_model, form):
     assert code == 0, stdout
     row = json.loads(report.read_text())["layers"][0]
     assert row["method"] == "cp" and row["rank"] == [3] and row["info"]["form"] == form
-    ops = [n.op_type for n in graph.load_model(out).graph.node]
+    ops = [n.op_type for n in load_model(out).graph.node]
     assert ops.count("Conv") == (4 if form == "4way" else 3)

@@ -7,7 +7,6 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxcomp import graph
 from onnxcomp.decompose.cp import (
     cp_cost,
     cp_data_error,
@@ -18,9 +17,10 @@ from onnxcomp.decompose.cp import (
 )
 from onnxcomp.decompose.solve import Decomposition
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.evaluate import make_session
+from onnxcomp.model import find_layers
 from onnxcomp.passes.common import GraphEditor
 from onnxcomp.passes.cp import rewrite_cp
+from onnxcomp.runtime import make_session
 
 from models import conv_model
 from realistic_stats import decaying_conv_weight, realistic_patch_covariance
@@ -181,7 +181,7 @@ def model_with_weight(attrs, w, seed=0):
 
 
 def rewrite(model, form, rank, w64=None, s=None):
-    layers, _ = graph.find_layers(model)
+    layers, _ = find_layers(model)
     (layer,) = layers
     kh, kw = layer.kernel
     w = layer.weight.astype(np.float64).reshape(layer.out_features, -1, kh, kw) if w64 is None else w64

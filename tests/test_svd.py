@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from onnxcomp.calibration.stats import InputStats
+from onnxcomp.config import RankChoice, SolveConfig
 from onnxcomp.decompose import ranks
-from onnxcomp.decompose.solve import LayerProblem, Options, RankChoice, solve_layer
+from onnxcomp.decompose.solve import LayerProblem, solve_layer
 from onnxcomp.decompose.svd import output_spectrum, truncate
 from onnxcomp.errors import OnnxcompError
 
@@ -70,7 +71,7 @@ def test_bias_correction_removes_the_mean_shift():
     rows = np.maximum(rng.standard_normal((500, 16)) @ rng.standard_normal((16, 16)) + 1.0, 0)
     W, b = rng.standard_normal((10, 16)), rng.standard_normal(10)
     problem = LayerProblem("fc", W, b, (1, 1), stats_from_rows(rows))
-    result = solve_layer(problem, Options(ranks=RankChoice(rank=3)))
+    result = solve_layer(problem, SolveConfig(ranks=RankChoice(rank=3)))
     approx = result.factors.matrix()
     # Mean output over the data is unchanged (exactly, by construction).
     np.testing.assert_allclose((rows @ approx.T + result.bias).mean(0), (rows @ W.T + b).mean(0), atol=1e-10)
@@ -78,7 +79,7 @@ def test_bias_correction_removes_the_mean_shift():
     change = rows @ (W - approx).T - (result.bias - b)
     assert result.error == pytest.approx((change**2).sum(1).mean(), rel=1e-9)
     # Uncentered fit without correction is never better.
-    uncentered = solve_layer(problem, Options(centered=False, ranks=RankChoice(rank=3)))
+    uncentered = solve_layer(problem, SolveConfig(centered=False, ranks=RankChoice(rank=3)))
     assert uncentered.error >= result.error - 1e-12
 
 
@@ -100,5 +101,5 @@ def test_rank_rules():
 def test_rank_that_saves_nothing_keeps_the_layer_dense():
     rng = np.random.default_rng(4)
     problem = LayerProblem("fc", rng.standard_normal((8, 8)), None, (1, 1), stats_from_rows(rng.standard_normal((50, 8))))
-    result = solve_layer(problem, Options(ranks=RankChoice(rank=4)))
+    result = solve_layer(problem, SolveConfig(ranks=RankChoice(rank=4)))
     assert isinstance(result, str) and "not cheaper" in result

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..graph import ConvGeometry
+from ..model import ConvGeometry
 
 
 def channel_last_order(channels: int, kernel: tuple[int, int]) -> np.ndarray:

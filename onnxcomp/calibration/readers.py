@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxcompError, first_line
-from ..graph import as_model
+from ..model import as_model
 
 Feed = dict[str, np.ndarray]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OnnxcompError
+from ..io import staged
 
 FORMAT_VERSION = 1
 
@@ -100,9 +101,8 @@ class Statistics(dict):
             # The Gram matrix is symmetric: store the upper triangle only (half the bytes).
             arrays[f"gram_{i}"] = s.gram[np.triu_indices(s.dim)]
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        with staged(path, "statistics") as folder, open(folder / path.name, "wb") as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "Statistics":

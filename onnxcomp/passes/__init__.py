@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import onnx
 
-from ..decompose.solve import Decomposition
-from ..graph import TargetLayer
+from ..config import Method
+from ..decompose.solve import Decomposition, Solved
+from ..model import TargetLayer
 from .common import GraphEditor
 from .cp import rewrite_cp
 from .lowrank import rewrite_lowrank
 from .tucker2 import rewrite_tucker2
 
-REWRITES = {"svd": rewrite_lowrank, "tucker2": rewrite_tucker2, "cp": rewrite_cp}
+REWRITES = {Method.SVD: rewrite_lowrank, Method.TUCKER2: rewrite_tucker2, Method.CP: rewrite_cp}
 
 
 def apply_decompositions(
@@ -22,3 +23,13 @@ def apply_decompositions(
     for layer, decomposition in plan:
         REWRITES[decomposition.method](editor, layer, decomposition)
     return editor.export()
+
+
+def apply_solved(model: onnx.ModelProto, layers: list[TargetLayer], solved: Solved) -> onnx.ModelProto:
+    """:func:`apply_decompositions` of the layers that were solved into a decomposition."""
+    return apply_decompositions(model, planned(layers, solved))
+
+
+def planned(layers: list[TargetLayer], solved: Solved) -> list[tuple[TargetLayer, Decomposition]]:
+    """(layer, decomposition) of every layer that ``solved`` compresses, in the layers' order."""
+    return [(layer, solved[layer.name]) for layer in layers if isinstance(solved.get(layer.name), Decomposition)]

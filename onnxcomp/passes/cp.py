@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..decompose.solve import Decomposition
-from ..graph import TargetLayer
+from ..model import TargetLayer
 from .common import GraphEditor
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..decompose.solve import Decomposition
-from ..graph import TargetLayer
+from ..model import TargetLayer
 from .common import GraphEditor, constant_value
 
 SPATIAL_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")

@@ -7,7 +7,7 @@ The kxk core keeps the original strides, pads, dilations and auto_pad; the
 from __future__ import annotations
 
 from ..decompose.solve import Decomposition
-from ..graph import TargetLayer
+from ..model import TargetLayer
 from .common import GraphEditor
 from .lowrank import SPATIAL_ATTRS
 

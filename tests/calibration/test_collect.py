@@ -17,15 +17,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from onnxcomp.calibration import collect as collect_module
-from onnxcomp.calibration.collect import choose_method, collect_statistics
+from onnxcomp.calibration.collect import collect_statistics
 from onnxcomp.calibration.patches import im2col
 from onnxcomp.calibration.readers import count_samples, iter_feeds
 from onnxcomp.calibration.stats import Statistics
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.graph import ConvGeometry, find_layers, load_model
+from onnxcomp.model import ConvGeometry, find_layers, load_model
 
-METHODS = ["outputs", "graph"]
 RTOL = 1e-6
 
 
@@ -167,29 +165,27 @@ def test_im2col_matches_naive_patches(name):
     np.testing.assert_array_equal(im2col(x, ConvGeometry(**args)), _naive_patches(x, **args))
 
 
-@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", CONV_CASES)
-def test_conv_patch_statistics(name, method):
+def test_conv_patch_statistics(name):
     case = dict(CONV_CASES[name])
     kernel = case.pop("kernel")
     model = _conv_model(3, 4, kernel, **case)
     layers, _ = find_layers(model)
     x = np.random.default_rng(3).standard_normal((5, 3, 9, 8)).astype(np.float32)
     # batch_size 3: two batches of different sizes through a dynamic batch dim.
-    stats = collect_statistics(model, layers, x, batch_size=3, progress=False, method=method)
+    stats = collect_statistics(model, layers, x, batch_size=3, progress=False)
     assert list(stats) == [layers[0].stats_key]
     _assert_stats(_only(stats), _naive_patches(np.maximum(x, 0), **_conv_geometry_args(CONV_CASES[name])), 5)
 
 
 @pytest.mark.parametrize("block_rows", [4, 20, 110])
-def test_outputs_method_splits_large_inputs_into_blocks(block_rows, monkeypatch):
+def test_large_inputs_are_reduced_in_blocks(block_rows):
     """Budgets below one output row (6 patches), below one sample (54) and of two samples."""
     case = CONV_CASES["dilation2"]
     model = _conv_model(3, 4, case["kernel"], dilations=case["dilations"], pads=case["pads"])
     layers, _ = find_layers(model)
     x = np.random.default_rng(4).standard_normal((3, 3, 9, 8)).astype(np.float32)
-    monkeypatch.setattr(collect_module, "BLOCK_BYTES", 8 * 28 * block_rows)  # rows of 27 values and a 1
-    stats = collect_statistics(model, layers, x, progress=False, method="outputs")
+    stats = collect_statistics(model, layers, x, progress=False, block_bytes=8 * 28 * block_rows)  # rows: 27 values and a 1
     _assert_stats(_only(stats), _naive_patches(np.maximum(x, 0), **_conv_geometry_args(case)), 3)
 
 
@@ -209,14 +205,13 @@ def _gemm_model(trans_a):
     )
 
 
-@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("trans_a", [False, True])
-def test_gemm_row_statistics(trans_a, method):
+def test_gemm_row_statistics(trans_a):
     model = _gemm_model(trans_a)
     layers, _ = find_layers(model)
     rng = np.random.default_rng(6)
     batches = [rng.standard_normal((4, 7) if trans_a else (7, 4)).astype(np.float32) for _ in range(2)]
-    stats = collect_statistics(model, layers, batches, progress=False, method=method)
+    stats = collect_statistics(model, layers, batches, progress=False)
     rows = np.concatenate([b.T if trans_a else b for b in batches])  # transA: the rows are A's columns
     _assert_stats(_only(stats), rows, 14)
 
@@ -240,14 +235,13 @@ def _matmul_model():
     return model
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_nd_matmul_rows_and_a_shared_input_share_one_key(method):
+def test_nd_matmul_rows_and_a_shared_input_share_one_key():
     """Weights from a Constant node and from an initializer; both layers read r: one statistic."""
     model = _matmul_model()
     layers, _ = find_layers(model)
     assert len(layers) == 2 and layers[0].stats_key == layers[1].stats_key
     x = np.random.default_rng(7).standard_normal((3, 4, 5)).astype(np.float32)
-    stats = collect_statistics(model, layers, {"x": x}, batch_size=2, progress=False, method=method)
+    stats = collect_statistics(model, layers, {"x": x}, batch_size=2, progress=False)
     _assert_stats(_only(stats), np.maximum(x, 0).reshape(-1, 5), 3)
 
 
@@ -255,21 +249,20 @@ def test_statistics_of_a_graph_input_come_from_the_feed():
     model = _gemm_model(trans_a=False)
     layers, _ = find_layers(model)
     x = np.random.default_rng(8).standard_normal((9, 4)).astype(np.float32)
-    stats = collect_statistics(model, layers, x, batch_size=4, progress=False, method="outputs")
+    stats = collect_statistics(model, layers, x, batch_size=4, progress=False)
     _assert_stats(_only(stats), x, 9)
 
 
 # ---------------------------------------------------------------- merge, save, models
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_merged_halves_equal_one_pass_and_survive_save_load(method, tmp_path):
+def test_merged_halves_equal_one_pass_and_survive_save_load(tmp_path):
     model = _conv_model(3, 4, (3, 3), strides=[2, 2], pads=[1, 1, 1, 1])
     layers, _ = find_layers(model)
     x = np.random.default_rng(9).standard_normal((6, 3, 9, 8)).astype(np.float32)
-    whole = collect_statistics(model, layers, x, batch_size=2, progress=False, method=method)
-    first = collect_statistics(model, layers, x[:4], batch_size=2, progress=False, method=method)
-    second = collect_statistics(model, layers, x[4:], batch_size=2, progress=False, method=method)
+    whole = collect_statistics(model, layers, x, batch_size=2, progress=False)
+    first = collect_statistics(model, layers, x[:4], batch_size=2, progress=False)
+    second = collect_statistics(model, layers, x[4:], batch_size=2, progress=False)
     merged = first.merged(second)
     merged.save(tmp_path / "stats.npz")
     loaded = Statistics.load(tmp_path / "stats.npz")
@@ -280,8 +273,7 @@ def test_merged_halves_equal_one_pass_and_survive_save_load(method, tmp_path):
         np.testing.assert_allclose(a.total, b.total, rtol=1e-12, atol=1e-12 * np.abs(b.total).max())
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_external_data_model_and_caller_model_untouched(method, tmp_path):
+def test_external_data_model_and_caller_model_untouched(tmp_path):
     model = _conv_model(3, 4, (3, 3), pads=[1, 1, 1, 1])
     path = tmp_path / "model.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
@@ -289,31 +281,11 @@ def test_external_data_model_and_caller_model_untouched(method, tmp_path):
     before = loaded.SerializeToString()
     layers, _ = find_layers(loaded)
     x = np.random.default_rng(10).standard_normal((2, 3, 6, 5)).astype(np.float32)
-    from_proto = collect_statistics(loaded, layers, x, progress=False, method=method)
-    from_path = collect_statistics(path, layers, x, progress=False, method=method)
+    from_proto = collect_statistics(loaded, layers, x, progress=False)
+    from_path = collect_statistics(path, layers, x, progress=False)
     assert loaded.SerializeToString() == before
     np.testing.assert_array_equal(_only(from_proto).gram, _only(from_path).gram)
     _assert_stats(_only(from_proto), _naive_patches(np.maximum(x, 0), (3, 3), pads=(1, 1, 1, 1)), 2)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_models_too_large_for_protobuf_reach_onnxruntime_as_files(method, monkeypatch):
-    monkeypatch.setattr(collect_module, "_PROTOBUF_LIMIT", 0)
-    model = _conv_model(3, 4, (3, 3), pads=[1, 1, 1, 1])
-    layers, _ = find_layers(model)
-    x = np.random.default_rng(13).standard_normal((2, 3, 6, 5)).astype(np.float32)
-    stats = collect_statistics(model, layers, x, progress=False, method=method)
-    _assert_stats(_only(stats), _naive_patches(np.maximum(x, 0), (3, 3), pads=(1, 1, 1, 1)), 2)
-
-
-def test_graph_method_on_opset_11():
-    """ReduceSum takes its axes as an attribute before opset 13."""
-    model = _conv_model(3, 4, (3, 3), strides=[2, 2], pads=[1, 1, 1, 1])
-    model.opset_import[0].version = 11
-    layers, _ = find_layers(model)
-    x = np.random.default_rng(14).standard_normal((2, 3, 7, 6)).astype(np.float32)
-    stats = collect_statistics(model, layers, x, progress=False, method="graph")
-    _assert_stats(_only(stats), _naive_patches(np.maximum(x, 0), (3, 3), (2, 2), pads=(1, 1, 1, 1)), 2)
 
 
 def test_unloaded_external_data_is_a_clear_error(tmp_path):
@@ -334,14 +306,6 @@ def test_input_shapes_fix_dynamic_dims_and_check_the_data():
     assert _only(stats).samples == 4
     with pytest.raises(OnnxcompError, match="dimension 2 is 6, but the model fixes it to 7"):
         collect_statistics(model, layers, x, input_shapes={"x": [2, 3, 7, 5]}, progress=False)
-
-
-def test_method_choice():
-    assert choose_method("auto") == "outputs"
-    assert choose_method("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "graph"
-    assert choose_method("graph") == "graph"
-    with pytest.raises(OnnxcompError, match="unknown calibration method 'fast'"):
-        choose_method("fast")
 
 
 def test_layers_of_another_model_are_refused():
@@ -498,11 +462,10 @@ g (float[N, L] x) => (float[M, 2] y) {
 """
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_onnxruntime_failures_name_the_batch(method):
+def test_onnxruntime_failures_name_the_batch():
     """Data that passes the static checks but not the model: L must be a multiple of 4."""
     model = onnx.parser.parse_model(RESHAPED)
     layers, _ = find_layers(model)
     good = np.ones((2, 8), np.float32)
     with pytest.raises(OnnxcompError, match="onnxruntime failed on calibration batch 1: .*Reshape"):
-        collect_statistics(model, layers, [good, np.ones((2, 3), np.float32)], progress=False, method=method)
+        collect_statistics(model, layers, [good, np.ones((2, 3), np.float32)], progress=False)

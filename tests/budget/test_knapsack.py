@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 
-from onnxcomp.decompose.budget import Option, allocate
+from onnxcomp.budget.knapsack import Option, allocate
 
 
 def random_layers(rng, layers=4, ranks=6):

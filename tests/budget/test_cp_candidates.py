@@ -1,26 +1,19 @@
 """CP under whole-model budgets: the candidate curve's bound and a budget on the embedded example."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import onnxcomp
-from onnxcomp import graph
+from onnxcomp.budget.candidates import CP_FRACTIONS, cp_candidates, svd_candidates
+from onnxcomp.config import RankChoice, SolveConfig
 from onnxcomp.decompose.cp import cp_cost
-from onnxcomp.decompose.solve import (
-    CP_FRACTIONS,
-    Decomposition,
-    LayerProblem,
-    Options,
-    RankChoice,
-    cp_candidates,
-    solve_layer,
-    svd_candidates,
-)
-from onnxcomp.evaluate import make_session
+from onnxcomp.decompose.solve import Decomposition, LayerProblem, solve_layer
+from onnxcomp.model import find_layers
+from onnxcomp.runtime import make_session
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
+from models import EXAMPLE
+
 SKIP = ["/conv4/Conv"]
 
 
@@ -44,7 +37,7 @@ def cp_half(digits):
 
 
 def layer_problem(model, stats, name) -> LayerProblem:
-    layers, _ = graph.find_layers(model, {"input": [1, 1, 32, 32]})
+    layers, _ = find_layers(model, {"input": [1, 1, 32, 32]})
     (layer,) = [layer for layer in layers if layer.name == name]
     bias = None if layer.bias is None else layer.bias.astype(np.float64)
     return LayerProblem(layer.name, layer.weight.astype(np.float64), bias, layer.kernel, stats.get(layer.stats_key))
@@ -58,7 +51,7 @@ def held_out_error(model, images, reference):
 def test_cp_candidates_fit_their_fractions_and_bound_the_solved_error(digits):
     model, stats, _, _ = digits
     problem = layer_problem(model, stats, "/conv2/Conv")  # 32x32x3x3
-    options = Options(method="cp")
+    options = SolveConfig(method="cp")
     curve = cp_candidates(problem, options, np)
     dense = problem.weight.size
     assert [c.rank for c in curve] == sorted({c.rank for c in curve}) and len(curve) >= 5
@@ -70,7 +63,8 @@ def test_cp_candidates_fit_their_fractions_and_bound_the_solved_error(digits):
     assert errors[0] > errors[-1] >= 0  # more rank, less error (the curve as the knapsack sees it)
 
     smallest = curve[0]
-    solved = solve_layer(problem, Options(method="cp", ranks=RankChoice(rank=smallest.rank[0])), np)
+    solved = solve_layer(problem, SolveConfig(method="cp", ranks=RankChoice(rank=smallest.rank[0])), np,
+                         start=smallest.start)
     assert isinstance(solved, Decomposition) and solved.rank == smallest.rank
     # The solved error, measured directly as tr(dW S dW^T) / tr(W S W^T), is at most the candidate's.
     covariance = problem.stats.covariance()
@@ -84,7 +78,7 @@ def test_cp_candidates_fit_their_fractions_and_bound_the_solved_error(digits):
 def test_cp_candidates_of_matrices_are_the_svd_curve(digits):
     model, stats, _, _ = digits
     problem = layer_problem(model, stats, "/fc1/Gemm")
-    assert cp_candidates(problem, Options(method="cp"), np) == svd_candidates(problem, Options(method="svd"), np)
+    assert cp_candidates(problem, SolveConfig(method="cp"), np) == svd_candidates(problem, SolveConfig(method="svd"), np)
 
 
 def test_cp_macs_budget_is_met(cp_half):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import graph
-from .decompose.solve import Candidate
-from .errors import OnnxcompError
-from .latency import LatencyTable, Timer, profile
+from ..config import BudgetConfig, BudgetKind
+from ..errors import OnnxcompError
+from ..model import count_macs, count_params, infer_shapes, runtime_shapes, with_input_shapes
+from ..runtime import Timer
+from .candidates import Candidate
+from .latency import LatencyTable
 
 
 class CostModel:
@@ -21,6 +23,7 @@ class CostModel:
 
     kind = ""
     total = 0.0
+    timed = 0  # timings taken in this run (only measured costs take any)
     progress = False  # a progress bar while pricing: only measuring takes long enough
 
     def dense(self, layer) -> float:
@@ -37,12 +40,12 @@ class MacCost(CostModel):
     kind = "macs"
 
     def __init__(self, model, layers, problems, shapes, sample):
-        self.total = graph.count_macs(model, shapes, sample)
+        self.total = count_macs(model, shapes, sample)
         if self.total is None:
             raise OnnxcompError("--target-macs cannot count this model's MACs: give calibration data (--data) or --input-shape")
         self._positions = {}
         for layer in layers:
-            positions = layer_positions(layer, problems[layer.name].stats)
+            positions = problems[layer.name].positions
             if positions is None:
                 raise OnnxcompError(f"cannot count the MACs of layer {layer.name!r}: give --input-shape")
             self._positions[layer.name] = positions
@@ -58,7 +61,7 @@ class ParamCost(CostModel):
     kind = "params"
 
     def __init__(self, model):
-        self.total = graph.count_params(model)
+        self.total = count_params(model)
 
     def dense(self, layer) -> float:
         return float(layer.weight.size)
@@ -82,7 +85,7 @@ class LatencyCost(CostModel):
         self.table = LatencyTable(timer, cache)
         self.input_shapes = _layer_input_shapes(model, layers, shapes, sample)
         self.progress = progress
-        self.profile = profile(model, sample, timer, layers)
+        self.profile = timer.profile(model, sample, layers)
         self.total = self.profile.total
 
     def dense(self, layer) -> float:
@@ -96,24 +99,30 @@ class LatencyCost(CostModel):
 
     def measure(self, compressed) -> float:
         """The compressed model's profiled time as a fraction of the original's."""
-        return profile(compressed, self.sample, self.timer).total / self.total
+        return self.timer.profile(compressed, self.sample).total / self.total
+
+    @property
+    def timed(self) -> int:
+        return self.table.measured
 
     def save(self) -> None:
         self.table.save()
 
 
-def layer_positions(layer: graph.TargetLayer, stats) -> int | None:
-    """Output rows per sample: from shape inference, else from the calibration statistics."""
-    if layer.positions is not None:
-        return layer.positions
-    return None if stats is None else round(stats.positions)
+def make_costs(budget: BudgetConfig, model, layers, problems, shapes, sample, timer: Timer, progress: bool) -> CostModel:
+    """The cost model of the budget's kind."""
+    if budget.kind is BudgetKind.MACS:
+        return MacCost(model, layers, problems, shapes, sample)
+    if budget.kind is BudgetKind.PARAMS:
+        return ParamCost(model)
+    return LatencyCost(model, layers, shapes, sample, timer, budget.latency.cache, progress)
 
 
 def _layer_input_shapes(model, layers, shapes, sample) -> dict[str, list[int]]:
     """Each layer's input shape for one sample (shape inference, else one onnxruntime run)."""
-    inferred = graph.infer_shapes(graph.with_input_shapes(model, shapes))
+    inferred = infer_shapes(with_input_shapes(model, shapes))
     if any(not _static(inferred.get(layer.input)) for layer in layers):
-        inferred.update(graph.runtime_shapes(model, {k: np.asarray(v)[:1] for k, v in sample.items()}))
+        inferred.update(runtime_shapes(model, {k: np.asarray(v)[:1] for k, v in sample.items()}))
     out = {}
     for layer in layers:
         shape = inferred.get(layer.input)

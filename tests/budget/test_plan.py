@@ -1,14 +1,13 @@
 """Whole-model budgets on the embedded example: cost on target, better than uniform rates."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import onnxcomp
-from onnxcomp.evaluate import make_session
+from onnxcomp.runtime import make_session
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
+from models import EXAMPLE
 
 
 @pytest.fixture(scope="module")

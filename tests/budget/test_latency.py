@@ -1,22 +1,18 @@
 """The latency cost model: timed chains are the chains the passes write, the cache, the budget's accounting."""
 
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
 import onnxcomp
-import onnxcomp.costs
-import onnxcomp.pipeline
-from onnxcomp import graph
+from onnxcomp.budget.candidates import Candidate
+from onnxcomp.budget.latency import LatencyTable, layer_model
 from onnxcomp.cli import main
-from onnxcomp.decompose.solve import Candidate
-from onnxcomp.evaluate import make_session
-from onnxcomp.latency import LatencyTable, Profile, Timer, layer_model, profile
-from models import conv_model, gemm_model, matmul_model
+from onnxcomp.model import count_macs, find_layers, infer_shapes, with_input_shapes
+from onnxcomp.runtime import Profile, Timer, make_session
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
+from models import EXAMPLE, conv_model, gemm_model, matmul_model
 
 
 class MacTimer(Timer):
@@ -27,7 +23,7 @@ class MacTimer(Timer):
     def seconds(self, model, feed):
         MacTimer.calls += 1
         shapes = {name: list(value.shape) for name, value in feed.items()}
-        macs = graph.count_macs(model, shapes)
+        macs = count_macs(model, shapes)
         return 1e-5 + 2e-6 * len(model.graph.node) + 1e-9 * macs
 
     def session(self, model):
@@ -39,10 +35,17 @@ class MacTimer(Timer):
     def machine(self):
         return "mac-timer"
 
+    def compare(self, model, reference, feed, pairs=None):
+        before, after = self.seconds(reference, feed), self.seconds(model, feed)
+        return after / before, before, after
+
+    def profile(self, model, feed, layers=(), runs=8):
+        return Profile(self.seconds(model, feed), {})  # layers not found: each timed on its own
+
 
 def _only_layer(model, shape):
-    layers, _ = graph.find_layers(model, shape)
-    shapes = graph.infer_shapes(graph.with_input_shapes(model, shape))
+    layers, _ = find_layers(model, shape)
+    shapes = infer_shapes(with_input_shapes(model, shape))
     return layers[0], shapes[layers[0].input]
 
 
@@ -62,7 +65,7 @@ def test_timed_chains_run_like_the_layer(model, shape, candidates):
     layer, input_shape = _only_layer(model, shape)
     feed = {layer.input: np.ones(input_shape, np.float32)}
     dense = make_session(layer_model(layer, input_shape)).run(None, feed)[0]
-    expected_shape = graph.infer_shapes(graph.with_input_shapes(model, shape))[layer.output]
+    expected_shape = infer_shapes(with_input_shapes(model, shape))[layer.output]
     assert list(dense.shape) == [1 if d == "N" else d for d in expected_shape]
     for candidate in candidates:
         chain = layer_model(layer, input_shape, candidate)
@@ -85,7 +88,7 @@ def test_table_measures_once_and_caches_per_machine(tmp_path):
     again = [table.layer_seconds(layer, input_shape), table.layer_seconds(layer, input_shape, candidate)]
     assert first == again and table.measured == 2  # the dense time, the chain's ratio
     assert first[1] < first[0]  # rank 3 of 8 outputs: fewer MACs
-    macs = graph.count_macs(layer_model(layer, input_shape, candidate), {"x": input_shape})
+    macs = count_macs(layer_model(layer, input_shape, candidate), {"x": input_shape})
     assert first[1] == pytest.approx(1e-5 + 2e-6 * 2 + 1e-9 * macs, rel=1e-12)  # dense * ratio = the chain's time
     table.save()
     reloaded = LatencyTable(MacTimer(), tmp_path / "latency.json")
@@ -111,20 +114,9 @@ def test_a_real_timing_is_positive_and_cached(tmp_path):
 
 
 @pytest.fixture()
-def mac_machine(monkeypatch, tmp_path):
-    """compress() timing on MacTimer, and its final check measured the same way."""
-    monkeypatch.setattr(onnxcomp.pipeline, "Timer", lambda provider, threads: MacTimer(provider, threads))
-
-    def measured(original, compressed, feed, timer):
-        before, after = timer.seconds(original, feed), timer.seconds(compressed, feed)
-        return after / before, before, after
-
-    def profiled(model, feed, timer, layers=(), runs=8):
-        return Profile(timer.seconds(model, feed), {})  # layers not found: each timed on its own
-
-    monkeypatch.setattr(onnxcomp.pipeline, "interleaved_ratio", measured)
-    monkeypatch.setattr(onnxcomp.costs, "profile", profiled)
-    monkeypatch.setenv("ONNXCOMP_CACHE", str(tmp_path))
+def mac_machine(tmp_path):
+    """compress() options timing on MacTimer, with the latency cache in a fresh folder."""
+    return {"timer": MacTimer(), "latency_cache": tmp_path / "latency.json"}
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.75])
@@ -133,7 +125,7 @@ def test_latency_budget_accounting_is_exact_on_an_additive_machine(mac_machine, 
     overhead of each isolated timing cancels between the dense layers and the chains."""
     model = onnxcomp.load_model(EXAMPLE / "digits_cnn.onnx")
     _, report = onnxcomp.compress(model, EXAMPLE / "calib.npz", target_latency=fraction, progress=False,
-                                  sensitivity="off")
+                                  sensitivity="off", **mac_machine)
     target = report.settings["target"]
     assert target["predicted"] == pytest.approx(target["achieved"], rel=1e-9)
     assert target["achieved"] <= fraction + 1e-9
@@ -144,11 +136,10 @@ def test_latency_budget_accounting_is_exact_on_an_additive_machine(mac_machine, 
     assert len(rows) == 6 and all(row.latency_after <= row.latency_before for row in rows)
 
 
-def test_latency_budget_on_this_machine(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONNXCOMP_CACHE", str(tmp_path))
+def test_latency_budget_on_this_machine(tmp_path):
     model = onnxcomp.load_model(EXAMPLE / "digits_cnn.onnx")
     compressed, report = onnxcomp.compress(model, EXAMPLE / "calib.npz", target_latency=0.7, threads=1,
-                                           progress=False, sensitivity="off")
+                                           progress=False, sensitivity="off", latency_cache=tmp_path / "latency.json")
     totals = report.totals
     assert 0 < totals["latency_after"] and 0 < totals["latency_before"]
     assert 0 < totals["latency_ratio"] < 1.5 and 0 < totals["latency_wall_ratio"] < 1.5  # accuracy: a benchmark's job
@@ -175,9 +166,9 @@ def test_profile_finds_every_layer_inside_the_optimised_model():
     """onnxruntime renames fused nodes (Conv+Relu in NCHWc is named after the Relu's output):
     the profile still gives each target layer its time, and the layers are most of the total."""
     model = onnxcomp.load_model(EXAMPLE / "digits_cnn.onnx")
-    layers, _ = graph.find_layers(model, {"input": [1, 1, 32, 32]})
+    layers, _ = find_layers(model, {"input": [1, 1, 32, 32]})
     feed = {"input": np.load(EXAMPLE / "calib.npz")["input"][:1]}
-    result = profile(model, feed, Timer(threads=1), layers, runs=3)
+    result = Timer(threads=1).profile(model, feed, layers, runs=3)
     assert set(result.layers) == {layer.output for layer in layers}
     assert all(seconds > 0 for seconds in result.layers.values())
     assert 0.5 * result.total < sum(result.layers.values()) <= result.total

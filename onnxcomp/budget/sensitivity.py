@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .evaluate import make_session
-from .graph import TargetLayer
+from ..model import TargetLayer
+from ..runtime import make_session
 
 _SUFFIX = "/onnxcomp_clean"
 

@@ -4,17 +4,17 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcomp import graph
 from onnxcomp.decompose.solve import Decomposition
 from onnxcomp.decompose.svd import output_spectrum, truncate
-from onnxcomp.evaluate import make_session
+from onnxcomp.model import find_layers
 from onnxcomp.passes import apply_decompositions
+from onnxcomp.runtime import make_session
 
 from models import conv_model, gemm_model, matmul_model
 
 
 def full_rank_plan(model, bias_shift=None):
-    layers, _ = graph.find_layers(model)
+    layers, _ = find_layers(model)
     plan = []
     for layer in layers:
         W = layer.weight.astype(np.float64)
@@ -91,7 +91,7 @@ class _TuckerFactors:
 def test_tucker2_full_rank(attrs):
     """Identity factors and the weight as core: the chain 1x1 -> kxk -> 1x1 is the original conv."""
     model = conv_model(attrs)
-    layer = graph.find_layers(model)[0][0]
+    layer = find_layers(model)[0][0]
     c_out, c_in, (kh, kw) = layer.out_features, layer.in_channels, layer.kernel
     rng = np.random.default_rng(5)
     q_out, _ = np.linalg.qr(rng.standard_normal((c_out, c_out)))

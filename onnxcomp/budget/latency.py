@@ -27,27 +27,23 @@ effects inside the whole model) is corrected by measuring the result.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import platform
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from .decompose.solve import Candidate, Decomposition
-from .errors import OnnxcompError
-from .evaluate import execution_providers, make_session
-from .graph import TargetLayer
-from .passes import REWRITES
-from .passes.common import GraphEditor
+from ..decompose.solve import Decomposition
+from ..errors import OnnxcompError
+from ..io import write_json
+from ..model import TargetLayer
+from ..passes import REWRITES
+from ..passes.common import GraphEditor
+from ..runtime import Timer, random_feed
+from .candidates import Candidate
 
 CACHE_ENV = "ONNXCOMP_CACHE"
 CACHE_FORMAT = "chain/dense ratios v1"  # bump when what is cached changes meaning
@@ -57,71 +53,6 @@ def default_cache_path() -> Path:
     """``$ONNXCOMP_CACHE/latency.json``, else ``~/.cache/onnxcomp/latency.json``."""
     root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "onnxcomp")
     return Path(root) / "latency.json"
-
-
-@dataclass
-class Timer:
-    """How models are timed: warm-up runs, then samples of at least ``min_seconds`` each."""
-
-    provider: str = "cpu"
-    threads: int | None = None
-    warmup: int = 3
-    repeats: int = 9  # samples of one model (its time: the fastest)
-    pairs: int = 15  # interleaved pairs of a ratio (its value: the median)
-    min_seconds: float = 0.002
-
-    def session(self, model):
-        if isinstance(model, ort.InferenceSession):
-            return model
-        return make_session(model, execution_providers(self.provider), self.threads)
-
-    def seconds(self, model, feed: dict) -> float:
-        """Seconds per run of ``model`` on ``feed``: the *fastest* sample (as ``timeit`` advises:
-        on a shared machine the slower samples measure the neighbours' load, not the model)."""
-        session = self.session(model)
-        runs = self._runs_per_sample(session, feed)
-        return min(self._sample(session, feed, runs) for _ in range(self.repeats))
-
-    def ratio(self, model, reference, feed: dict) -> float:
-        """time(model) / time(reference), see :meth:`compare`."""
-        return self.compare(model, reference, feed)[0]
-
-    def compare(self, model, reference, feed: dict) -> tuple[float, float, float]:
-        """(time(model) / time(reference), reference seconds, model seconds).
-
-        The two are sampled in interleaved pairs, so both see the same stretches of
-        background load, and each time is its fastest sample: when other processes hold
-        the cores, most samples are slowed at random, the fastest are the least disturbed
-        (more robust than a median of per-pair ratios when the machine is oversubscribed).
-        """
-        sessions = [self.session(reference), self.session(model)]
-        runs = [self._runs_per_sample(s, feed) for s in sessions]
-        times = ([], [])
-        for i in range(self.pairs):
-            for k in ((0, 1) if i % 2 == 0 else (1, 0)):
-                times[k].append(self._sample(sessions[k], feed, runs[k]))
-        fastest = [min(t) for t in times]
-        return fastest[1] / max(fastest[0], 1e-12), fastest[0], fastest[1]
-
-    def _runs_per_sample(self, session, feed) -> int:
-        """Warm up, and how many runs make one sample of at least ``min_seconds``."""
-        start = time.perf_counter()
-        for _ in range(self.warmup):
-            session.run(None, feed)
-        each = (time.perf_counter() - start) / max(self.warmup, 1)
-        return max(1, int(self.min_seconds / max(each, 1e-9)))
-
-    @staticmethod
-    def _sample(session, feed, runs: int) -> float:
-        start = time.perf_counter()
-        for _ in range(runs):
-            session.run(None, feed)
-        return (time.perf_counter() - start) / runs
-
-    def machine(self) -> str:
-        """The cache key of this machine and setting: timings are only valid where they were taken."""
-        return (f"{_cpu_name()} | {os.cpu_count()} cpus | onnxruntime {ort.__version__} | "
-                f"{self.provider} | threads {self.threads or 'default'}")
 
 
 class LatencyTable:
@@ -152,7 +83,7 @@ class LatencyTable:
         if key not in self._ratios:
             reference = self._dense_entry(layer, input_shape)[1]
             chain = layer_model(layer, input_shape, candidate)
-            self._ratios[key] = self.timer.ratio(chain, reference, _random_feed(layer.input, input_shape))
+            self._ratios[key] = self.timer.ratio(chain, reference, random_feed(layer.input, input_shape))
             self.measured += 1
         return self._ratios[key]
 
@@ -160,7 +91,7 @@ class LatencyTable:
         key = _key(layer, input_shape, None)
         if key not in self._dense:
             session = self.timer.session(layer_model(layer, input_shape))
-            self._dense[key] = (self.timer.seconds(session, _random_feed(layer.input, input_shape)), session)
+            self._dense[key] = (self.timer.seconds(session, random_feed(layer.input, input_shape)), session)
             self.measured += 1
         return self._dense[key]
 
@@ -168,84 +99,9 @@ class LatencyTable:
         """Write the cache (atomically; a failure to write is not fatal: the timings are only a cache)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".latency-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._all, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.path)
-        except OSError:
+            write_json(self.path, self._all, "latency cache")
+        except (OSError, OnnxcompError):
             pass
-
-
-def interleaved_ratio(original: onnx.ModelProto, compressed: onnx.ModelProto, feed: dict,
-                      timer: Timer) -> tuple[float, float, float]:
-    """(compressed / original time, original seconds, compressed seconds), by :meth:`Timer.compare`
-    with at least 21 interleaved pairs (``onnxcomp bench`` reports the median per-pair ratio too)."""
-    wider = dataclasses.replace(timer, pairs=max(timer.pairs, 21))
-    return wider.compare(compressed, original, feed)
-
-
-# ---------------------------------------------------------------- whole models, node by node
-
-# Ops onnxruntime fuses into a preceding Conv/Gemm/MatMul (the fused node is named after the last one).
-_FUSED_AFTER = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Add", "Sum",
-                "BatchNormalization", "Mul", "Identity"}
-
-
-@dataclass
-class Profile:
-    """A model's time as onnxruntime's profiler sees it: each node's fastest kernel time over a
-    few runs (robust to a busy machine: a node's ~1 ms is often undisturbed, a model's 100 ms never is)."""
-
-    total: float  # seconds: the sum over all nodes
-    layers: dict[str, float]  # target layer output tensor -> seconds of the node(s) computing it
-
-
-def profile(model: onnx.ModelProto, feed: dict, timer: Timer, layers=(), runs: int = 8) -> Profile:
-    """Per-node fastest kernel times of ``model`` on ``feed`` and the target ``layers``' share."""
-    with tempfile.TemporaryDirectory() as folder:
-        session = make_session(model, execution_providers(timer.provider), timer.threads,
-                               profile_prefix=os.path.join(folder, "profile"))
-        for _ in range(timer.warmup + runs):
-            session.run(None, feed)
-        with open(session.end_profiling()) as f:
-            events = json.load(f)
-    fastest: dict[str, float] = {}
-    for event in events:
-        name = event.get("name", "")
-        if event.get("cat") == "Node" and name.endswith("_kernel_time"):
-            base = name[: -len("_kernel_time")]
-            fastest[base] = min(fastest.get(base, float("inf")), event["dur"] * 1e-6)
-    owner = _layer_of_node(model, layers)
-    shares: dict[str, float] = {}
-    for base, seconds in fastest.items():
-        # NCHWc nodes are named "<output>_nchwc", fusions of a Gemm/MatMul "fused <node name>"
-        layer = next((owner[n] for n in (base, base.removesuffix("_nchwc"), base.removeprefix("fused "))
-                      if n in owner), None)
-        if layer is not None:
-            shares[layer] = shares.get(layer, 0.0) + seconds
-    return Profile(sum(fastest.values()), shares)
-
-
-def _layer_of_node(model: onnx.ModelProto, layers) -> dict[str, str]:
-    """Name in a profile -> the target layer (by its output tensor). onnxruntime names an NCHWc
-    node after its output tensor, which is the output of the last op fused into the conv
-    (an activation, a residual add), and other nodes by their node name."""
-    targets = {layer.output for layer in layers}
-    producer = {out: node for node in model.graph.node for out in node.output}
-    owner = {}
-    for tensor, node in producer.items():
-        current, hops = tensor, 0
-        while current not in targets and hops < 3 and node.op_type in _FUSED_AFTER and node.input:
-            current, hops = node.input[0], hops + 1
-            node = producer.get(current)
-            if node is None:
-                break
-        if current in targets:
-            owner[tensor] = current
-    for node in model.graph.node:  # nodes the optimiser leaves alone keep their own names
-        if node.name and node.output and node.output[0] in owner:
-            owner.setdefault(node.name, owner[node.output[0]])
-    return owner
 
 
 # ---------------------------------------------------------------- one-layer models
@@ -316,10 +172,6 @@ def _stored_weight(layer: TargetLayer, rng) -> np.ndarray:
     return np.ascontiguousarray(w.T)  # MatMul: x @ B, B is (in, out)
 
 
-def _random_feed(name: str, shape) -> dict:
-    return {name: np.random.default_rng(1).standard_normal(list(shape)).astype(np.float32)}
-
-
 # ---------------------------------------------------------------- cache
 
 
@@ -341,14 +193,3 @@ def _read_cache(path: Path) -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}  # no cache yet, or an unreadable one: measure again
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

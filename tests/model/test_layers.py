@@ -5,9 +5,18 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxcomp import graph
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.evaluate import make_session
+from onnxcomp.model import (
+    ConvGeometry,
+    count_macs,
+    count_params,
+    find_layers,
+    load_model,
+    parse_input_shapes,
+    save_model,
+    with_input_shapes,
+)
+from onnxcomp.runtime import make_session
 
 from models import build, conv_model, gemm_model, matmul_model
 
@@ -15,7 +24,7 @@ from models import build, conv_model, gemm_model, matmul_model
 def test_gemm_matrix_matches_onnxruntime():
     """y = W x + b for every row, with transA/transB/alpha/beta folded in."""
     model = gemm_model("transA = 1, transB = 1, alpha = 0.5, beta = 2.0", trans_a=True, trans_b=True)
-    layer = graph.find_layers(model)[0][0]
+    layer = find_layers(model)[0][0]
     a = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
     expected = make_session(model).run(None, {"a": a})[0]
     np.testing.assert_allclose(a.T @ layer.weight.T + layer.bias, expected, rtol=1e-5, atol=1e-5)
@@ -23,22 +32,22 @@ def test_gemm_matrix_matches_onnxruntime():
 
 
 def test_matmul_weight_from_constant_node_and_positions():
-    layer = graph.find_layers(matmul_model())[0][0]
+    layer = find_layers(matmul_model())[0][0]
     assert layer.weight.shape == (9, 12) and layer.positions == 7 and layer.macs() == 7 * 9 * 12
 
 
 def test_conv_layer_geometry_and_macs():
     model = conv_model("strides = [2, 2], pads = [0, 1, 2, 1]")
-    layer = graph.find_layers(model)[0][0]
+    layer = find_layers(model)[0][0]
     assert layer.weight.shape == (8, 6 * 9) and layer.kernel == (3, 3)
     assert layer.conv.output_size(11, 11) == (6, 6) and layer.positions == 36
-    assert graph.count_macs(model) == 8 * 54 * 36
+    assert count_macs(model) == 8 * 54 * 36
 
 
 def test_same_upper_pads_match_onnx_rule():
-    geometry = graph.ConvGeometry(kernel=(3, 3), strides=(2, 2), auto_pad="SAME_UPPER")
+    geometry = ConvGeometry(kernel=(3, 3), strides=(2, 2), auto_pad="SAME_UPPER")
     assert geometry.resolve_pads(10, 11) == (0, 1, 1, 1)
-    assert graph.ConvGeometry((4, 4), auto_pad="SAME_LOWER").resolve_pads(5, 5) == (2, 2, 1, 1)
+    assert ConvGeometry((4, 4), auto_pad="SAME_LOWER").resolve_pads(5, 5) == (2, 2, 1, 1)
 
 
 def test_unsupported_layers_are_listed_with_reasons():
@@ -54,7 +63,7 @@ def test_unsupported_layers_are_listed_with_reasons():
     """
     model = onnx.parser.parse_model(text)
     model.graph.initializer.append(numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float32), "wg"))
-    layers, skipped = graph.find_layers(model)
+    layers, skipped = find_layers(model)
     assert layers == []
     reasons = {s.op_type: s.reason for s in skipped}
     assert "grouped" in reasons["Conv"] and "not a constant" in reasons["MatMul"]
@@ -71,26 +80,26 @@ net (float[2, 6] x) => (float[2, 4] y) {
 
 
 def test_weight_behind_identity_is_constant():
-    layer = graph.find_layers(build(WEIGHT_BEHIND_IDENTITY, w=(6, 4)))[0][0]
+    layer = find_layers(build(WEIGHT_BEHIND_IDENTITY, w=(6, 4)))[0][0]
     assert layer.weight.shape == (4, 6)
 
 
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(OnnxcompError, match="not found"):
-        graph.load_model(tmp_path / "nope.onnx")
+        load_model(tmp_path / "nope.onnx")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00\x01 definitely not protobuf \xff" * 10)
     with pytest.raises(OnnxcompError, match="cannot read|no ONNX graph"):
-        graph.load_model(bad)
+        load_model(bad)
 
 
 def test_save_with_external_data_round_trip(tmp_path):
     model = conv_model()
     target = tmp_path / "m.onnx"
-    graph.save_model(model, target, external_data=True)
+    save_model(model, target, external_data=True)
     assert (tmp_path / "m.onnx.data").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
-    loaded = graph.load_model(target)
+    loaded = load_model(target)
     assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), numpy_helper.to_array(model.graph.initializer[0]))
 
 
@@ -99,20 +108,20 @@ def test_invalid_model_leaves_no_file(tmp_path):
     model.graph.node[0].input[1] = "missing_weight"
     target = tmp_path / "out.onnx"
     with pytest.raises(Exception):
-        graph.save_model(model, target)
+        save_model(model, target)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_input_shape_overrides():
-    assert graph.parse_input_shapes(["x:1,3,8,8"]) == {"x": [1, 3, 8, 8]}
+    assert parse_input_shapes(["x:1,3,8,8"]) == {"x": [1, 3, 8, 8]}
     with pytest.raises(OnnxcompError, match="bad --input-shape"):
-        graph.parse_input_shapes(["x=1,3"])
+        parse_input_shapes(["x=1,3"])
     with pytest.raises(OnnxcompError, match="model's inputs"):
-        graph.with_input_shapes(conv_model(), {"nope": [1]})
+        with_input_shapes(conv_model(), {"nope": [1]})
 
 
 def test_params_count_each_weight_once():
-    assert graph.count_params(build(WEIGHT_BEHIND_IDENTITY, w=(6, 4))) == 24
+    assert count_params(build(WEIGHT_BEHIND_IDENTITY, w=(6, 4))) == 24
 
 
 def test_macs_of_runtime_reshape_measured_with_onnxruntime():
@@ -132,6 +141,6 @@ def test_macs_of_runtime_reshape_measured_with_onnxruntime():
     }
     """
     model = build(text, w=(8, 2))
-    assert graph.count_macs(model, {"x": [1, 8, 1, 4]}) is None
+    assert count_macs(model, {"x": [1, 8, 1, 4]}) is None
     sample = {"x": np.zeros((1, 8, 1, 4), np.float32)}
-    assert graph.count_macs(model, {"x": [1, 8, 1, 4]}, sample) == 4 * 8 * 2
+    assert count_macs(model, {"x": [1, 8, 1, 4]}, sample) == 4 * 8 * 2

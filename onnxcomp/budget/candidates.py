@@ -1,0 +1,142 @@
+"""Each layer's error-versus-cost curve: the points a whole-model budget chooses from.
+
+SVD curves are exact and dense (every cheaper rank, from one eigendecomposition).
+Tucker-2 and CP curves are coarse (a few MAC fractions) and scored by an upper
+bound of the solver's error, because solving each point costs a full ALS; the
+budget asks them for more points where its spare cost reaches (``REFINABLE``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import CPForm, Method, SolveConfig
+from ..decompose.cp import cp_cost, cp_decompose, cp_rank_for_fraction
+from ..decompose.solve import LayerProblem
+from ..decompose.tucker2 import search_ranks, tucker2_cost
+from ..errors import OnnxcompError
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of a layer's error-versus-cost curve, for the budget allocation."""
+
+    method: Method
+    rank: tuple[int, ...]
+    params: int  # weights of the chain
+    macs: float  # multiply-adds of the chain per output position
+    error: float  # squared output error relative to the output variance
+    form: CPForm | None = None  # CP: "4way" or "3way" (the chain it rewrites into)
+    # Factors the final solve at this point continues from (CP: so its error stays at or below
+    # this score); not part of the point's identity.
+    start: object = field(default=None, compare=False, repr=False)
+
+
+def svd_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int | None = None,
+                   most: int = 128) -> list[Candidate]:
+    """Every cheaper rank (or ``most`` of them, evenly spread) with its exact error, from one spectrum."""
+    m, d = problem.weight.shape
+    spectrum = problem.spectrum(solve, xp)
+    total = float(spectrum.values.sum())
+    tails = np.concatenate([np.cumsum(spectrum.values[::-1])[::-1], [0.0]])
+    largest = (m * d - 1) // (m + d)  # the largest rank that is still cheaper than dense
+    return [
+        Candidate(Method.SVD, (int(r),), int(r) * (m + d), int(r) * (m + d), float(tails[r] / total) if total > 0 else 0.0)
+        for r in candidate_ranks(largest, most, multiple)
+    ]
+
+
+def candidate_ranks(largest: int, most: int, multiple: int | None = None) -> list[int]:
+    """Up to ``most`` ranks in [1, largest], evenly spread; with ``multiple``, only its multiples
+    (all ranks when not even one multiple fits: a tiny layer has no fast rank to round to)."""
+    if largest < 1:
+        return []
+    if multiple and largest >= multiple:
+        steps = np.arange(1, largest // multiple + 1)
+        picked = np.unique(np.linspace(0, len(steps) - 1, num=min(most, len(steps))).round().astype(int))
+        return [int(steps[i] * multiple) for i in picked]
+    return [int(r) for r in np.unique(np.linspace(1, largest, num=min(most, largest)).round().astype(int))]
+
+
+TUCKER2_FRACTIONS = (0.08, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8)
+
+
+def tucker2_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int | None = None,
+                       fractions=TUCKER2_FRACTIONS, refine: int = 0) -> list[Candidate]:
+    """A coarse curve: the best pair at a few MAC fractions, each scored by the solver's cheap proxy
+    (its initialisation and one exact output step: an upper bound of the ALS error). ``refine``:
+    input ranks scored around the best grid point (see :func:`search_ranks`)."""
+    if problem.kernel == (1, 1):
+        return svd_candidates(problem, solve, xp, multiple)
+    W = problem.conv_weight()
+    S = problem.fit_matrix(solve)
+    out = []
+    for fraction in fractions:
+        try:
+            search = search_ranks(W, S, fraction, measure="macs", in_positions=problem.input_ratio, grid=4,
+                                  refine=refine, multiple=multiple or 1, xp=xp)
+        except OnnxcompError:  # no pair fits this fraction
+            continue
+        if search.ranks in {c.rank for c in out}:
+            continue
+        cost = tucker2_cost(*W.shape, *search.ranks, in_positions=problem.input_ratio)
+        error = search.proxy_error / search.reference if search.reference > 0 else 0.0
+        out.append(Candidate(Method.TUCKER2, search.ranks, cost.params, cost.macs, error))
+    return out
+
+
+CP_FRACTIONS = TUCKER2_FRACTIONS
+CP_CANDIDATE_SWEEPS = 2
+
+
+def cp_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int | None = None,
+                  fractions=CP_FRACTIONS) -> list[Candidate]:
+    """A coarse curve: the CP rank that fits each of a few MAC fractions, scored by the error after
+    the solver's initialisation and ``CP_CANDIDATE_SWEEPS`` ALS sweeps.
+
+    That score is an upper bound of the final error at the rank: every block step of the data-norm
+    ALS is checked and reverted if it would raise the error, so more sweeps never raise it, and the
+    solve at the chosen rank continues from these very factors (the candidate's ``start``). Under the
+    Frobenius norm the final solve restarts from the same seeded initialisation, so its first sweeps
+    are these (plain CP-ALS is monotone up to its tiny ridge). 1x1 convs and Gemm/MatMul are matrices:
+    their CP is the SVD, with its exact curve.
+    """
+    if problem.kernel == (1, 1):
+        return svd_candidates(problem, solve, xp, multiple)
+    W = problem.conv_weight()
+    c_out, c_in, kh, kw = W.shape
+    S = problem.fit_matrix(solve)
+    form, out = solve.cp_form, []
+    for rank in _cp_candidate_ranks(W.shape, form, problem.input_ratio, multiple, fractions):
+        result = cp_decompose(W, S, rank, form=form, norm=solve.norm, max_iter=CP_CANDIDATE_SWEEPS, xp=xp)
+        cost = cp_cost(c_out, c_in, kh, kw, rank, form, in_positions=problem.input_ratio)
+        error = result.error / result.reference if result.reference > 0 else 0.0
+        out.append(Candidate(Method.CP, (rank,), cost.params, cost.macs, error, form=form, start=result))
+    return out
+
+
+def _cp_candidate_ranks(shape, form: str, input_ratio: float, multiple: int | None = None,
+                        fractions=CP_FRACTIONS) -> list[int]:
+    """The distinct ranks that fit ``fractions`` of the dense MACs (rank 1 only if it is cheaper),
+    rounded down to multiples of ``multiple`` where at least one fits (as :func:`candidate_ranks`)."""
+    dense = int(np.prod(shape))
+    ranks_ = {cp_rank_for_fraction(*shape, f, form=form, measure="macs", in_positions=input_ratio) for f in fractions}
+    if multiple and max(ranks_) >= multiple:
+        ranks_ = {r // multiple * multiple for r in ranks_ if r >= multiple}
+    return sorted(r for r in ranks_ if cp_cost(*shape, r, form, in_positions=input_ratio).macs < dense)
+
+
+def best_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int | None = None) -> list[Candidate]:
+    """Both methods' curves: the budget then picks the method per layer too."""
+    return svd_candidates(problem, solve, xp, multiple) + tucker2_candidates(problem, solve, xp, multiple)
+
+
+# CP is not part of "auto": its candidate curves cost about 7x Tucker-2's and its solves about 10x
+# (README, "CP vs Tucker-2 vs SVD"), and its depthwise chains often run slower than Tucker-2's.
+CURVES = {Method.SVD: svd_candidates, Method.TUCKER2: tucker2_candidates, Method.CP: cp_candidates,
+          Method.AUTO: best_candidates}
+# Curves sampled at a few fractions; the budget asks them for more points where its spare cost reaches.
+REFINABLE = {Method.TUCKER2: functools.partial(tucker2_candidates, refine=4), Method.CP: cp_candidates}

@@ -1,0 +1,199 @@
+"""A whole-model budget, decided: which layer keeps which rank.
+
+1. Curves: every layer's candidate points (:mod:`.candidates`), priced by a cost
+   model (:mod:`.costs`: MACs, params or measured latency).
+2. Allocation: a multiple-choice knapsack (:mod:`.knapsack`) under
+   ``fraction * total - (cost of the layers outside the plan)``; coarse Tucker-2 /
+   CP curves get more points where the spare cost reaches, then it runs again.
+3. Sensitivity (optional): each layer's error weighted by its measured effect on
+   the model's outputs (:mod:`.sensitivity`); "auto" keeps the weighted
+   allocation only when its solved model has the smaller output error on probe
+   samples held out of the statistics.
+4. Latency budgets: the planned model is profiled; a miss of more than 3% is
+   re-allocated once, aiming off by the miss, and the closer round is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from ..config import BudgetConfig, BudgetKind, Sensitivity, SolveConfig
+from ..decompose.solve import LayerProblem, Solved, solve_layers
+from ..metrics import compare_outputs
+from ..passes import apply_solved
+from .candidates import CURVES, REFINABLE, Candidate
+from .costs import CostModel
+from .knapsack import Option, allocate
+from .sensitivity import layer_sensitivities
+
+# Refine the coarse Tucker-2/CP curves while more than this share of the model's cost is left unspent.
+SPARE_TOLERANCE = 0.002
+# A measured latency further than this (relative to the target) from the target gets one correction round.
+LATENCY_RETRY = 0.03
+
+
+@dataclass
+class Allocation:
+    """What a budget decided, and how well it met the target."""
+
+    choices: dict[str, Candidate | None]  # layer name -> candidate (None: the layer stays dense)
+    predicted: float  # the model's cost as priced, a fraction of the original's
+    feasible: bool  # False: even the cheapest choices miss the target (the closest point is returned)
+    measured: float | None = None  # latency budgets: the planned model's profiled fraction
+    rounds: list[dict] = field(default_factory=list)  # latency budgets: aimed, predicted, measured
+    sensitivity: dict | None = None  # the probe's gains and what the "auto" choice compared
+    total: float | None = None  # the original model's cost in the budget's unit (latency: seconds)
+    timed: int = 0  # timings taken in this run (latency budgets; the rest came from the cache)
+    layer_latency: dict | None = None  # latency budgets: layer name -> (seconds dense, seconds chosen)
+
+    def solve_plan(self, solve: SolveConfig) -> dict:
+        """Layer name -> (the fit at its chosen point, the candidate's start), or why it stays dense."""
+        return {name: "the budget keeps it dense" if choice is None else
+                (solve.at_rank(choice.method, choice.rank), choice.start)
+                for name, choice in self.choices.items()}
+
+
+@dataclass
+class Planning:
+    """Everything a budget decision reads: the layers as problems, how they are fitted and priced,
+    and the samples that judge candidate models (held out of the statistics where possible)."""
+
+    model: object  # onnx.ModelProto
+    layers: list
+    problems: dict[str, LayerProblem]
+    solve: SolveConfig
+    costs: CostModel
+    xp: object
+    progress: bool = False
+    probe: dict | None = None  # feed of the probe samples
+    probe_source: str | None = None  # where they came from, for the report
+
+
+def plan_budget(budget: BudgetConfig, planning: Planning) -> tuple[Allocation, Solved]:
+    """The allocation meeting ``budget`` and each layer solved at its chosen point."""
+    curves = Curves(planning, budget.rank_multiple)
+    decide = lambda fraction: _with_sensitivity(budget, planning, curves, fraction)  # noqa: E731
+    allocation, solved = decide(budget.fraction)
+    if budget.kind is BudgetKind.LATENCY:
+        allocation, solved = _close_latency_loop(planning, decide, (allocation, solved), budget.fraction)
+    costs = planning.costs
+    costs.save()
+    allocation.total, allocation.timed = costs.total, costs.timed
+    if budget.kind is BudgetKind.LATENCY:
+        allocation.layer_latency = {
+            layer.name: (costs.dense(layer), costs.dense(layer) if choice is None else costs.of(layer, choice))
+            for layer, choice in ((layer, allocation.choices[layer.name]) for layer in planning.layers)}
+    return allocation, solved
+
+
+class Curves:
+    """The candidate curves of every layer, refined where an allocation's spare cost reaches."""
+
+    def __init__(self, planning: Planning, multiple: int | None):
+        self.planning, self.multiple = planning, multiple
+        solve, xp = planning.solve, planning.xp
+        self.points = {layer.name: CURVES[solve.method](planning.problems[layer.name], solve, xp, multiple)
+                       for layer in planning.layers}
+
+    def allocate(self, fraction: float, gains: dict | None = None, rounds: int = 3) -> Allocation:
+        """Knapsack, then up to ``rounds`` refinements of the coarse curves (see :meth:`_refine`)."""
+        allocation = self._knapsack(fraction, gains)
+        for _ in range(rounds):
+            spare = (fraction - allocation.predicted) * self.planning.costs.total
+            if spare <= SPARE_TOLERANCE * self.planning.costs.total or not self._refine(allocation, spare):
+                break
+            allocation = self._knapsack(fraction, gains)
+        return allocation
+
+    def _knapsack(self, fraction: float, gains: dict | None) -> Allocation:
+        """Ranks per layer meeting a whole-model budget (layers outside the plan cost what they cost)."""
+        costs, layers = self.planning.costs, self.planning.layers
+        choices, dense_total = [], 0.0
+        for layer in tqdm(layers, desc="costs", unit="layer", disable=not costs.progress):
+            dense = costs.dense(layer)
+            dense_total += dense
+            weight = 1.0 if gains is None else gains[layer.name]
+            choices.append([Option(dense, 0.0, None)]
+                           + [Option(costs.of(layer, c), weight * c.error, c) for c in self.points[layer.name]])
+        untouched = costs.total - dense_total
+        picked, feasible = allocate(choices, fraction * costs.total - untouched)
+        spent = sum(options[i].cost for options, i in zip(choices, picked))
+        chosen = {layer.name: options[i].label for layer, options, i in zip(layers, choices, picked)}
+        return Allocation(chosen, (untouched + spent) / costs.total, feasible)
+
+    def _refine(self, allocation: Allocation, spare: float) -> int:
+        """Spend what coarse curves leave: the Tucker-2 and CP curves are sampled at a few MAC
+        fractions, so the allocation can stop short of the budget (digits, Tucker-2 at 75%: 71.7%).
+        Every layer on such a curve gets the candidate its current cost plus the whole spare would
+        buy (cost ~ linear in MACs). Returns the number of new points."""
+        planning, added = self.planning, 0
+        for layer in planning.layers:
+            chosen = allocation.choices[layer.name]
+            if chosen is None or chosen.method not in REFINABLE:
+                continue
+            cost = planning.costs.of(layer, chosen)
+            reach = min(0.95, chosen.macs / layer.weight.size * (cost + spare) / cost)
+            known = {c.rank for c in self.points[layer.name]}
+            new = [c for c in REFINABLE[chosen.method](planning.problems[layer.name], planning.solve, planning.xp,
+                                                       self.multiple, fractions=(reach,))
+                   if c.rank not in known]
+            self.points[layer.name].extend(new)
+            added += len(new)
+        return added
+
+
+def _solve(planning: Planning, allocation: Allocation) -> Solved:
+    return solve_layers(planning.problems, allocation.solve_plan(planning.solve), planning.xp, planning.progress)
+
+
+def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, fraction: float):
+    """Allocate and solve; with a probe, also weight by sensitivity and keep what "auto" prefers."""
+    allocation = curves.allocate(fraction)
+    solved = _solve(planning, allocation)
+    if budget.sensitivity is Sensitivity.OFF or planning.probe is None:
+        return allocation, solved
+    gains = layer_sensitivities(planning.model, planning.layers, planning.probe)
+    weighted = curves.allocate(fraction, gains)
+    note = {}
+    if weighted.choices != allocation.choices:
+        weighted_solved = _solve(planning, weighted)
+        errors = [_probe_error(planning, s) for s in (solved, weighted_solved)]
+        note = {"unweighted_error": errors[0], "weighted_error": errors[1]}
+        if budget.sensitivity is Sensitivity.ON or errors[1] <= errors[0]:
+            allocation, solved = weighted, weighted_solved
+    allocation.sensitivity = {**note, "weighted": allocation is weighted, "probe": planning.probe_source,
+                              "gains": {k: round(v, 6) for k, v in gains.items()}}
+    return allocation, solved
+
+
+def _probe_error(planning: Planning, solved: Solved) -> float:
+    compressed = apply_solved(planning.model, planning.layers, solved)
+    errors = compare_outputs(planning.model, compressed, planning.probe)
+    return next(iter(errors.values()))["relative_l2"]
+
+
+def _close_latency_loop(planning: Planning, decide, first, fraction: float):
+    """Measure the planned model; if it misses the target, re-plan once, aiming off by the miss.
+
+    The prediction (in-model dense times, isolated chain/dense ratios) misses what the
+    rewritten model does by a few percent (its chains fuse and cache differently); one
+    re-allocation at ``fraction + (fraction - measured)`` corrects most of it. The round
+    whose measurement is closer to the target is kept.
+    """
+    rounds, best, aim = [], None, fraction
+    for _ in range(2):
+        allocation, solved = first if best is None else decide(aim)
+        if best is not None and allocation.choices == best[0].choices:
+            break  # the allocation cannot move: nothing new to measure
+        measured = planning.costs.measure(apply_solved(planning.model, planning.layers, solved))
+        rounds.append({"aimed": aim, "predicted": allocation.predicted, "measured": measured})
+        allocation.measured = measured
+        if best is None or abs(measured - fraction) < abs(best[0].measured - fraction):
+            best = (allocation, solved)
+        if abs(measured - fraction) <= LATENCY_RETRY * fraction:
+            break
+        aim = min(1.0, max(0.01, aim + fraction - measured))
+    best[0].rounds = rounds
+    return best

@@ -1,0 +1,249 @@
+"""What the user asked for, typed and validated once, before any work.
+
+The command line and the Python API both build a :class:`CompressConfig`; the
+pipeline and every stage below it read it and never re-check it. Choices are
+enums (their values are the strings of the command line, so ``Method("svd")``
+and ``Method.SVD == "svd"`` both hold).
+
+- :class:`SolveConfig`: how each layer is fitted (method, norm, rank rule).
+- :class:`BudgetConfig`: a whole-model budget instead of a per-layer rule,
+  with :class:`LatencyConfig` for budgets in measured time.
+- :class:`CompressConfig`: the above plus calibration and run settings.
+
+:meth:`CompressConfig.from_options` maps the flat keyword arguments of
+:func:`onnxcomp.compress` (and the README's option names) onto these.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from .errors import OnnxcompError
+
+
+class Choice(str, Enum):
+    """An enum whose values are the command line's words; a bad word is a one-line error."""
+
+    @classmethod
+    def parse(cls, value, option: str):
+        try:
+            return cls(value)
+        except ValueError:
+            words = ", ".join(member.value for member in cls)
+            raise OnnxcompError(f"{option}: unknown value {value!r}, use one of {words}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Method(Choice):
+    SVD = "svd"  # every layer: two thinner layers
+    TUCKER2 = "tucker2"  # kxk convs: 1x1 -> kxk -> 1x1; matrices get the SVD
+    CP = "cp"  # kxk convs: 1x1 -> depthwise -> 1x1; matrices get the SVD
+    AUTO = "auto"  # per layer the better of svd and tucker2
+
+
+class CPForm(Choice):
+    FOUR_WAY = "4way"  # depthwise kh x 1, then 1 x kw
+    THREE_WAY = "3way"  # one depthwise kh x kw
+
+
+class Norm(Choice):
+    DATA = "data"  # ||(W - W~) S^1/2||_F on the calibration statistics
+    FROBENIUS = "frobenius"  # data-free
+
+
+class RankRule(Choice):
+    ENERGY = "energy"
+    ENTROPY = "entropy"
+
+
+class SpectrumSource(Choice):
+    DATA = "data"  # threshold the data-aware spectrum
+    WEIGHT = "weight"  # threshold the weight's own spectrum
+
+
+class Sensitivity(Choice):
+    AUTO = "auto"  # weight by measured sensitivity only where that wins on held-out samples
+    ON = "on"
+    OFF = "off"
+
+
+class BudgetKind(Choice):
+    MACS = "macs"
+    PARAMS = "params"
+    LATENCY = "latency"
+
+
+class Device(Choice):
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"
+
+
+class Provider(Choice):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """How the rank of each layer is chosen outside a budget (exactly one rule is set)."""
+
+    rank: int | tuple[int, ...] | None = None  # Tucker-2 takes (R_out, R_in); one int means both
+    keep: float | None = None  # fraction of the layer's MACs kept
+    energy: float | None = None  # threshold tau of the energy / entropy rule
+    rule: RankRule = RankRule.ENERGY
+    spectrum: SpectrumSource = SpectrumSource.DATA
+    evbmf: bool = False  # Tucker-2 ranks from EVBMF on the mode unfoldings (data-free)
+
+    def __post_init__(self):
+        object.__setattr__(self, "rule", RankRule.parse(self.rule, "--rank-rule"))
+        object.__setattr__(self, "spectrum", SpectrumSource.parse(self.spectrum, "--spectrum"))
+        if self.rank is not None:
+            values = (self.rank,) if isinstance(self.rank, int) else tuple(self.rank)
+            if len(values) not in (1, 2) or any(not isinstance(v, int) or v < 1 for v in values):
+                raise OnnxcompError(f"--rank must be a positive integer or R_OUT,R_IN, got {self.rank!r}")
+        _check_fraction(self.keep, "--keep")
+        _check_fraction(self.energy, "--energy")
+
+    @property
+    def given(self) -> list[str]:
+        """The rules that are set (a valid choice has exactly one, unless a budget decides)."""
+        rules = (("rank", self.rank), ("keep", self.keep), ("energy", self.energy), ("evbmf", self.evbmf or None))
+        return [name for name, value in rules if value is not None]
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """How each layer is fitted."""
+
+    method: Method = Method.SVD
+    norm: Norm = Norm.DATA
+    centered: bool = True  # fit under the covariance and correct the bias
+    ranks: RankChoice = field(default_factory=RankChoice)
+    cp_form: CPForm = CPForm.FOUR_WAY
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", Method.parse(self.method, "--method"))
+        object.__setattr__(self, "norm", Norm.parse(self.norm, "--norm"))
+        object.__setattr__(self, "cp_form", CPForm.parse(self.cp_form, "--cp-form"))
+
+    def at_rank(self, method: Method | str, rank) -> "SolveConfig":
+        """The same fit at one method and rank (what a budget decided for one layer)."""
+        return replace(self, method=method, ranks=RankChoice(rank=rank))
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """Where and how latency is measured (``--target-latency``, and the final check)."""
+
+    provider: Provider = Provider.CPU
+    threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime's choice)
+    cache: str | os.PathLike | None = None  # the chain/dense ratio cache (None: the default file)
+
+    def __post_init__(self):
+        object.__setattr__(self, "provider", Provider.parse(self.provider, "--provider"))
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise OnnxcompError(f"--threads must be a positive integer, got {self.threads!r}")
+
+
+# Candidate ranks of latency budgets: multiples of this by default (rank 64 of a 256-channel
+# 3x3 conv ran in 0.62 ms, rank 66 in 0.77 ms: kernels pad channels to multiples of 8).
+LATENCY_RANK_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A whole-model budget: the model ends at ``fraction`` of its MACs, params or latency."""
+
+    kind: BudgetKind
+    fraction: float
+    sensitivity: Sensitivity = Sensitivity.AUTO
+    rank_multiple: int | None = None  # candidate ranks only at multiples of this (None: 8 for latency)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", BudgetKind.parse(self.kind, "budget kind"))
+        object.__setattr__(self, "sensitivity", Sensitivity.parse(self.sensitivity, "--sensitivity"))
+        if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+            raise OnnxcompError(f"--target-{self.kind.value} must be a fraction in (0, 1], got {self.fraction}")
+        multiple = self.rank_multiple
+        if multiple is not None and (not isinstance(multiple, int) or multiple < 1):
+            raise OnnxcompError(f"--rank-multiple must be a positive integer, got {multiple!r}")
+        if multiple is None and self.kind is BudgetKind.LATENCY:
+            object.__setattr__(self, "rank_multiple", LATENCY_RANK_MULTIPLE)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything :func:`onnxcomp.compress` needs besides the model and the data."""
+
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    budget: BudgetConfig | None = None  # None: the per-layer rule of ``solve.ranks``
+    latency: LatencyConfig = field(default_factory=LatencyConfig)  # the final latency check
+    skip: tuple[str, ...] = ()  # node names or op types left alone
+    input_shapes: dict = field(default_factory=dict)  # input name -> fixed dims
+    batch_size: int = 32  # calibration batch
+    device: Device = Device.CPU  # where the solvers run
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "device", Device.parse(self.device, "--device"))
+        object.__setattr__(self, "skip", tuple(self.skip or ()))
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise OnnxcompError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        given = self.solve.ranks.given + (["target"] if self.budget else [])
+        if len(given) != 1:
+            raise OnnxcompError(
+                "give exactly one rank rule: --rank N, --keep F, --energy TAU, --evbmf or a budget "
+                "--target-macs/--target-params/--target-latency F" + (f" (got {', '.join(given)})" if given else "")
+            )
+
+    @classmethod
+    def from_options(cls, *, method="svd", rank=None, keep=None, energy=None, evbmf=False, rule="energy",
+                     spectrum="data", norm="data", centered=True, cp_form="4way", target_macs=None,
+                     target_params=None, target_latency=None, sensitivity="auto", rank_multiple=None,
+                     provider="cpu", threads=None, latency_cache=None, skip=(), input_shapes=None,
+                     batch_size=32, device="cpu", progress=True) -> "CompressConfig":
+        """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
+        latency = LatencyConfig(provider, threads, latency_cache)
+        targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
+        given = {kind: value for kind, value in targets.items() if value is not None}
+        if len(given) > 1:
+            raise OnnxcompError("give one budget: --target-macs, --target-params or --target-latency")
+        budget = None
+        if given:
+            (kind, fraction), = given.items()
+            budget = BudgetConfig(kind, fraction, sensitivity, rank_multiple, latency)
+        elif rank_multiple is not None:
+            BudgetConfig(BudgetKind.MACS, 1.0, rank_multiple=rank_multiple)  # the same checks
+        ranks = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
+        return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
+                   _input_shapes(input_shapes), batch_size, device, progress)
+
+    def settings(self) -> dict:
+        """The report's ``settings``: the fit as plain JSON values."""
+        solve = self.solve
+        ranks = {k: _plain(getattr(solve.ranks, k)) for k in ("rank", "keep", "energy", "rule", "spectrum", "evbmf")}
+        return {"method": solve.method.value, "norm": solve.norm.value, "centered": solve.centered, "ranks": ranks,
+                "cp_form": solve.cp_form.value,
+                "rank_multiple": self.budget.rank_multiple if self.budget else None, "device": self.device.value}
+
+
+def _check_fraction(value, option: str) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
+        raise OnnxcompError(f"{option} must be in (0, 1], got {value}")
+
+
+def _input_shapes(specs) -> dict[str, list[int]]:
+    """``["name:1,3,224,224"]`` (command-line form) or ``{"name": [1, 3, 224, 224]}``."""
+    from .model import parse_input_shapes
+
+    return parse_input_shapes(specs) if isinstance(specs, (list, tuple)) else dict(specs or {})
+
+
+def _plain(value):
+    return value.value if isinstance(value, Enum) else list(value) if isinstance(value, tuple) else value

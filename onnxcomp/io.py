@@ -1,0 +1,88 @@
+"""What onnxcomp writes: every file atomically, and column tables for people.
+
+A file appears complete or not at all: it is written into a fresh folder beside
+its destination and renamed into place (the main file last, after any external
+data), and the folder is removed whatever happens. Problems the user can fix
+(a missing folder, a path that is a folder, a full disk) are one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OnnxcompError
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` as a Path, or a one-line error when it cannot be written (checked before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OnnxcompError(f"{what} path {path} is a folder: give a file name")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise OnnxcompError(f"{what} folder does not exist: {directory}")
+    return path
+
+
+@contextmanager
+def staged(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
+    """A fresh folder beside ``path``; the files written into it are moved into place when the
+    block ends without an error, ``path``'s own name last. Nothing is left behind otherwise."""
+    path = check_writable(path, what)
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=directory))
+    except OSError as exc:
+        raise OnnxcompError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    try:
+        yield folder
+        files = sorted(folder.iterdir(), key=lambda f: f.name == path.name)
+        for staged_file in files:
+            os.replace(staged_file, directory / staged_file.name)
+    except OSError as exc:  # a full disk, a read-only folder: the user's to fix
+        raise OnnxcompError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data, what: str = "output") -> None:
+    """``data`` as indented JSON (NaN and infinities become null), atomically."""
+    path = Path(path)
+    with staged(path, what) as folder:
+        text = json.dumps(json_safe(data), indent=2, allow_nan=False)
+        (folder / path.name).write_text(text + "\n")
+
+
+def json_safe(value):
+    """Plain JSON data: NumPy scalars as Python numbers, non-finite floats as None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def columns(rows, right=(), rule: bool = False) -> list[str]:
+    """Rows of cells as aligned text columns (``right``: indices of right-aligned columns);
+    ``rule``: a line of dashes under the first row."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = [str(v).rjust(w) if i in right else str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths))]
+        out.append("  ".join(cells).rstrip())
+    if rule:
+        out.insert(1, "  ".join("-" * w for w in widths))
+    return out

@@ -1,0 +1,69 @@
+"""Whole-model parameter and multiply-add counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .constants import TARGET_OPS, constant_node_value
+from .layers import node_attributes
+from .shapes import infer_shapes, runtime_shapes, static_product, with_input_shapes
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Float weights of the model: initializers and Constant-node tensors."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    inputs = {i.name for i in model.graph.input}
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats and t.name not in inputs)
+    for node in model.graph.node:
+        if node.op_type == "Constant":  # Identity copies are not counted again
+            value = constant_node_value(node)
+            if value is not None and value.dtype.kind == "f":
+                total += value.size
+    return int(total)
+
+
+def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, feed: dict | None = None) -> int | None:
+    """Multiply-adds per sample of every Conv, Gemm and MatMul (None if a shape is unknown).
+
+    The first dimension of every tensor is taken as the batch: pass input
+    shapes with batch 1 (or any batch: the count is per sample). Where ONNX
+    shape inference cannot follow the graph (a Reshape whose target is
+    computed at run time, common in opset <= 12 exports) and a ``feed`` of one
+    sample is given, the missing shapes are measured by running it once.
+    """
+    shapes = infer_shapes(with_input_shapes(model, input_shapes or {}))
+    if feed is not None and _macs_from(model, shapes) is None:
+        shapes.update(runtime_shapes(model, feed))
+    return _macs_from(model, shapes)
+
+
+def _macs_from(model: onnx.ModelProto, shapes) -> int | None:
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in TARGET_OPS:
+            continue
+        macs = _node_macs(node, shapes)
+        if macs is None:
+            return None
+        total += macs
+    return total
+
+
+def _node_macs(node: onnx.NodeProto, shapes) -> int | None:
+    out = shapes.get(node.output[0])
+    if node.op_type == "Conv":
+        weight = shapes.get(node.input[1])
+        per_output = static_product(weight[1:]) if weight else None
+        outputs = static_product(out[1:]) if out else None
+        return None if per_output is None or outputs is None else per_output * outputs
+    a = shapes.get(node.input[0])
+    if not a or not out:
+        return None
+    if node.op_type == "Gemm":
+        k = a[0] if node_attributes(node).get("transA", 0) else a[-1]
+        n = out[-1]
+        return k * n if isinstance(k, int) and isinstance(n, int) else None
+    outputs = static_product(out[1:]) if len(out) > 1 else static_product(out)
+    k = a[-1]
+    return None if outputs is None or not isinstance(k, int) else outputs * k

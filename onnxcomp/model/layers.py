@@ -1,0 +1,236 @@
+"""The layers we can compress, found in a model.
+
+A *target layer* is a Conv, Gemm or MatMul whose weight is a constant (an
+initializer, a ``Constant`` node, or either behind ``Identity`` nodes). Each one
+is described by a :class:`TargetLayer`: the layer as ``y = W x + b`` on one
+input row ``x`` (a Gemm/MatMul row, or an im2col patch of a Conv ordered
+``(c, i, j)`` like ``W.reshape(C_out, -1)``), plus what the calibration needs to
+rebuild ``x`` and what the rewrite needs to rebuild the node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .constants import TARGET_OPS, constant_tensors
+from .shapes import infer_shapes, static_product, with_input_shapes
+
+
+@dataclass
+class ConvGeometry:
+    """How a Conv turns its input into patches (everything im2col needs)."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    dilations: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    auto_pad: str = "NOTSET"
+
+    def resolve_pads(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """Explicit (top, left, bottom, right) pads for an input of this size."""
+        if self.auto_pad in ("NOTSET", "VALID"):
+            return self.pads if self.auto_pad == "NOTSET" else (0, 0, 0, 0)
+        begin, end = [], []
+        for size, k, s, d in zip((height, width), self.kernel, self.strides, self.dilations):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small, large = total // 2, total - total // 2
+            # SAME_UPPER puts the extra pad at the end, SAME_LOWER at the beginning.
+            first, last = (small, large) if self.auto_pad == "SAME_UPPER" else (large, small)
+            begin.append(first)
+            end.append(last)
+        return (begin[0], begin[1], end[0], end[1])
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        top, left, bottom, right = self.resolve_pads(height, width)
+        sizes = []
+        for size, lo, hi, k, s, d in zip(
+            (height, width), (top, left), (bottom, right), self.kernel, self.strides, self.dilations
+        ):
+            sizes.append((size + lo + hi - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+    def key(self) -> str:
+        pads = self.auto_pad if self.auto_pad != "NOTSET" else ",".join(map(str, self.pads))
+        return (
+            f"k{self.kernel[0]}x{self.kernel[1]} s{self.strides[0]}x{self.strides[1]} "
+            f"d{self.dilations[0]}x{self.dilations[1]} p{pads}"
+        )
+
+
+@dataclass
+class TargetLayer:
+    """One compressible layer, seen as ``y = W x + b`` on one input row ``x``."""
+
+    name: str  # node name, or "<op>_<index>" for unnamed nodes
+    op_type: str  # "Conv", "Gemm" or "MatMul"
+    node_index: int
+    input: str  # the activation tensor the layer reads
+    output: str  # the node's (unique) output tensor: how passes find the node again
+    weight: np.ndarray  # W as a matrix, (out_features, in_features), original dtype
+    bias: np.ndarray | None  # per-output bias (Conv B, Gemm beta*C as a vector), or None
+    conv: ConvGeometry | None = None  # for Conv
+    trans_a: bool = False  # Gemm transA: the rows x are the columns of A
+    positions: int | None = None  # rows per sample (output pixels, tokens); None if unknown
+    attrs: dict = field(default_factory=dict)  # the node's original attributes
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return self.conv.kernel if self.conv else (1, 1)
+
+    @property
+    def in_channels(self) -> int:
+        kh, kw = self.kernel
+        return self.in_features // (kh * kw)
+
+    @property
+    def stats_key(self) -> str:
+        """Layers reading the same tensor the same way share one statistic."""
+        if self.conv is not None:
+            return f"{self.input}|conv {self.conv.key()}"
+        return f"{self.input}|rows{' T' if self.trans_a else ''}"
+
+    @property
+    def params(self) -> int:
+        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
+
+    def macs(self, positions: int | None = None) -> int | None:
+        """Multiply-adds per sample; ``positions`` overrides the static count."""
+        positions = positions if positions is not None else self.positions
+        return None if positions is None else int(self.weight.size) * int(positions)
+
+    @property
+    def shape_text(self) -> str:
+        if self.conv is not None:
+            kh, kw = self.kernel
+            return f"{self.out_features}x{self.in_channels}x{kh}x{kw}"
+        return f"{self.in_features}x{self.out_features}"
+
+
+@dataclass
+class Skipped:
+    name: str
+    op_type: str
+    reason: str
+
+
+def find_layers(
+    model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+) -> tuple[list[TargetLayer], list[Skipped]]:
+    """The compressible layers of a model, and the Conv/Gemm/MatMul nodes that are not (with why)."""
+    graph = model.graph
+    constants = constant_tensors(graph)
+    shapes = infer_shapes(with_input_shapes(model, input_shapes or {}))
+    layers, skipped = [], []
+    for index, node in enumerate(graph.node):
+        if node.op_type not in TARGET_OPS:
+            continue
+        name = node.name or f"{node.op_type}_{index}"
+        builder = {"Conv": _conv_layer, "Gemm": _gemm_layer, "MatMul": _matmul_layer}[node.op_type]
+        try:
+            layers.append(builder(node, name, index, constants, shapes))
+        except _NotTarget as why:
+            skipped.append(Skipped(name, node.op_type, str(why)))
+    return layers, skipped
+
+
+class _NotTarget(Exception):
+    pass
+
+
+def node_attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _float_weight(value: np.ndarray | None, what: str) -> np.ndarray:
+    if value is None:
+        raise _NotTarget(f"{what} is not a constant")
+    if value.dtype not in (np.float32, np.float64, np.float16):
+        raise _NotTarget(f"{what} has dtype {value.dtype}, not a float type")
+    return value
+
+
+def _conv_layer(node, name, index, constants, shapes) -> TargetLayer:
+    attrs = node_attributes(node)
+    weight = _float_weight(constants.get(node.input[1]), "weight")
+    if weight.ndim != 4:
+        raise _NotTarget(f"{weight.ndim - 2}-D convolution (only 2-D is supported)")
+    if attrs.get("group", 1) != 1:
+        raise _NotTarget(f"grouped convolution (group={attrs['group']})")
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = constants.get(node.input[2])
+        if bias is None:
+            raise _NotTarget("bias is not a constant")
+    c_out, _, kh, kw = weight.shape
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    geometry = ConvGeometry(
+        kernel=(kh, kw),
+        strides=tuple(attrs.get("strides", [1, 1])),
+        dilations=tuple(attrs.get("dilations", [1, 1])),
+        pads=(pads[0], pads[1], pads[2], pads[3]),
+        auto_pad=auto_pad,
+    )
+    out_shape = shapes.get(node.output[0])
+    positions = static_product(out_shape[2:]) if out_shape and len(out_shape) == 4 else None
+    return TargetLayer(
+        name=name, op_type="Conv", node_index=index, input=node.input[0], output=node.output[0],
+        weight=weight.reshape(c_out, -1), bias=bias, conv=geometry, positions=positions, attrs=attrs,
+    )
+
+
+def _gemm_layer(node, name, index, constants, shapes) -> TargetLayer:
+    attrs = node_attributes(node)
+    b = _float_weight(constants.get(node.input[1]), "B")
+    if node.input[0] in constants:
+        raise _NotTarget("input A is a constant as well")
+    alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+    b_matrix = b.T if attrs.get("transB", 0) else b  # (K, N)
+    weight = (alpha * b_matrix.T).astype(b.dtype)  # y = alpha * B'^T x
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        c = constants.get(node.input[2])
+        if c is None:
+            raise _NotTarget("C is not a constant")
+        n = weight.shape[0]
+        if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+            raise _NotTarget(f"C of shape {list(c.shape)} is not a per-output bias")
+        bias = (beta * np.broadcast_to(c.reshape(-1), (n,))).astype(c.dtype)
+    return TargetLayer(
+        name=name, op_type="Gemm", node_index=index, input=node.input[0], output=node.output[0],
+        weight=weight, bias=bias, trans_a=bool(attrs.get("transA", 0)), positions=1, attrs=attrs,
+    )
+
+
+def _matmul_layer(node, name, index, constants, shapes) -> TargetLayer:
+    b = constants.get(node.input[1])
+    if b is None:
+        raise _NotTarget("second input is not a constant (activation x activation)")
+    b = _float_weight(b, "weight")
+    if b.ndim != 2:
+        raise _NotTarget(f"constant weight has rank {b.ndim}, not 2")
+    if node.input[0] in constants:
+        raise _NotTarget("both inputs are constants")
+    x_shape = shapes.get(node.input[0])
+    positions = None
+    if x_shape is not None:
+        if len(x_shape) < 2:
+            raise _NotTarget("1-D activation")
+        positions = static_product(x_shape[1:-1])  # rows per sample: every dim but batch and K
+    return TargetLayer(
+        name=name, op_type="MatMul", node_index=index, input=node.input[0], output=node.output[0],
+        weight=b.T, bias=None, positions=positions, attrs={},
+    )

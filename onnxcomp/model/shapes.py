@@ -1,0 +1,93 @@
+"""Tensor shapes: user overrides of dynamic inputs, ONNX shape inference, one measured run."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..errors import OnnxcompError
+from .constants import TARGET_OPS, constant_tensors
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """``["name:1,3,224,224", ...]`` -> ``{"name": [1, 3, 224, 224]}``."""
+    shapes = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise OnnxcompError(f"bad --input-shape {spec!r}: expected name:d1,d2,... (e.g. input:1,3,224,224)") from None
+    return shapes
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy of the model whose graph inputs have the given fixed shapes."""
+    if not shapes:
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    by_name = {i.name: i for i in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in by_name:
+            raise OnnxcompError(
+                f"--input-shape names {name!r}, but the model's inputs are {sorted(by_name)}"
+            )
+        tensor_type = by_name[name].type.tensor_type
+        old = tensor_type.shape.dim
+        if len(old) and len(old) != len(dims):
+            raise OnnxcompError(f"--input-shape {name}: model input has rank {len(old)}, got {len(dims)} dims")
+        tensor_type.shape.ClearField("dim")
+        for d in dims:
+            tensor_type.shape.dim.add().dim_value = d
+    return model
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Static shapes of every tensor that shape inference can tell (dims may be symbolic)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is a help, not a requirement
+        inferred = model
+    shapes = {}
+    graph = inferred.graph
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in info.type.tensor_type.shape.dim
+            ]
+    for init in graph.initializer:
+        shapes.setdefault(init.name, list(init.dims))
+    return shapes
+
+
+def static_product(dims) -> int | None:
+    if dims is None or any(not isinstance(d, int) or d <= 0 for d in dims):
+        return None
+    return int(np.prod(dims, dtype=np.int64)) if dims else 1
+
+
+def runtime_shapes(model: onnx.ModelProto, feed: dict) -> dict[str, list[int]]:
+    """Shapes of the Conv/Gemm/MatMul inputs and outputs, from one onnxruntime run on ``feed``."""
+    from ..runtime import make_session  # onnxruntime only when shapes must be measured
+
+    wanted = {name for node in model.graph.node if node.op_type in TARGET_OPS
+              for name in (node.input[0], node.output[0])}
+    wanted -= set(constant_tensors(model.graph))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    fetch = sorted(wanted - set(feed))
+    for name in fetch:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    try:
+        session = make_session(probe, quiet=True)
+        values = session.run(fetch, feed)
+    except Exception:  # a float16 model or an exotic graph: shapes stay unknown
+        return {}
+    shapes = {name: list(value.shape) for name, value in zip(fetch, values)}
+    shapes.update({name: list(np.shape(value)) for name, value in feed.items() if name in wanted})
+    return shapes
