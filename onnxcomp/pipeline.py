@@ -61,8 +61,8 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     clock.lap("rewrite")
     check = compare_outputs(model, compressed, run.first_batch) if run.first_batch is not None else None
     clock.lap("check")
-    totals = model_totals(model, compressed, run.shapes, run.sample, sum(not isinstance(r, str) for r in solved.values()),
-                          len(run.layers))
+    compressed_layers = sum(not isinstance(result, str) for result in solved.values())
+    totals = model_totals(model, compressed, run.shapes, run.sample, compressed_layers, len(run.layers))
     settings = {**config.settings(), "calibration_samples": _samples(statistics)}
     if allocation is not None:
         settings["target"] = _target_settings(config.budget, allocation, totals)

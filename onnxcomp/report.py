@@ -72,15 +72,16 @@ class Report:
     def summary_lines(self) -> list[str]:
         t = self.totals
         lines = [
-            f"model params: {_count(t['params_before'])} -> {_count(t['params_after'])} ({_ratio(t['params_after'], t['params_before'])})",
-            f"model MACs per sample: {_count(t['macs_before'])} -> {_count(t['macs_after'])} ({_ratio(t['macs_after'], t['macs_before'])})",
+            f"model params: {_change(t['params_before'], t['params_after'])}",
+            f"model MACs per sample: {_change(t['macs_before'], t['macs_after'])}",
             f"layers compressed: {t['layers_compressed']} of {t['layers_found']}",
         ]
         if t.get("latency_before") is not None:
             setting = t.get("latency_setting", {})
+            threads = setting.get("threads") or "default"
             lines.append(
-                f"model latency (onnxruntime {setting.get('provider', 'cpu')}, threads {setting.get('threads') or 'default'}, "
-                f"batch 1), summed fastest node times: {t['latency_before'] * 1e3:.3g} ms -> {t['latency_after'] * 1e3:.3g} ms "
+                f"model latency (onnxruntime {setting.get('provider', 'cpu')}, threads {threads}, batch 1), "
+                f"summed fastest node times: {t['latency_before'] * 1e3:.3g} ms -> {t['latency_after'] * 1e3:.3g} ms "
                 f"({t['latency_ratio']:.1%}); whole runs, interleaved: {t['latency_wall_before'] * 1e3:.3g} ms -> "
                 f"{t['latency_wall_after'] * 1e3:.3g} ms ({t['latency_wall_ratio']:.1%})"
             )
@@ -88,8 +89,9 @@ class Report:
         if target:
             achieved = "?" if target["achieved"] is None else f"{target['achieved']:.1%}"
             lines.append(
-                f"budget: {target['fraction']:.1%} of the model's {target['kind']}, predicted {target['predicted']:.1%}, "
-                f"achieved {achieved}" + ("" if target["feasible"] else " (not reachable: the closest feasible point)")
+                f"budget: {target['fraction']:.1%} of the model's {target['kind']}, "
+                f"predicted {target['predicted']:.1%}, achieved {achieved}"
+                + ("" if target["feasible"] else " (not reachable: the closest feasible point)")
                 + _rounds_note(target.get("rounds"))
             )
         if self.seconds:
@@ -161,6 +163,10 @@ def _count(value) -> str:
         if abs(value) >= size:
             return f"{value / size:.2f}{unit}"
     return str(int(value))
+
+
+def _change(before, after) -> str:
+    return f"{_count(before)} -> {_count(after)} ({_ratio(after, before)})"
 
 
 def _ms(before, after) -> str:

@@ -43,10 +43,8 @@ def svd_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int 
     total = float(spectrum.values.sum())
     tails = np.concatenate([np.cumsum(spectrum.values[::-1])[::-1], [0.0]])
     largest = (m * d - 1) // (m + d)  # the largest rank that is still cheaper than dense
-    return [
-        Candidate(Method.SVD, (int(r),), int(r) * (m + d), int(r) * (m + d), float(tails[r] / total) if total > 0 else 0.0)
-        for r in candidate_ranks(largest, most, multiple)
-    ]
+    return [Candidate(Method.SVD, (r,), r * (m + d), r * (m + d), float(tails[r] / total) if total > 0 else 0.0)
+            for r in candidate_ranks(largest, most, multiple)]
 
 
 def candidate_ranks(largest: int, most: int, multiple: int | None = None) -> list[int]:

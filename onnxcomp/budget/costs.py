@@ -42,7 +42,8 @@ class MacCost(CostModel):
     def __init__(self, model, layers, problems, shapes, sample):
         self.total = count_macs(model, shapes, sample)
         if self.total is None:
-            raise OnnxcompError("--target-macs cannot count this model's MACs: give calibration data (--data) or --input-shape")
+            raise OnnxcompError(
+                "--target-macs cannot count this model's MACs: give calibration data (--data) or --input-shape")
         self._positions = {}
         for layer in layers:
             positions = problems[layer.name].positions
@@ -109,7 +110,8 @@ class LatencyCost(CostModel):
         self.table.save()
 
 
-def make_costs(budget: BudgetConfig, model, layers, problems, shapes, sample, timer: Timer, progress: bool) -> CostModel:
+def make_costs(budget: BudgetConfig, model, layers, problems, shapes, sample, timer: Timer,
+               progress: bool) -> CostModel:
     """The cost model of the budget's kind."""
     if budget.kind is BudgetKind.MACS:
         return MacCost(model, layers, problems, shapes, sample)

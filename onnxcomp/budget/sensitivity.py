@@ -44,7 +44,8 @@ def layer_sensitivities(
 
 
 def _relative_noise(activation: np.ndarray, epsilon: float, rng) -> np.ndarray:
-    """Gaussian noise whose energy per channel (axis 1, or the last axis of a row layout) is epsilon^2 times the channel's variance."""
+    """Gaussian noise whose energy per channel (axis 1, or the last axis of a row layout) is
+    epsilon^2 times the channel's variance."""
     axis = 1 if activation.ndim == 4 else activation.ndim - 1
     reduce = tuple(i for i in range(activation.ndim) if i != axis)
     spread = activation.astype(np.float64).std(axis=reduce, keepdims=True)

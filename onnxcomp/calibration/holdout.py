@@ -19,7 +19,8 @@ class HeldOut:
     samples: int
 
 
-def hold_out(first_batch: dict, feeds: Iterator, precomputed: bool, count: int = PROBE_SAMPLES) -> tuple[HeldOut, Iterator]:
+def hold_out(first_batch: dict, feeds: Iterator, precomputed: bool,
+             count: int = PROBE_SAMPLES) -> tuple[HeldOut, Iterator]:
     """The first ``count`` samples of the first batch, and the batches left for the statistics.
 
     ``feeds`` still yields ``first_batch`` first; it is replaced by its remainder. With

@@ -95,7 +95,7 @@ class Statistics(dict):
 
     def save(self, path: str | Path) -> None:
         arrays = {"index": np.array(json.dumps({"version": FORMAT_VERSION, "keys": list(self)}))}
-        for i, (key, s) in enumerate(self.items()):
+        for i, s in enumerate(self.values()):
             arrays[f"counts_{i}"] = np.array([s.rows, s.samples], dtype=np.int64)
             arrays[f"total_{i}"] = s.total
             # The Gram matrix is symmetric: store the upper triangle only (half the bytes).

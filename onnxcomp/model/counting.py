@@ -23,7 +23,8 @@ def count_params(model: onnx.ModelProto) -> int:
     return int(total)
 
 
-def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, feed: dict | None = None) -> int | None:
+def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+               feed: dict | None = None) -> int | None:
     """Multiply-adds per sample of every Conv, Gemm and MatMul (None if a shape is unknown).
 
     The first dimension of every tensor is taken as the batch: pass input

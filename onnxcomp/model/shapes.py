@@ -19,7 +19,8 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
                 raise ValueError
             shapes[name] = [int(d) for d in dims.split(",")]
         except ValueError:
-            raise OnnxcompError(f"bad --input-shape {spec!r}: expected name:d1,d2,... (e.g. input:1,3,224,224)") from None
+            raise OnnxcompError(
+                f"bad --input-shape {spec!r}: expected name:d1,d2,... (e.g. input:1,3,224,224)") from None
     return shapes
 
 

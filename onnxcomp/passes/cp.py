@@ -54,8 +54,8 @@ def rewrite_cp(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposi
             horz["pads"] = [0, left, 0, right]
         steps = [
             first,
-            ("Conv", [editor.constant(f"{base}/cp_vertical_weight", np.asarray(f.h).T[:, None, :, None], dtype)], vert),
-            ("Conv", [editor.constant(f"{base}/cp_horizontal_weight", np.asarray(f.v).T[:, None, None, :], dtype)], horz),
+            ("Conv", [editor.constant(f"{base}/cp_vertical_weight", f.h.T[:, None, :, None], dtype)], vert),
+            ("Conv", [editor.constant(f"{base}/cp_horizontal_weight", f.v.T[:, None, None, :], dtype)], horz),
             ("Conv", last, {}),
         ]
     else:

@@ -78,7 +78,8 @@ def test_cp_candidates_fit_their_fractions_and_bound_the_solved_error(digits):
 def test_cp_candidates_of_matrices_are_the_svd_curve(digits):
     model, stats, _, _ = digits
     problem = layer_problem(model, stats, "/fc1/Gemm")
-    assert cp_candidates(problem, SolveConfig(method="cp"), np) == svd_candidates(problem, SolveConfig(method="svd"), np)
+    svd_curve = svd_candidates(problem, SolveConfig(method="svd"), np)
+    assert cp_candidates(problem, SolveConfig(method="cp"), np) == svd_curve
 
 
 def test_cp_macs_budget_is_met(cp_half):

@@ -32,7 +32,7 @@ def brute_force(options, budget):
 
 def test_allocation_meets_budget_and_is_near_optimal():
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for _trial in range(20):
         options = random_layers(rng)
         full = sum(layer[0].cost for layer in options)
         budget = full * rng.uniform(0.3, 0.8)

@@ -73,7 +73,8 @@ def test_timed_chains_run_like_the_layer(model, shape, candidates):
         expected = {"svd": 2, "tucker2": 3, "cp": 4 if candidate.form in (None, "4way") else 3}[candidate.method]
         assert ops == [layer.op_type] * expected
         # the first node of the chain has the candidate's rank as its output width
-        first = onnx.numpy_helper.to_array(next(i for i in chain.graph.initializer if i.name == chain.graph.node[0].input[1]))
+        first_weight = chain.graph.node[0].input[1]
+        first = onnx.numpy_helper.to_array(next(i for i in chain.graph.initializer if i.name == first_weight))
         rank = candidate.rank[-1]
         assert rank in first.shape
         assert make_session(chain).run(None, feed)[0].shape == dense.shape

@@ -69,7 +69,8 @@ def test_tucker2_beats_svd_on_the_convs_at_equal_macs(digits):
 def test_tucker2_rank_larger_than_layer(digits):
     model, stats, _, _ = digits
     with pytest.raises(onnxcomp.OnnxcompError, match="does not fit"):
-        onnxcomp.compress(model, stats=stats, rank=(16, 40), method="tucker2", skip=["Gemm", "/conv1/Conv"], progress=False)
+        onnxcomp.compress(model, stats=stats, rank=(16, 40), method="tucker2", skip=["Gemm", "/conv1/Conv"],
+                          progress=False)
 
 
 def test_auto_budget_mixes_methods_and_meets_target(digits):

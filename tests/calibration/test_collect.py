@@ -185,7 +185,8 @@ def test_large_inputs_are_reduced_in_blocks(block_rows):
     model = _conv_model(3, 4, case["kernel"], dilations=case["dilations"], pads=case["pads"])
     layers, _ = find_layers(model)
     x = np.random.default_rng(4).standard_normal((3, 3, 9, 8)).astype(np.float32)
-    stats = collect_statistics(model, layers, x, progress=False, block_bytes=8 * 28 * block_rows)  # rows: 27 values and a 1
+    rows_bytes = 8 * 28 * block_rows  # rows of 27 values and a 1
+    stats = collect_statistics(model, layers, x, progress=False, block_bytes=rows_bytes)
     _assert_stats(_only(stats), _naive_patches(np.maximum(x, 0), **_conv_geometry_args(case)), 3)
 
 
@@ -401,12 +402,15 @@ def _npy_bytes(array):
 
 BAD_DATA = {
     "dtype": (lambda: _images(2).astype(np.float64), r"expected float32 data, got float64 .*does not cast"),
-    "rank": (lambda: [_images(2)[0]], r"expected rank 4 like x float32 \[\?,3,\?,\?\], got rank 3 with shape \(3, 4, 4\)"),
+    "rank": (lambda: [_images(2)[0]],
+             r"expected rank 4 like x float32 \[\?,3,\?,\?\], got rank 3 with shape \(3, 4, 4\)"),
     "fixed_dim": (lambda: np.zeros((2, 4, 4, 4), np.float32), r"dimension 1 is 4, but the model fixes it to 3"),
     "nan": (lambda: np.where(np.eye(4, dtype=bool), np.nan, _images(2)).astype(np.float32), r"holds 24 NaN or Inf"),
     "inf": (lambda: [{"x": np.full((1, 3, 4, 4), np.inf, np.float32)}], r"batch 0\) holds 48 NaN or Inf"),
-    "unknown_name": (lambda: {"image": _images(2)}, r"missing input\(s\) \['x'\] and unknown input\(s\) \['image'\]; the model's inputs are \['x'\]"),
-    "extra_name": (lambda: [{"x": _images(1), "y": _images(1)}], r"unknown input\(s\) \['y'\]; the model's inputs are \['x'\]"),
+    "unknown_name": (lambda: {"image": _images(2)},
+                     r"missing input\(s\) \['x'\] and unknown input\(s\) \['image'\]; the model's inputs are \['x'\]"),
+    "extra_name": (lambda: [{"x": _images(1), "y": _images(1)}],
+                   r"unknown input\(s\) \['y'\]; the model's inputs are \['x'\]"),
     "empty_list": (lambda: [], r"calibration data is empty"),
     "empty_array": (lambda: np.zeros((0, 3, 4, 4), np.float32), r"calibration data is empty"),
     "empty_reader": (lambda: _Reader([]), r"calibration data is empty"),
