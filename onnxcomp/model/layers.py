@@ -132,17 +132,67 @@ def find_layers(
     graph = model.graph
     constants = constant_tensors(graph)
     shapes = infer_shapes(with_input_shapes(model, input_shapes or {}))
+    users = _WeightUsers(graph)
     layers, skipped = [], []
     for index, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        if node.op_type in UNSUPPORTED_OPS:
+            skipped.append(Skipped(name, node.op_type, UNSUPPORTED_OPS[node.op_type]))
         if node.op_type not in TARGET_OPS:
             continue
-        name = node.name or f"{node.op_type}_{index}"
         builder = {"Conv": _conv_layer, "Gemm": _gemm_layer, "MatMul": _matmul_layer}[node.op_type]
         try:
+            users.check_unshared(node)
             layers.append(builder(node, name, index, constants, shapes))
         except _NotTarget as why:
             skipped.append(Skipped(name, node.op_type, str(why)))
+    skipped += _in_subgraphs(graph)
     return layers, skipped
+
+
+# Ops that look compressible but are not (yet): listed by inspect and the report, with why.
+UNSUPPORTED_OPS = {"ConvTranspose": "ConvTranspose is not supported (only Conv, Gemm and MatMul)"}
+
+
+class _WeightUsers:
+    """How many node inputs read each tensor, an ``Identity`` of a tensor counting as its source."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.source = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
+        self.counts: dict[str, int] = {}
+        for node in graph.node:
+            if node.op_type != "Identity":
+                for name in node.input:
+                    root = self.root(name)
+                    self.counts[root] = self.counts.get(root, 0) + 1
+
+    def root(self, name: str) -> str:
+        while name in self.source:
+            name = self.source[name]
+        return name
+
+    def check_unshared(self, node: onnx.NodeProto) -> None:
+        """A weight read by other nodes too would stay in the model beside the new chain (and each
+        user would get a chain of its own): compressing it would add parameters, not remove them."""
+        weight = self.root(node.input[1])
+        others = self.counts.get(weight, 0) - 1
+        if others > 0:
+            raise _NotTarget(f"its weight {weight!r} is shared with {others} other node input(s): "
+                             "compressing one user would duplicate the weight")
+
+
+def _in_subgraphs(graph: onnx.GraphProto) -> list[Skipped]:
+    """Conv/Gemm/MatMul nodes inside If/Loop/Scan bodies: not rewritten, but said."""
+    found = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                for inner in body.node:
+                    if inner.op_type in TARGET_OPS or inner.op_type in UNSUPPORTED_OPS:
+                        found.append(Skipped(inner.name or inner.op_type, inner.op_type,
+                                             f"inside a subgraph of {node.op_type} {node.name!r}: not rewritten"))
+                found += _in_subgraphs(body)
+    return found
 
 
 class _NotTarget(Exception):
@@ -217,6 +267,8 @@ def _gemm_layer(node, name, index, constants, shapes) -> TargetLayer:
 
 def _matmul_layer(node, name, index, constants, shapes) -> TargetLayer:
     b = constants.get(node.input[1])
+    if b is None and node.input[0] in constants:
+        raise _NotTarget("the constant is the first operand (W @ x): only x @ W is supported")
     if b is None:
         raise _NotTarget("second input is not a constant (activation x activation)")
     b = _float_weight(b, "weight")

@@ -84,6 +84,42 @@ def test_weight_behind_identity_is_constant():
     assert layer.weight.shape == (4, 6)
 
 
+def test_shared_weights_are_left_alone_with_a_reason():
+    """Compressing one user of a shared weight keeps the weight and adds a chain: more params, not fewer."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[1, 4, 8, 8] x) => (float[1, 4, 8, 8] z) {
+        y = Conv <pads = [1, 1, 1, 1]> (x, w)
+        wi = Identity (w)
+        z = Conv <pads = [1, 1, 1, 1]> (y, wi)
+    }
+    """
+    layers, skipped = find_layers(build(text, w=(4, 4, 3, 3)))
+    assert layers == [] and len(skipped) == 2
+    assert all("shared with 1 other node input" in s.reason for s in skipped)
+
+
+def test_constant_first_operand_convtranspose_and_subgraphs_are_listed():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[6, 3] x, float[1, 4, 5, 5] img, bool c) => (float[4, 3] y, float[1, 2, 7, 7] t, float[1, 4, 5, 5] s) {
+        y = MatMul (w, x)
+        t = ConvTranspose (img, wt)
+        s = If (c) <
+            then_branch = g1 () => (float[1, 4, 5, 5] a) { a = Conv <pads = [1, 1, 1, 1]> (img, wc) },
+            else_branch = g2 () => (float[1, 4, 5, 5] b) { b = Identity (img) }
+        >
+    }
+    """
+    model = build(text, w=(4, 6), wt=(4, 2, 3, 3), wc=(4, 4, 3, 3))
+    layers, skipped = find_layers(model)
+    reasons = {s.op_type: s.reason for s in skipped}
+    assert layers == []
+    assert "first operand (W @ x)" in reasons["MatMul"]
+    assert "ConvTranspose is not supported" in reasons["ConvTranspose"]
+    assert "inside a subgraph of If" in reasons["Conv"]
+
+
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(OnnxcompError, match="not found"):
         load_model(tmp_path / "nope.onnx")
