@@ -98,6 +98,7 @@ class _Run:
         self.shapes = {**per_sample, **input_shapes}
         self.sample = None if self.first_batch is None else {k: v[:1] for k, v in self.first_batch.items()}
         self.layers, self.skipped = find_layers(model, self.shapes)
+        _check_skip(skip, self.layers, self.skipped)
         self.chosen = [layer for layer in self.layers if not any(s in (layer.name, layer.op_type) for s in skip)]
         if not self.chosen:
             raise OnnxcompError(_no_layers_message(self.layers, self.skipped))
@@ -169,6 +170,16 @@ class _Clock:
         now = time.perf_counter()
         self.seconds[stage] = round(now - self._last, 3)
         self._last = now
+
+
+def _check_skip(skip, layers, skipped) -> None:
+    """A --skip that matches nothing is a typo: refuse it rather than compress what the user meant to keep."""
+    known = {key for layer in layers for key in (layer.name, layer.op_type)} | {s.name for s in skipped}
+    unknown = [name for name in skip if name not in known]
+    if unknown:
+        names = ", ".join(layer.name for layer in layers[:6]) + (", ..." if len(layers) > 6 else "")
+        raise OnnxcompError(f"--skip {unknown[0]!r} matches no compressible layer's name or op type "
+                            f"(the layers are {names}; see `onnxcomp inspect`)")
 
 
 def _no_layers_message(layers, skipped) -> str:

@@ -177,7 +177,9 @@ class _Collector:
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         values = dict(feed)
         if self.fetch:
-            values.update(zip(self.fetch, self.session.run(self.fetch, feed, index)))
+            fetched = self.session.run(self.fetch, feed, index)
+            _check_finite(self.fetch, fetched, index)
+            values.update(zip(self.fetch, fetched))
         for target in self.targets:
             tensor = values[target.tensor]
             target.check_shape(tensor.shape)
@@ -187,6 +189,17 @@ class _Collector:
     def statistics(self) -> Statistics:
         # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
         return Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.targets})
+
+
+def _check_finite(names: list[str], tensors: list[np.ndarray], index: int) -> None:
+    """Statistics of NaN or Inf activations are NaN: say where they first appear (the data itself
+    was checked by the reader, so the model made them, e.g. float32 overflow)."""
+    for name, tensor in zip(names, tensors):
+        if not np.isfinite(tensor).all():
+            bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
+            raise OnnxcompError(
+                f"layer input {name!r} holds {bad} NaN or Inf value(s) in calibration batch {index}: the model "
+                "overflows on this data (check its scale and preprocessing)")
 
 
 def _with_outputs(model: onnx.ModelProto, targets: list[_Target], fetch: list[str]) -> onnx.ModelProto:
