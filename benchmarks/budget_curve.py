@@ -18,27 +18,29 @@ from pathlib import Path
 import numpy as np
 
 import onnxcomp
-from onnxcomp import graph
-from onnxcomp.evaluate import make_session
+from onnxcomp.calibration.holdout import PROBE_SAMPLES
+from onnxcomp.metrics import output_errors
+from onnxcomp.model import load_model
+from onnxcomp.runtime import make_session
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
 
 
 def evaluate(model, images, labels, reference) -> tuple[float, float]:
     logits = make_session(model).run(None, {"input": images})[0]
-    error = float(np.linalg.norm(logits - reference) / np.linalg.norm(reference))
+    error = output_errors([reference], [logits], ["logits"])["logits"]["relative_l2"]
     return error, float((logits.argmax(1) == labels).mean())
 
 
 def sweep(fractions, method):
-    original = graph.load_model(EXAMPLE / "digits_cnn.onnx")
+    original = load_model(EXAMPLE / "digits_cnn.onnx")
     held_out = np.load(EXAMPLE / "heldout.npz")
     images, labels = held_out["input"], held_out["labels"]
     reference = make_session(original).run(None, {"input": images})[0]
     calibration = np.load(EXAMPLE / "calib.npz")["input"]
-    # The sensitivity probe takes the first 8 calibration samples: keep them out of the statistics
-    # (what `compress` does itself when it collects them).
-    stats = onnxcomp.calibrate(original, calibration[8:], progress=False)
+    # The sensitivity probe takes the first PROBE_SAMPLES calibration samples: keep them out of the
+    # statistics (what `compress` does itself when it collects them).
+    stats = onnxcomp.calibrate(original, calibration[PROBE_SAMPLES:], progress=False)
     rows = []
     for fraction in fractions:
         for allocation, rule in (("uniform", {"keep": fraction}), ("allocated", {"target_macs": fraction})):

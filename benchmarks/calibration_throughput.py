@@ -1,9 +1,10 @@
 """Calibration throughput on a ResNet-50-shaped model, against the Gram floor of DESIGN.md §3.
 
-Prints samples/s of plain onnxruntime inference, of statistics collection with
-method "outputs" and "graph", and of the floor: the float64 symmetric Gram
-products alone (dsyrk on random matrices with each statistic's (rows, d) shape
-per batch), timed on this machine in the same run, right before each method.
+Prints samples/s of plain onnxruntime inference, of statistics collection
+(``collect_statistics``: layer inputs as extra outputs, float64 dsyrk in NumPy),
+and of the floor: the float64 symmetric Gram products alone (dsyrk on random
+matrices with each statistic's (rows, d) shape per batch), timed on this
+machine in the same run, right before the collection.
 Every batch is timed on its own; the best batch tells what the code does on a
 quiet machine, the median what it did in this run (the development machine is
 shared, and other work steals cores in bursts). Each measurement runs in its
@@ -21,7 +22,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -35,11 +35,10 @@ sys.path.insert(0, str(HERE))
 from resnet50 import build_resnet50  # noqa: E402
 
 from onnxcomp.calibration.collect import collect_statistics  # noqa: E402
-from onnxcomp.calibration.stats import Statistics  # noqa: E402
-from onnxcomp.graph import find_layers, load_model  # noqa: E402
+from onnxcomp.model import find_layers, load_model  # noqa: E402
+from onnxcomp.runtime import make_session  # noqa: E402
 
 MODEL = HERE / ".cache" / "resnet50.onnx"
-METHODS = ("outputs", "graph")
 
 
 def calibration_data(batches: int, batch_size: int) -> list[np.ndarray]:
@@ -59,11 +58,7 @@ def timed(batches: list[np.ndarray], stamps: list[float]):
 
 
 def measure_inference(batches: int, batch_size: int) -> dict:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProvider"])
+    session = make_session(MODEL)
     data = calibration_data(batches, batch_size)
     session.run(None, {"input": data[0]})  # warm-up: first-run allocations and kernel choices
     seconds = []
@@ -74,18 +69,17 @@ def measure_inference(batches: int, batch_size: int) -> dict:
     return {"batch_seconds": seconds, "seconds": sum(seconds)}
 
 
-def measure_method(method: str, batches: int, batch_size: int, stats_path: str) -> dict:
+def measure_statistics(batches: int, batch_size: int) -> dict:
     model = load_model(MODEL)
     layers, _ = find_layers(model)
     data = calibration_data(batches, batch_size)
     stamps: list[float] = []
     tracemalloc.start()
     start = time.perf_counter()
-    stats = collect_statistics(model, layers, timed(data, stamps), batch_size=batch_size, progress=False, method=method)
+    collect_statistics(model, layers, timed(data, stamps), batch_size=batch_size, progress=False)
     seconds = time.perf_counter() - start  # with session creation and the final symmetrisation
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    stats.save(stats_path)
     return {"batch_seconds": list(np.diff(stamps)), "seconds": seconds, "tracemalloc_peak_mb": traced_peak / 2**20}
 
 
@@ -98,12 +92,9 @@ def run_child(args: list[str]) -> dict:
 
 
 def child_main(argv: list[str]) -> None:
-    what, batches, batch_size, *rest = argv
-    batches, batch_size = int(batches), int(batch_size)
-    if what == "inference":
-        result = measure_inference(batches, batch_size)
-    else:
-        result = measure_method(what, batches, batch_size, rest[0])
+    what, batches, batch_size = argv
+    measure = {"inference": measure_inference, "statistics": measure_statistics}[what]
+    result = measure(int(batches), int(batch_size))
     result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps(result))
 
@@ -144,12 +135,6 @@ def rates(batch_size: int, seconds: list[float]) -> tuple[float, float]:
     return batch_size / min(seconds), batch_size / float(np.median(seconds))
 
 
-def compare(paths: dict[str, str]) -> float:
-    """Largest relative difference between the two methods' Gram matrices."""
-    a, b = (Statistics.load(paths[m]) for m in METHODS)
-    return max(float(np.abs(a[k].gram - b[k].gram).max() / np.abs(a[k].gram).max()) for k in a)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=3)
@@ -165,24 +150,21 @@ def main() -> None:
 
     inference = run_child(["inference", *sizes])
     best, median = rates(batch, inference["batch_seconds"])
-    print(f"plain onnxruntime inference: {best:7.2f} / {median:7.2f} samples/s (peak RSS {inference['maxrss_mb']:.0f} MB)")
+    print(f"plain onnxruntime inference: {best:7.2f} / {median:7.2f} samples/s "
+          f"(peak RSS {inference['maxrss_mb']:.0f} MB)")
 
     shapes = statistic_shapes(batch)
     macs = sum(rows * dim * dim / 2 for rows, dim in shapes.values()) / batch
     print(f"Gram floor: {len(shapes)} statistics, {macs / 1e9:.2f} G multiply-adds per sample (dsyrk, half of X^T X)")
-    with tempfile.TemporaryDirectory() as folder:
-        paths = {m: os.path.join(folder, f"{m}.npz") for m in METHODS}
-        for method in METHODS:
-            floor_best, floor_median = rates(batch, gram_floor_seconds(shapes, args.batches))
-            result = run_child([method, *sizes, paths[method]])
-            best, median = rates(batch, result["batch_seconds"])
-            print(f"  floor    : {floor_best:7.2f} / {floor_median:7.2f} samples/s "
-                  f"({macs * floor_best / 1e9:.1f} GMAC/s at best)")
-            print(f"  {method:9s}: {best:7.2f} / {median:7.2f} samples/s = {best / floor_best:5.1%} / "
-                  f"{median / floor_median:5.1%} of the floor; whole call {args.batches * batch / result['seconds']:.2f} "
-                  f"samples/s; peak RSS {result['maxrss_mb']:.0f} MB, tracemalloc peak "
-                  f"{result['tracemalloc_peak_mb']:.0f} MB; load average {os.getloadavg()[0]:.2f}")
-        print(f"largest relative difference between the methods' Gram matrices: {compare(paths):.1e}")
+    floor_best, floor_median = rates(batch, gram_floor_seconds(shapes, args.batches))
+    result = run_child(["statistics", *sizes])
+    best, median = rates(batch, result["batch_seconds"])
+    print(f"  floor     : {floor_best:7.2f} / {floor_median:7.2f} samples/s "
+          f"({macs * floor_best / 1e9:.1f} GMAC/s at best)")
+    print(f"  statistics: {best:7.2f} / {median:7.2f} samples/s = {best / floor_best:5.1%} / "
+          f"{median / floor_median:5.1%} of the floor; whole call {args.batches * batch / result['seconds']:.2f} "
+          f"samples/s; peak RSS {result['maxrss_mb']:.0f} MB, tracemalloc peak "
+          f"{result['tracemalloc_peak_mb']:.0f} MB; load average {os.getloadavg()[0]:.2f}")
     print(f"load average at end {os.getloadavg()[0]:.2f} (other work on the machine skews every number)")
 
 

@@ -18,8 +18,8 @@ import onnx
 from onnx import numpy_helper
 
 import onnxcomp
-from onnxcomp import graph
 from onnxcomp.bench import bench
+from onnxcomp.model import count_macs
 
 # (name, C_out, C_in, k, H, W): the 3x3 convs of PP-OCRv4 det's neck at a 640x480 page, the digits
 # CNN's conv2, and a ResNet-50 stage-3 conv at 224x224.
@@ -60,14 +60,14 @@ def main() -> None:
         dense = one_conv(c_out, c_in, k, height, width)
         data = {"x": np.random.default_rng(1).standard_normal((4, c_in, height, width)).astype(np.float32)}
         shapes = {"x": [1, c_in, height, width]}
-        dense_macs = graph.count_macs(dense, shapes)
+        dense_macs = count_macs(dense, shapes)
         for method, form in CHAINS:
             chain, _ = onnxcomp.compress(dense, method=method, cp_form=form, keep=args.keep, norm="frobenius",
                                          input_shapes=shapes, progress=False)
             timed = bench(dense, chain, data, batch_sizes=(1,), threads=args.threads).latency[0]
             label = method if method != "cp" else f"cp {form}"
             print(f"| {name} {c_out}x{c_in}x{k}x{k} | {height}x{width} | {timed.original.median_ms:.3f} | {label} | "
-                  f"{len(chain.graph.node)} | {graph.count_macs(chain, shapes) / dense_macs:.1%} | "
+                  f"{len(chain.graph.node)} | {count_macs(chain, shapes) / dense_macs:.1%} | "
                   f"{timed.compressed.median_ms:.3f} | {timed.ratio:.2f} [{timed.pair_ratio_p10:.2f}, "
                   f"{timed.pair_ratio_p90:.2f}] |", flush=True)
 

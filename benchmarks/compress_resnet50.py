@@ -33,7 +33,8 @@ def smooth_images(count: int, seed: int = 0) -> np.ndarray:
     """Image-like inputs: low-frequency random fields, not white noise (spatially correlated like photos)."""
     rng = np.random.default_rng(seed)
     coarse = rng.standard_normal((count, 3, 14, 14)).astype(np.float32)
-    return np.repeat(np.repeat(coarse, 16, axis=2), 16, axis=3) + 0.1 * rng.standard_normal((count, 3, 224, 224)).astype(np.float32)
+    noise = 0.1 * rng.standard_normal((count, 3, 224, 224)).astype(np.float32)
+    return np.repeat(np.repeat(coarse, 16, axis=2), 16, axis=3) + noise
 
 
 def main() -> None:
@@ -58,7 +59,8 @@ def main() -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         result = json.loads(report.read_text())
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus; python {platform.python_version()}")
-    print(f"command: onnxcomp compress resnet50.onnx small.onnx --data <{args.images} images> --method {args.method} {args.rule}")
+    print(f"command: onnxcomp compress resnet50.onnx small.onnx --data <{args.images} images> "
+          f"--method {args.method} {args.rule}")
     print(f"wall time: {wall:.1f} s (target < 120 s on 2 cores); peak memory of the process: {peak_mb:.0f} MB")
     print("split: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items()))
     t = result["totals"]

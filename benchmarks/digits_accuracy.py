@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 import onnxcomp
-from onnxcomp import graph
 from onnxcomp.bench import bench
-from onnxcomp.evaluate import make_session, output_errors
+from onnxcomp.metrics import output_errors
+from onnxcomp.model import count_macs, load_model
+from onnxcomp.runtime import make_session
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
 
@@ -43,11 +44,11 @@ def main() -> None:
                         help="also the solve seconds and the latency ratio at batch 1, one thread")
     args = parser.parse_args()
 
-    original = graph.load_model(EXAMPLE / "digits_cnn.onnx")
+    original = load_model(EXAMPLE / "digits_cnn.onnx")
     held_out = np.load(EXAMPLE / "heldout.npz")
     images, labels = held_out["input"], held_out["labels"]
     base_accuracy, base_logits = accuracy_and_logits(original, images, labels)
-    base_macs = graph.count_macs(original, {"input": [1, 1, 32, 32]})
+    base_macs = count_macs(original, {"input": [1, 1, 32, 32]})
     print(f"original: accuracy {base_accuracy:.3f}, {base_macs / 1e6:.2f}M MACs/sample\n")
     stats = onnxcomp.calibrate(original, EXAMPLE / "calib.npz", progress=False)
     columns = ["method", "norm", "ranks", "budget", "model MACs kept", "held-out accuracy", "output rel. L2 error"]

@@ -32,7 +32,7 @@ from resnet50 import build_resnet50  # noqa: E402
 
 from onnxcomp import compress  # noqa: E402
 from onnxcomp.bench import time_pair  # noqa: E402
-from onnxcomp.evaluate import make_session  # noqa: E402
+from onnxcomp.runtime import make_session  # noqa: E402
 
 CACHE = HERE / ".cache"
 

@@ -54,7 +54,9 @@ import onnxruntime as ort
 import onnxcomp
 from onnxcomp.bench import bench
 from onnxcomp.calibration.holdout import PROBE_SAMPLES
-from onnxcomp.evaluate import make_session
+from onnxcomp.errors import first_line
+from onnxcomp.model import count_macs
+from onnxcomp.runtime import make_session
 
 try:
     from PIL import Image, ImageDraw, ImageFont
@@ -154,9 +156,11 @@ def find_fonts() -> list:
         out = subprocess.run(["fc-list", ":lang=en", "file"], capture_output=True, text=True).stdout
         paths = [line.split(":")[0].strip() for line in out.splitlines() if line.strip()]
     if not paths:
-        paths = glob.glob("/usr/share/fonts/**/*.ttf", recursive=True) + glob.glob("/usr/share/fonts/**/*.otf", recursive=True)
+        paths = [path for pattern in ("*.ttf", "*.otf")
+                 for path in glob.glob(f"/usr/share/fonts/**/{pattern}", recursive=True)]
     skip = ("math", "symbol", "emoji", "extralight", "thin", "icon", "awesome", "dingbat")
-    return sorted(p for p in set(paths) if p.lower().endswith((".ttf", ".otf")) and not any(s in p.lower() for s in skip))
+    fonts = (p for p in set(paths) if p.lower().endswith((".ttf", ".otf")))
+    return sorted(p for p in fonts if not any(s in p.lower() for s in skip))
 
 
 class Renderer:
@@ -396,8 +400,8 @@ def fold_dynamic_reshapes(model: onnx.ModelProto, shape: list) -> tuple[onnx.Mod
     """WORKAROUND (library limitation, see PPOCR_RESULTS.md): Paddle2ONNX computes Reshape targets at run
     time (Shape -> Cast -> Slice -> Cast -> Concat); ONNX shape inference cannot see through the Casts, so
     onnxcomp cannot count the MACs and refuses target_macs. Replace each such target by a constant for the
-    benchmark's input size, with 0 (copy the input's dim) where it follows the batch; drop the dead shape nodes. The function is
-    unchanged (checked by the caller)."""
+    benchmark's input size, with 0 (copy the input's dim) where it follows the batch; drop the dead shape nodes.
+    The function is unchanged (checked by the caller)."""
     producers = {o: n for n in model.graph.node for o in n.output}
     reshapes = [n for n in model.graph.node if n.op_type == "Reshape"
                 and n.input[1] in producers and producers[n.input[1]].op_type != "Constant"]
@@ -473,7 +477,8 @@ def main() -> None:
                         help="--methods cp: depthwise kh x 1 then 1 x kw (4way) or one kh x kw depthwise (3way)")
     parser.add_argument("--models", nargs="+", default=["cls", "rec", "det"], choices=["cls", "rec", "det"])
     parser.add_argument("--norms", nargs="+", default=["data", "frobenius"])
-    parser.add_argument("--allocations", nargs="+", default=["keep", "target_macs"], choices=["keep", "target_macs", "target_latency"])
+    parser.add_argument("--allocations", nargs="+", default=["keep", "target_macs"],
+                        choices=["keep", "target_macs", "target_latency"])
     parser.add_argument("--quick", action="store_true", help="smoke test: cls only, one budget, small sets")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every session (default 1)")
     parser.add_argument("--repeats", type=int, default=30, help="timed A/B pairs per latency measurement")
@@ -509,16 +514,16 @@ def main() -> None:
         originals.append(f"- {task.name} ({task.path.name}): {task.metric_name} {fmt_metric(task, base)}{extra}")
         print(originals[-1], flush=True)
 
-        if onnxcomp.graph.count_macs(model, {"x": task.shape}) is None:
+        if count_macs(model, {"x": task.shape}) is None:
             folded, count = fold_dynamic_reshapes(model, task.shape)
             same = np.abs(run(folded, task.held, args.threads) - reference).max()  # float rounding only
-            if onnxcomp.graph.count_macs(folded, {"x": task.shape}) is not None and same < 1e-4:
+            if count_macs(folded, {"x": task.shape}) is not None and same < 1e-4:
                 workarounds.append(f"{task.name}: {count} run-time Reshape targets folded to constants before "
                                    f"compression (max output change {same:.1e}); the folded model is the baseline")
                 model = folded
             else:
-                workarounds.append(f"{task.name}: MACs unknown to onnxcomp; folding {count} Reshape targets did not help "
-                                   f"(max output change {same:.1e})")
+                workarounds.append(f"{task.name}: MACs unknown to onnxcomp; folding {count} Reshape targets did not "
+                                   f"help (max output change {same:.1e})")
             print(f"  {workarounds[-1]}", flush=True)
 
         t0 = time.perf_counter()
@@ -557,17 +562,19 @@ def main() -> None:
                                          f"{error:.4f}", f"{latency:.2f}", f"{report.seconds['solve']:.0f}"))
                             points.append((task.name, f"{shown}/{norm}/{allocation}", kept, score["value"]))
                         except Exception as exc:  # report and go on: the table shows what failed
-                            text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                            text = f"{type(exc).__name__}: {first_line(exc)}"
                             problems.append(f"{label}: {text}")
                             rows.append((task.name, shown, norm, f"{allocation}={budget}", "-", f"FAILED ({text[:80]})",
                                          "-", "-", "-"))
                         spent = f"{time.perf_counter() - t0:.1f}s"
                         if rows[-1][4] != "-":
-                            spent += f": compress {t1 - t0:.1f}s, task metric {t2 - t1:.1f}s, bench {time.perf_counter() - t2:.1f}s"
+                            spent += (f": compress {t1 - t0:.1f}s, task metric {t2 - t1:.1f}s, "
+                                      f"bench {time.perf_counter() - t2:.1f}s")
                         print(f"  {label}: {' | '.join(rows[-1][4:])}  ({spent})", flush=True)
 
     out = ["", "Original models on the held-out rendered inputs:", "", *originals, "",
-           "| model | method | norm | allocation | MACs kept | task metric (original -> compressed) | output rel. L2 | latency ratio | solve s |",
+           "| model | method | norm | allocation | MACs kept | task metric (original -> compressed) | output rel. L2 "
+           "| latency ratio | solve s |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     out += ["", "allocation: keep=F keeps F of every compressed layer's MACs; target_macs=F is a whole-model budget "

@@ -1,4 +1,4 @@
-"""The ``onnxcomp`` command: compress / calibrate / inspect."""
+"""The ``onnxcomp`` command: compress / calibrate / inspect / bench."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so in one line, the traceback only on request
         if os.environ.get("ONNXCOMP_DEBUG"):
             traceback.print_exc()
-        print(f"onnxcomp: internal error: {type(exc).__name__}: {exc} (set ONNXCOMP_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"onnxcomp: internal error: {type(exc).__name__}: {exc} (set ONNXCOMP_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 1
 
 
@@ -43,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     _data_arguments(compress)
     compress.add_argument("--method", default="svd", choices=["svd", "tucker2", "cp", "auto"],
                           help="svd; tucker2 (kxk convs: 1x1 -> kxk -> 1x1; matrices get svd); cp (kxk convs: "
-                               "1x1 -> depthwise -> 1x1, with --rank, --keep or a budget); auto: per layer the lower error "
-                               "of svd and tucker2 (default: svd)")
+                               "1x1 -> depthwise -> 1x1, with --rank, --keep or a budget); auto: per layer the lower "
+                               "error of svd and tucker2 (default: svd)")
     compress.add_argument("--cp-form", default="4way", choices=["4way", "3way"],
                           help="CP: depthwise kh x 1 then 1 x kw (4way) or one kh x kw depthwise (3way)")
     rule = compress.add_mutually_exclusive_group(required=True)
@@ -77,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="fit under the uncentered second moment, without bias correction")
     compress.add_argument("--sensitivity", default="auto", choices=["auto", "on", "off"],
                           help="with a budget: weight each layer's error by its measured effect on the model's "
-                               "outputs (auto: only where that wins on 8 calibration samples held out of the statistics)")
+                               "outputs (auto: only where that wins on 8 calibration samples held out of the "
+                               "statistics)")
     compress.add_argument("--stats", help="statistics file from `onnxcomp calibrate` (instead of collecting)")
     compress.add_argument("--report", help="write the per-layer report as JSON here")
     compress.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the solvers run")
@@ -97,10 +99,35 @@ def _parser() -> argparse.ArgumentParser:
                          help="fix a dynamic input shape, e.g. input:1,3,224,224 (repeatable)")
     inspect.set_defaults(run=_inspect)
 
-    from .bench import register_command
-
-    register_command(commands)
+    _bench_command(commands)
     return parser
+
+
+def _bench_command(commands) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="compare a compressed model with its original: size, output error, accuracy, latency",
+        description="Validate a compressed model against the original on held-out data: params, MACs, "
+                    "file size, output error, top-1 agreement, accuracy (with labels) and latency "
+                    "(both models in one process, interleaved runs).",
+    )
+    bench.add_argument("original", help="the original model (.onnx)")
+    bench.add_argument("compressed", help="the compressed model (.onnx)")
+    bench.add_argument("--data", required=True,
+                       help="held-out data: .npz (input name -> array, optionally 'labels') "
+                            "or .npy (single-input model)")
+    bench.add_argument("--labels", help="class labels (.npy); default: the 'labels' array of the .npz, if any")
+    bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider (default cpu)")
+    bench.add_argument("--threads", type=int, help="intra-op threads per session (default: onnxruntime's choice)")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], metavar="N",
+                       help="batch sizes to time (default: 1 32)")
+    bench.add_argument("--repeats", type=int,
+                       help="timed runs of each model per batch size (default: as many as fit in ~3 s)")
+    bench.add_argument("--warmup", type=int, help="warm-up runs of each model per batch size (default: ~0.3 s)")
+    bench.add_argument("--eval-batch-size", type=int,
+                       help="batch size of the error pass (default: the largest --batch-sizes)")
+    bench.add_argument("--json", help="also write the results as JSON here")
+    bench.set_defaults(run=_bench)
 
 
 def _rank(text: str):
@@ -128,9 +155,7 @@ def _compress(args) -> int:
     from .config import CompressConfig
     from .pipeline import compress
 
-    # The option names of the command line are those of the Python API (``dest``s above).
-    names = inspect.signature(CompressConfig.from_options).parameters
-    config = CompressConfig.from_options(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    config = CompressConfig.from_options(**_api_options(CompressConfig.from_options, args))
     check_writable(args.output, "output")
     if args.report:
         check_writable(args.report, "report")
@@ -157,6 +182,26 @@ def _calibrate(args) -> int:
     samples = max(s.samples for s in statistics.values())
     print(f"wrote {args.output}: {len(statistics)} layer inputs, {samples} samples")
     return 0
+
+
+def _bench(args) -> int:
+    from .bench import bench
+
+    if args.json:
+        check_writable(args.json, "output")
+    result = bench(**_api_options(bench, args))
+    print(result.table())
+    if args.json:
+        result.save(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _api_options(function, args) -> dict:
+    """The parsed options that ``function`` takes: the command line's ``dest`` names are those of
+    the Python API's parameters."""
+    names = inspect.signature(function).parameters
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def _inspect(args) -> int:

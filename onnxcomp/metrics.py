@@ -6,6 +6,10 @@ that any number of batches can be added. Edge cases are decided once, here: an
 all-zero reference gives a relative error of 0 when the candidate is zero too
 and infinity otherwise; two all-zero outputs have cosine 1, one all-zero output
 cosine 0.
+
+For classifiers, :class:`TopOneAgreement` gathers both models' top-1 predictions
+from an output that looks like class scores (:func:`class_scores`): how often
+they agree, and each model's accuracy against labels.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import numpy as np
 import onnx
 
+from .errors import OnnxcompError
 from .runtime import make_session
 
 
@@ -50,16 +55,30 @@ class ErrorSums:
         return {"relative_l2": relative, "cosine": cosine, "max_abs": self.max_abs, "nonfinite": self.nonfinite}
 
 
+class OutputErrors:
+    """:class:`ErrorSums` of every model output, by name, over batches."""
+
+    def __init__(self, names: list[str]):
+        self.sums = {name: ErrorSums() for name in names}
+
+    def add(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> None:
+        """One batch of both models' outputs, in the order of ``names``."""
+        for (name, sums), ref, new in zip(self.sums.items(), reference, candidate, strict=True):
+            if np.shape(ref) != np.shape(new):
+                raise OnnxcompError(f"output {name!r} has shape {list(np.shape(ref))} in the original "
+                                    f"but {list(np.shape(new))} in the compressed model")
+            sums.add(ref, new)
+
+    def result(self) -> dict:
+        """Per output name: relative L2 error, cosine, max abs and non-finite count."""
+        return {name: sums.result() for name, sums in self.sums.items()}
+
+
 def output_errors(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str]) -> dict:
     """Per output name: relative L2 error, cosine, max abs and non-finite count of one batch."""
-    errors = {}
-    for name, ref, new in zip(names, reference, candidate, strict=True):
-        if np.shape(ref) != np.shape(new):
-            raise ValueError(f"output {name!r} has shape {np.shape(new)}, the original {np.shape(ref)}")
-        sums = ErrorSums()
-        sums.add(ref, new)
-        errors[name] = sums.result()
-    return errors
+    errors = OutputErrors(names)
+    errors.add(reference, candidate)
+    return errors.result()
 
 
 def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, providers=None) -> dict:
@@ -68,3 +87,54 @@ def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, feed
     session = make_session(compressed, providers)
     names = [o.name for o in session.get_outputs()]
     return output_errors(reference, session.run(None, feeds), names)
+
+
+# ---------------------------------------------------------------- classifiers
+
+
+def class_scores(output: np.ndarray) -> np.ndarray | None:
+    """``output`` as [batch, classes] float scores (at least 2 classes; [N, C, 1, 1] counts as [N, C]),
+    or None when it does not look like that."""
+    if output.dtype.kind != "f" or output.ndim < 2:
+        return None
+    if output.ndim > 2 and all(d == 1 for d in output.shape[2:]):
+        output = output.reshape(output.shape[:2])
+    if output.ndim != 2 or output.shape[1] < 2:
+        return None
+    return output
+
+
+class TopOneAgreement:
+    """Both models' top-1 predictions over batches of one output: how often they agree, and each one's accuracy.
+
+    It applies while every batch of that output is one row of class scores per sample
+    (:func:`class_scores`); one batch that is not makes it not apply at all.
+    """
+
+    def __init__(self):
+        self.reference: list[np.ndarray] = []
+        self.candidate: list[np.ndarray] = []
+        self.classes: int | None = None
+        self.applies = True
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, samples: int) -> None:
+        """One batch of the output from both models; ``samples``: the samples in that batch."""
+        if not self.applies:
+            return
+        ref, new = class_scores(reference), class_scores(candidate)
+        self.applies = ref is not None and new is not None and ref.shape[0] == samples
+        if self.applies:
+            self.classes = ref.shape[1]
+            self.reference.append(ref.argmax(axis=1))
+            self.candidate.append(new.argmax(axis=1))
+
+    def agreement(self) -> float | None:
+        """The share of samples on which both models predict the same class (None: not class scores)."""
+        if not self.applies:
+            return None
+        return float(np.mean(np.concatenate(self.reference) == np.concatenate(self.candidate)))
+
+    def accuracy(self, labels: np.ndarray) -> tuple[float, float]:
+        """(reference, candidate): the share of samples whose prediction is the label."""
+        return (float(np.mean(np.concatenate(self.reference) == labels)),
+                float(np.mean(np.concatenate(self.candidate) == labels)))

@@ -10,6 +10,7 @@ from onnxcomp.cli import main
 from onnxcomp.model import count_macs, load_model
 from onnxcomp.runtime import make_session
 
+from checks import assert_cli_error
 from models import EXAMPLE, conv_model
 
 
@@ -76,17 +77,15 @@ def good_data():
 
 
 def expect_error(capsys, tmp_path, args, message):
-    out = tmp_path / "out.onnx"
-    code, stdout, stderr = run_cli(capsys, *args[:1], *args[1:2], out, *args[2:], "--quiet")
-    assert code == 2
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("onnxcomp: error:") and message in lines[0], stderr
-    assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    """``args`` with an output file in tmp_path after the input model: the error contract, no output written."""
+    command, model, *options = args
+    args = [command, model, tmp_path / "out.onnx", *options, "--quiet"]
+    assert_cli_error(capsys, args, message, no_files_in=tmp_path)
 
 
 def test_missing_model(capsys, tmp_path):
-    expect_error(capsys, tmp_path, ["compress", tmp_path / "none.onnx", "--keep", "0.5", "--norm", "frobenius"], "not found")
+    missing = tmp_path / "none.onnx"
+    expect_error(capsys, tmp_path, ["compress", missing, "--keep", "0.5", "--norm", "frobenius"], "not found")
 
 
 def test_corrupt_model(capsys, tmp_path):

@@ -11,6 +11,10 @@ statistics. Nothing is cast: a float64 array for a float32 input is an error.
 Whole sets (arrays, dicts of arrays, files) are read one batch at a time: a
 ``.npy`` file is memory-mapped and a ``.npz`` member is streamed, so memory
 stays bounded by one batch however large the file.
+
+This is also the one reader of ``.npy`` / ``.npz`` files for the rest of onnxcomp
+(:func:`open_arrays`, :func:`read_arrays`): it never unpickles (a pickle can run
+code) and says in one line which file it could not read.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ def count_samples(data, model) -> int | None:
         return None
     if isinstance(data, (str, os.PathLike)):
         with _opened_file(Path(data), inputs) as streams:
-            return _whole_set_length(streams)
+            return whole_set_length(streams)
     if isinstance(data, np.ndarray):
         return len(data) if data.ndim else None
     if isinstance(data, Mapping):
@@ -157,27 +161,27 @@ def _single_input(inputs: list[ModelInput], what: str) -> str:
     return inputs[0].name
 
 
-def _effective_batch(inputs: list[ModelInput], batch_size: int) -> int:
-    """A model that fixes its batch dimension gets batches of exactly that size."""
+def fixed_batch(inputs: list[ModelInput]) -> int | None:
+    """The batch size the model fixes when every input fixes its first dimension to one value, else None.
+    Such a model gets batches of exactly that size."""
     firsts = {i.dims[0] if i.dims else None for i in inputs}
-    if len(firsts) == 1 and None not in firsts:
-        return firsts.pop()
-    return batch_size
+    return firsts.pop() if len(firsts) == 1 and None not in firsts else None
 
 
-def _whole_set_length(streams: Mapping[str, "_ArrayStream | _NpyStream"]) -> int:
-    lengths = {name: s.shape[0] if s.shape else None for name, s in streams.items()}
+def whole_set_length(arrays: Mapping, what: str = "calibration") -> int:
+    """The samples of a whole set (arrays or streams by name): their common length along axis 0."""
+    lengths = {name: a.shape[0] if a.shape else None for name, a in arrays.items()}
     if None in lengths.values():
         scalar = [n for n, length in lengths.items() if length is None][0]
-        raise OnnxcompError(f"calibration input {scalar!r} is a scalar: a whole set needs a sample axis 0")
+        raise OnnxcompError(f"{what} input {scalar!r} is a scalar: a whole set needs a sample axis 0")
     if len(set(lengths.values())) > 1:
-        raise OnnxcompError(f"calibration inputs hold different numbers of samples along axis 0: {lengths}")
+        raise OnnxcompError(f"{what} inputs hold different numbers of samples along axis 0: {lengths}")
     return next(iter(lengths.values()), 0)
 
 
 def _split(streams: Mapping, inputs: list[ModelInput], batch_size: int) -> Iterator[Feed]:
-    total = _whole_set_length(streams)
-    batch = _effective_batch(inputs, batch_size)
+    total = whole_set_length(streams)
+    batch = fixed_batch(inputs) or batch_size
     for start in range(0, total, batch):
         count = min(batch, total - start)
         yield {name: stream.read(count) for name, stream in streams.items()}
@@ -193,7 +197,7 @@ class _ArrayStream:
 
     @classmethod
     def of_mapping(cls, arrays: Mapping) -> dict[str, "_ArrayStream"]:
-        return {name: cls(value if isinstance(value, np.ndarray) else np.asarray(value)) for name, value in arrays.items()}
+        return {name: cls(np.asarray(value)) for name, value in arrays.items()}
 
     def read(self, count: int) -> np.ndarray:
         # ascontiguousarray pulls a memory-mapped slice into memory: one batch at a time.
@@ -201,8 +205,41 @@ class _ArrayStream:
         self.position += count
         return batch
 
+    def whole(self) -> np.ndarray:
+        """The whole array in memory (a copy of a memory-mapped one)."""
+        return np.array(self.array)
+
 
 # ---------------------------------------------------------------- files
+
+
+def read_arrays(path: str | os.PathLike, what: str = "calibration", *, archive: bool = False):
+    """A .npy file's array, or a .npz file's arrays by name, read whole into memory (see :func:`open_arrays`)."""
+    with open_arrays(path, what, archive=archive) as opened:
+        if isinstance(opened, Mapping):
+            return {name: stream.whole() for name, stream in opened.items()}
+        return opened.whole()
+
+
+@contextmanager
+def open_arrays(path: str | os.PathLike, what: str = "calibration", *, archive: bool = False):
+    """The arrays of a NumPy file as streams read forward in batches: one stream for a .npy file,
+    name -> stream for a .npz archive (``archive``: an .npz archive whatever the file is called).
+
+    Never unpickles. A missing, misnamed or unreadable file is a one-line error that names
+    it as the ``what`` file ("calibration", "data", "labels", "statistics").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise OnnxcompError(f"{what} file not found: {path}")
+    if archive or path.suffix == ".npz":
+        with _open_zip(path, what) as zipped:
+            members = [name for name in zipped.namelist() if name.endswith(".npy")]
+            yield {name[: -len(".npy")]: _NpyStream(zipped, name, path, what) for name in members}
+    elif path.suffix == ".npy":
+        yield _ArrayStream(_load_npy(path, what))
+    else:
+        raise OnnxcompError(f"{what} file {path}: expected a .npy or .npz file")
 
 
 def _file_batches(path: Path, inputs: list[ModelInput], batch_size: int) -> Iterator[Feed]:
@@ -212,21 +249,16 @@ def _file_batches(path: Path, inputs: list[ModelInput], batch_size: int) -> Iter
 
 @contextmanager
 def _opened_file(path: Path, inputs: list[ModelInput]):
-    """The arrays of a .npy / .npz file as streams, name -> stream."""
-    if not path.exists():
-        raise OnnxcompError(f"calibration file not found: {path}")
-    if path.suffix == ".npy":
-        yield {_single_input(inputs, f"the .npy file {path}"): _ArrayStream(_load_npy(path))}
-    elif path.suffix == ".npz":
-        with _open_zip(path) as archive:
-            members = {name[: -len(".npy")]: name for name in archive.namelist() if name.endswith(".npy")}
-            _check_names(members, inputs, f"calibration file {path}")
-            yield {name: _NpyStream(archive, member, path) for name, member in members.items()}
-    else:
-        raise OnnxcompError(f"calibration file {path}: expected a .npy or .npz file")
+    """The arrays of a calibration file as streams by model input name."""
+    with open_arrays(path) as opened:
+        if isinstance(opened, Mapping):
+            _check_names(opened, inputs, f"calibration file {path}")
+            yield opened
+        else:
+            yield {_single_input(inputs, f"the .npy file {path}"): opened}
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(path: Path, what: str) -> np.ndarray:
     try:
         with open(path, "rb") as file:
             # np.load takes anything without the magic for a pickle and says so: misleading here.
@@ -234,14 +266,14 @@ def _load_npy(path: Path) -> np.ndarray:
                 raise ValueError("not a NumPy .npy file")
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # truncated, not an .npy, object arrays, a folder, ...
-        raise OnnxcompError(f"cannot read calibration file {path}: {first_line(exc)}") from None
+        raise OnnxcompError(f"cannot read {what} file {path}: {first_line(exc)}") from None
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
+def _open_zip(path: Path, what: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except Exception as exc:  # not a zip, truncated, a folder, ...
-        raise OnnxcompError(f"cannot read calibration file {path}: {first_line(exc)}") from None
+        raise OnnxcompError(f"cannot read {what} file {path}: {first_line(exc)}") from None
 
 
 class _NpyStream:
@@ -251,35 +283,40 @@ class _NpyStream:
     reads); a Fortran-ordered array cannot be cut by rows and is loaded whole.
     """
 
-    def __init__(self, archive: zipfile.ZipFile, member: str, path: Path):
-        self.path = path
+    def __init__(self, archive: zipfile.ZipFile, member: str, path: Path, what: str):
+        self.path, self.what = path, what
         try:
             self.file = archive.open(member)
             version = np.lib.format.read_magic(self.file)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            self.shape, fortran_order, self.dtype = read_header(self.file)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, fortran_order, self.dtype = header(self.file)
             if self.dtype.hasobject:
                 raise ValueError("object arrays are not supported")
-            self.whole = np.lib.format.read_array(archive.open(member), allow_pickle=False) if fortran_order else None
+            self.loaded = np.lib.format.read_array(archive.open(member), allow_pickle=False) if fortran_order else None
         except Exception as exc:
-            raise OnnxcompError(f"cannot read {member} in calibration file {path}: {first_line(exc)}") from None
+            raise OnnxcompError(f"cannot read {member} in {what} file {path}: {first_line(exc)}") from None
         self.position = 0
 
     def read(self, count: int) -> np.ndarray:
-        if self.whole is not None:
-            batch = np.ascontiguousarray(self.whole[self.position : self.position + count])
+        if self.loaded is not None:
+            batch = np.ascontiguousarray(self.loaded[self.position : self.position + count])
             self.position += count
             return batch
-        row_shape = tuple(self.shape[1:])
-        nbytes = count * int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
+        return self._read((count, *self.shape[1:]))
+
+    def whole(self) -> np.ndarray:
+        """The whole array (of a stream not read from yet)."""
+        return self.loaded if self.loaded is not None else self._read(self.shape)
+
+    def _read(self, shape: tuple) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
         try:
             raw = self.file.read(nbytes)
         except Exception as exc:  # CRC errors, broken deflate streams
-            raise OnnxcompError(f"cannot read calibration file {self.path}: {first_line(exc)}") from None
+            raise OnnxcompError(f"cannot read {self.what} file {self.path}: {first_line(exc)}") from None
         if len(raw) != nbytes:
-            raise OnnxcompError(f"cannot read calibration file {self.path}: data ends early (truncated file?)")
-        return np.frombuffer(raw, dtype=self.dtype).reshape((count, *row_shape)).copy()
-
+            raise OnnxcompError(f"cannot read {self.what} file {self.path}: data ends early (truncated file?)")
+        return np.frombuffer(raw, dtype=self.dtype).reshape(shape).copy()
 
 
 # ---------------------------------------------------------------- validation

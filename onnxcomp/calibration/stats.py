@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import OnnxcompError
 from ..io import staged
+from .readers import read_arrays
 
 FORMAT_VERSION = 1
 
@@ -106,19 +107,15 @@ class Statistics(dict):
 
     @classmethod
     def load(cls, path: str | Path) -> "Statistics":
-        path = Path(path)
-        if not path.is_file():
-            raise OnnxcompError(f"statistics file not found: {path}")
+        # An .npz archive whatever the file is called: `onnxcomp calibrate` writes any name it is given.
+        arrays = read_arrays(path, "statistics", archive=True)
         try:
-            with np.load(path, allow_pickle=False) as f:
-                index = json.loads(str(f["index"]))
-                out = cls()
-                for i, key in enumerate(index["keys"]):
-                    rows, samples = (int(v) for v in f[f"counts_{i}"])
-                    total = f[f"total_{i}"]
-                    out[key] = InputStats(rows, samples, total, _unpack_symmetric(f[f"gram_{i}"], total.shape[0]))
-        except OnnxcompError:
-            raise
+            index = json.loads(str(arrays["index"]))
+            out = cls()
+            for i, key in enumerate(index["keys"]):
+                rows, samples = (int(v) for v in arrays[f"counts_{i}"])
+                total = arrays[f"total_{i}"]
+                out[key] = InputStats(rows, samples, total, _unpack_symmetric(arrays[f"gram_{i}"], total.shape[0]))
         except Exception as exc:
             raise OnnxcompError(f"cannot read statistics file {path}: not an onnxcomp stats file ({exc})") from None
         return out
