@@ -10,16 +10,34 @@ Python API::
 
 __version__ = "0.1.0"
 
+from .config import (
+    BudgetConfig,
+    BudgetKind,
+    CompressConfig,
+    LatencyConfig,
+    Method,
+    Norm,
+    RankChoice,
+    Sensitivity,
+    SolveConfig,
+)
 from .errors import OnnxcompError
 from .model import find_layers, load_model, save_model
 
+# The pipeline and the statistics pull in onnxruntime and the solvers: imported on first use.
+_LAZY = {"compress": "pipeline", "calibrate": "pipeline", "Statistics": "calibration.stats"}
+
 
 def __getattr__(name):
-    # The pipeline pulls in onnxruntime and the solvers: import it on first use only.
-    if name in ("compress", "calibrate"):
-        from . import pipeline
+    if name in _LAZY:
+        import importlib
 
-        return getattr(pipeline, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'onnxcomp' has no attribute {name!r}")
 
-__all__ = ["OnnxcompError", "calibrate", "compress", "find_layers", "load_model", "save_model"]
+
+__all__ = [
+    "BudgetConfig", "BudgetKind", "CompressConfig", "LatencyConfig", "Method", "Norm", "OnnxcompError",
+    "RankChoice", "Sensitivity", "SolveConfig", "Statistics", "calibrate", "compress", "find_layers",
+    "load_model", "save_model",
+]
