@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+import numpy as np
+
 from .errors import OnnxcompError
 
 
@@ -86,6 +88,29 @@ class Device(Choice):
 class Provider(Choice):
     CPU = "cpu"
     CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How one model output counts in the fidelity: its weight (0: ignored) and its channel axis
+    (None: axis 1, or the last axis of a rank-3 token-layout [N, seq, F] output)."""
+
+    name: str
+    weight: float = 1.0
+    axis: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "OutputSpec":
+        """``NAME``, ``NAME:WEIGHT`` or ``NAME:WEIGHT:AXIS`` (the command line's ``--outputs``)."""
+        name, *rest = text.rsplit(":", 2) if text.count(":") >= 1 else (text,)
+        try:
+            weight = float(rest[0]) if rest else 1.0
+            axis = int(rest[1]) if len(rest) > 1 else None
+        except ValueError:
+            raise OnnxcompError(f"--outputs {text!r}: expected NAME, NAME:WEIGHT or NAME:WEIGHT:AXIS") from None
+        if not name or weight < 0 or not np.isfinite(weight):
+            raise OnnxcompError(f"--outputs {text!r}: expected a name and a non-negative weight")
+        return cls(name, weight, axis)
 
 
 @dataclass(frozen=True)
@@ -189,10 +214,13 @@ class CompressConfig:
     batch_size: int = 32  # calibration batch
     device: Device = Device.CPU  # where the solvers run
     progress: bool = True
+    outputs: tuple = ()  # OutputSpec per output that counts in the fidelity (empty: every output, weight 1)
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
         object.__setattr__(self, "skip", tuple(self.skip or ()))
+        specs = tuple(s if isinstance(s, OutputSpec) else OutputSpec.parse(str(s)) for s in self.outputs or ())
+        object.__setattr__(self, "outputs", specs)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise OnnxcompError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
         given = self.solve.ranks.given + (["target"] if self.budget else [])
@@ -207,7 +235,7 @@ class CompressConfig:
                      spectrum="data", norm="data", centered=True, cp_form="4way", target_macs=None,
                      target_params=None, target_latency=None, sensitivity="auto", rank_multiple=None,
                      provider="cpu", threads=None, latency_cache=None, skip=(), input_shapes=None,
-                     batch_size=32, device="cpu", progress=True) -> "CompressConfig":
+                     batch_size=32, device="cpu", progress=True, outputs=()) -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
@@ -222,7 +250,7 @@ class CompressConfig:
             BudgetConfig(BudgetKind.MACS, 1.0, rank_multiple=rank_multiple)  # the same checks
         ranks = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
         return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
-                   _input_shapes(input_shapes), batch_size, device, progress)
+                   _input_shapes(input_shapes), batch_size, device, progress, tuple(outputs or ()))
 
     def settings(self) -> dict:
         """The report's ``settings``: the fit as plain JSON values."""
@@ -230,7 +258,8 @@ class CompressConfig:
         ranks = {k: _plain(getattr(solve.ranks, k)) for k in ("rank", "keep", "energy", "rule", "spectrum", "evbmf")}
         return {"method": solve.method.value, "norm": solve.norm.value, "centered": solve.centered, "ranks": ranks,
                 "cp_form": solve.cp_form.value,
-                "rank_multiple": self.budget.rank_multiple if self.budget else None, "device": self.device.value}
+                "rank_multiple": self.budget.rank_multiple if self.budget else None, "device": self.device.value,
+                "outputs": [{"name": s.name, "weight": s.weight, "axis": s.axis} for s in self.outputs]}
 
 
 def _check_fraction(value, option: str) -> None:

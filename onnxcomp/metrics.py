@@ -19,6 +19,7 @@ import math
 import numpy as np
 import onnx
 
+from .config import OutputSpec
 from .errors import OnnxcompError
 from .runtime import make_session
 
@@ -138,3 +139,82 @@ class TopOneAgreement:
         """(reference, candidate): the share of samples whose prediction is the label."""
         return (float(np.mean(np.concatenate(self.reference) == labels)),
                 float(np.mean(np.concatenate(self.candidate) == labels)))
+
+
+# ---------------------------------------------------------------- standardised, per output channel
+
+
+def channel_axis(shape: tuple, axis: int | None = None) -> int | None:
+    """The axis whose entries are an output's channels: ``axis`` if given, else axis 1 of
+    [N, C, ...] and [N, F] outputs and the last axis of [N, seq, F]; None for [N] (one channel)."""
+    if axis is not None:
+        return axis % len(shape)
+    if len(shape) < 2:
+        return None
+    return len(shape) - 1 if len(shape) == 3 else 1
+
+
+class ChannelErrors:
+    """Running per-channel sums of one output over batches: the error of each channel divided by
+    that channel's standard deviation in the original's outputs.
+
+    A standardised error of 0 is an unchanged output; 1 is an error as large as the channel's own
+    spread (as bad as replacing the channel by its mean). Channels whose spread is below
+    ``FLOOR`` times the output's typical spread (dead or constant channels) are measured against
+    that floor, so that a rounding-level change of a constant channel does not dominate.
+    """
+
+    FLOOR = 1e-3
+
+    def __init__(self, axis: int | None = None):
+        self.axis = axis
+        self.count = 0
+        self.ref_sum = self.ref_sq = self.diff_sq = None
+
+    def add(self, ref: np.ndarray, new: np.ndarray) -> None:
+        ref = np.asarray(ref, dtype=np.float64)
+        diff = np.asarray(new, dtype=np.float64) - ref
+        axis = channel_axis(ref.shape, self.axis)
+        if axis is None:
+            ref, diff = ref.reshape(-1, 1), diff.reshape(-1, 1)
+        else:
+            ref, diff = np.moveaxis(ref, axis, -1), np.moveaxis(diff, axis, -1)
+            ref, diff = ref.reshape(-1, ref.shape[-1]), diff.reshape(-1, diff.shape[-1])
+        sums = (ref.sum(axis=0), np.square(ref).sum(axis=0), np.square(diff).sum(axis=0))
+        if self.ref_sum is None:
+            self.ref_sum, self.ref_sq, self.diff_sq = sums
+        else:
+            self.ref_sum, self.ref_sq, self.diff_sq = (a + b for a, b in zip((self.ref_sum, self.ref_sq,
+                                                                                self.diff_sq), sums))
+        self.count += ref.shape[0]
+
+    def per_channel(self) -> np.ndarray:
+        """Each channel's RMS error over its standard deviation in the original's outputs."""
+        if not self.count:
+            return np.zeros(0)
+        mean = self.ref_sum / self.count
+        std = np.sqrt(np.maximum(self.ref_sq / self.count - mean**2, 0.0))
+        typical = float(np.sqrt(np.mean(np.square(std))))
+        rms = np.sqrt(self.diff_sq / self.count)
+        if typical > 0:
+            scale = np.maximum(std, self.FLOOR * typical)
+        else:  # no spread at all (one sample, constant outputs): relative to the values' size instead
+            scale = np.full_like(std, max(float(np.sqrt(np.mean(self.ref_sq / self.count))), np.finfo(float).tiny))
+        return np.where(rms > 0, rms / scale, 0.0)
+
+    def result(self) -> float:
+        """The output's standardised error: the RMS over channels of :meth:`per_channel`."""
+        values = self.per_channel()
+        return float(np.sqrt(np.mean(np.square(values)))) if values.size else 0.0
+
+
+def standardized_error(per_output: dict[str, float], specs: dict[str, OutputSpec] | None = None) -> float:
+    """The outputs' standardised errors combined: the weighted RMS (every output weighs 1 by default)."""
+    weights = {name: (specs[name].weight if specs and name in specs else (0.0 if specs else 1.0))
+               for name in per_output}
+    if specs and not any(weights.values()):
+        weights = dict.fromkeys(per_output, 1.0)
+    total = sum(weights.values())
+    if total <= 0:
+        return 0.0
+    return float(np.sqrt(sum(weights[name] * value**2 for name, value in per_output.items()) / total))

@@ -13,31 +13,33 @@ import onnx
 
 from .budget import Planning, make_costs, plan_budget
 from .calibration.collect import collect_statistics
-from .calibration.holdout import hold_out
+from .calibration.holdout import held_out_count, split_validation, validation_besides_stats, validation_from
 from .calibration.readers import count_samples, iter_feeds
 from .calibration.stats import Statistics
-from .config import BudgetKind, CompressConfig, Norm, Sensitivity
+from .config import BudgetKind, CompressConfig, Norm
 from .decompose.backend import get_backend
 from .decompose.solve import layer_problem, solve_layers
 from .errors import OnnxcompError
-from .metrics import compare_outputs
+from .judge import Judge
 from .model import as_model, find_layers
 from .passes import apply_solved
-from .report import Report, layer_rows, model_totals
+from .report import Report, data_warnings, layer_rows, model_totals
 from .runtime import Timer, execution_providers
 
 
-def compress(model, data=None, config: CompressConfig | None = None, *, stats=None, timer: Timer | None = None,
-             **options) -> tuple[onnx.ModelProto, Report]:
+def compress(model, data=None, config: CompressConfig | None = None, *, stats=None, validation_data=None,
+             timer: Timer | None = None, **options) -> tuple[onnx.ModelProto, Report]:
     """Compress the Conv/Gemm/MatMul layers of ``model``; returns ``(model, report)``.
 
     ``data``: calibration data (CalibrationDataReader, iterable of feed dicts or arrays,
-    array, dict of arrays, .npy/.npz path). ``stats``: a :class:`Statistics` or a stats
-    file from ``onnxcomp calibrate`` (then ``data`` is only used for the checks).
-    ``config``: a :class:`~onnxcomp.config.CompressConfig`, or instead its flat keyword
-    ``options`` (the README's names: ``keep=0.5``, ``target_macs=0.5``, ``method="tucker2"``,
-    ... see :meth:`CompressConfig.from_options`). ``timer``: how latency is measured
-    (default: :class:`~onnxcomp.runtime.Timer` on the configured provider and threads).
+    array, dict of arrays, .npy/.npz path); a validation part of it (every 10th sample, 8 to
+    64 of them) is held out of the statistics to judge candidates and the result, unless
+    ``validation_data`` gives a separate set. ``stats``: a :class:`Statistics` or a stats
+    file from ``onnxcomp calibrate`` (then ``data`` only judges). ``config``: a
+    :class:`~onnxcomp.config.CompressConfig`, or instead its flat keyword ``options`` (the
+    README's names: ``keep=0.5``, ``target_macs=0.5``, ``method="tucker2"``, ... see
+    :meth:`CompressConfig.from_options`). ``timer``: how latency is measured (default:
+    :class:`~onnxcomp.runtime.Timer` on the configured provider and threads).
     """
     if config is not None and options:
         raise OnnxcompError(f"give a config or keyword options, not both (got {sorted(options)})")
@@ -47,19 +49,19 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     if config.budget and config.budget.kind is BudgetKind.LATENCY:
         execution_providers(latency.provider.value)  # fail before calibrating if the provider is missing
     model = as_model(model)
-    budget = config.budget
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
-               probe=bool(budget and budget.sensitivity is not Sensitivity.OFF))
+               validation_data)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     clock.lap("calibration")
+    judge = run.judge(config.outputs)
     problems = {layer.name: layer_problem(layer, statistics.get(layer.stats_key) if statistics else None)
                 for layer in run.chosen}
-    allocation, solved = _solve(run, config, problems, timer)
+    allocation, solved = _solve(run, config, problems, timer, judge)
     clock.lap("solve")
     compressed = apply_solved(model, run.chosen, solved)
     clock.lap("rewrite")
-    check = compare_outputs(model, compressed, run.first_batch) if run.first_batch is not None else None
+    fidelity = judge.fidelity(compressed) if judge is not None else None
     clock.lap("check")
     compressed_layers = sum(not isinstance(result, str) for result in solved.values())
     totals = model_totals(model, compressed, run.shapes, run.sample, compressed_layers, len(run.layers))
@@ -70,20 +72,23 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
             _add_latency(totals, settings["target"], allocation, model, compressed, run.sample, timer, latency)
             clock.lap("latency")
     rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation)
-    return compressed, Report(settings, rows, totals, check, clock.seconds)
+    warnings = data_warnings(problems, solved, statistics, config.budget is not None, judge)
+    return compressed, Report(settings, rows, totals, fidelity, clock.seconds, warnings)
 
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True) -> Statistics:
-    """Statistics of every compressible layer's input, to save and reuse with ``stats=``."""
+    """Statistics of every compressible layer's input (every sample: nothing is held out), to save
+    and reuse with ``stats=``."""
     shapes = CompressConfig.from_options(input_shapes=input_shapes, rank=1).input_shapes
-    return _Run(as_model(model), data, None, shapes, skip, batch_size, progress).statistics(Norm.DATA)
+    run = _Run(as_model(model), data, None, shapes, skip, batch_size, progress, hold_out=False)
+    return run.statistics(Norm.DATA)
 
 
 class _Run:
     """The model's layers and the calibration data, read once: what every stage starts from."""
 
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
-                 progress: bool, probe: bool = False):
+                 progress: bool, validation_data=None, hold_out: bool = True):
         self.model, self.data, self.stats = model, data, stats
         self.input_shapes, self.batch_size, self.progress = input_shapes, batch_size, progress
         self.feeds = self.first_batch = None
@@ -102,9 +107,22 @@ class _Run:
         self.chosen = [layer for layer in self.layers if not any(s in (layer.name, layer.op_type) for s in skip)]
         if not self.chosen:
             raise OnnxcompError(_no_layers_message(self.layers, self.skipped))
-        self.held_out = None
-        if probe and self.first_batch is not None:
-            self.held_out, self.feeds = hold_out(self.first_batch, self.feeds, precomputed=stats is not None)
+        self.total = count_samples(data, model) if data is not None else None
+        self.validation = None
+        if validation_data is not None:
+            self.validation = validation_from(validation_data, model, batch_size)
+        elif self.feeds is not None and stats is not None:
+            self.validation = validation_besides_stats(self.feeds)
+        elif self.feeds is not None and hold_out:
+            self.validation, self.feeds = split_validation(self.feeds, self.total)
+
+    def judge(self, outputs) -> Judge | None:
+        """The judge of candidate models, on the validation samples (None: no data given)."""
+        validation = self.validation
+        if validation is None or not validation.samples:
+            return None
+        return Judge(self.model, validation.feed, validation.source, validation.held_out, list(outputs),
+                     self.batch_size)
 
     def statistics(self, norm: Norm) -> Statistics | None:
         if self.stats is not None:
@@ -119,23 +137,21 @@ class _Run:
                 raise OnnxcompError(
                     "the data norm needs calibration data (--data) or statistics (--stats); or use --norm frobenius")
             return None
-        total = count_samples(self.data, self.model)
-        if total and self.held_out:
-            total -= self.held_out.samples
+        total = self.total
+        if total and self.validation is not None and self.validation.held_out:
+            total -= held_out_count(total)
         return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
                                   batch_size=self.batch_size, progress=self.progress, total=total)
 
 
-def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer):
+def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):
     """(the budget's allocation or None, each layer solved)."""
     xp = get_backend(config.device.value)
     if config.budget is None:
         plan = {layer.name: (config.solve, None) for layer in run.chosen}
         return None, solve_layers(problems, plan, xp, config.progress)
     costs = make_costs(config.budget, run.model, run.chosen, problems, run.shapes, run.sample, timer, config.progress)
-    probe = run.held_out
-    planning = Planning(run.model, run.chosen, problems, config.solve, costs, xp, config.progress,
-                        probe.feed if probe else None, probe.source if probe else None)
+    planning = Planning(run.model, run.chosen, problems, config.solve, costs, xp, config.progress, judge)
     return plan_budget(config.budget, planning)
 
 

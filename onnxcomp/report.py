@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .io import columns, write_json
+from .judge import Fidelity
 from .model import count_macs, count_params
 
 
@@ -33,14 +34,16 @@ class Report:
     settings: dict
     layers: list[LayerRow]
     totals: dict  # params / macs of the whole model, before and after
-    output_error: dict | None = None  # per model output, on one calibration batch
+    fidelity: Fidelity | None = None  # compressed vs original on the validation samples (None: no data)
     seconds: dict = field(default_factory=dict)  # time per stage: calibration, solve, rewrite, check
+    warnings: list[str] = field(default_factory=list)  # what the user should know before trusting the result
 
     def to_dict(self) -> dict:
         return {
             "settings": self.settings,
             "totals": self.totals,
-            "output_error": self.output_error,
+            "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
+            "warnings": self.warnings,
             "seconds": self.seconds,
             "layers": [asdict(row) for row in self.layers],
         }
@@ -96,12 +99,47 @@ class Report:
             )
         if self.seconds:
             lines.append("time: " + ", ".join(f"{stage} {s:.2f}s" for stage, s in self.seconds.items()))
-        for name, err in (self.output_error or {}).items():
-            lines.append(
-                f"output {name!r} on a calibration batch: relative L2 error {err['relative_l2']:.4g}, "
-                f"max abs {err['max_abs']:.4g}, cosine {err['cosine']:.6f}"
-            )
+        lines += _fidelity_lines(self.fidelity)
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return lines
+
+
+def _fidelity_lines(fidelity: Fidelity | None) -> list[str]:
+    """The judge's verdict, labelled with where its samples came from (held-out or in-sample)."""
+    if fidelity is None:
+        return ["fidelity: not measured (no data given)"]
+    where = ("held-out" if fidelity.held_out else "IN-SAMPLE") + f", {fidelity.source}"
+    agreement = "" if fidelity.top1_agreement is None else f", top-1 agreement {fidelity.top1_agreement:.1%}"
+    lines = [f"fidelity ({where}): standardised error {fidelity.standardized:.4g}{agreement}"]
+    for name, err in fidelity.outputs.items():
+        lines.append(f"  output {name!r}: standardised error {err['standardized']:.4g}, relative L2 "
+                     f"{err['relative_l2']:.4g}, cosine {err['cosine']:.6f}, max abs {err['max_abs']:.4g}")
+    return lines
+
+
+# Fewer calibration samples than this behind a data-aware fit deserve a warning.
+FEW_SAMPLES = 32
+
+
+def data_warnings(problems: dict, solved: dict, statistics, budget: bool, judge) -> list[str]:
+    """Warnings about the data behind the result: too few samples, rank-deficient statistics, in-sample judging."""
+    warnings = []
+    samples = max((s.samples for s in statistics.values()), default=0) if statistics else None
+    if samples is not None and samples < FEW_SAMPLES:
+        warnings.append(f"only {samples} calibration sample(s) behind the statistics"
+                        f"{' of a whole-model budget' if budget else ''}: the fit can follow these samples "
+                        f"and not the data the model will see; give {FEW_SAMPLES} or more (a few hundred for "
+                        "large models)")
+    short = [(name, p.stats.rows, p.weight.shape[1]) for name, p in problems.items()
+             if p.stats is not None and p.stats.rows < p.weight.shape[1] and not isinstance(solved.get(name), str)]
+    if short:
+        name, rows, dim = short[0]
+        warnings.append(f"{len(short)} compressed layer(s) have fewer statistics rows than input dimensions (e.g. "
+                        f"{name!r}: {rows} rows for {dim} dimensions): their covariance is rank-deficient, and the "
+                        "fit can match the calibration samples exactly and generalise badly; give more data")
+    if judge is not None and not judge.held_out:
+        warnings.append("the fidelity above was measured on calibration samples (in-sample): it flatters the result")
+    return warnings
 
 
 def layer_rows(layers, chosen, skipped, problems, solved, allocation=None) -> list[LayerRow]:

@@ -261,3 +261,30 @@ def _cpu_name() -> str:
 def random_feed(name: str, shape, seed: int = 1) -> dict:
     """A float32 feed of standard normal values (timings do not depend on the values)."""
     return {name: np.random.default_rng(seed).standard_normal(list(shape)).astype(np.float32)}
+
+
+def fixed_batch(session) -> int | None:
+    """The batch size a session's inputs all fix (their first dimension), else None."""
+    firsts = {tuple(i.shape[:1]) for i in session.get_inputs()}
+    if len(firsts) != 1:
+        return None
+    (first,) = firsts
+    return first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
+
+
+def run_in_batches(session, feed: dict, batch: int = 32) -> list[np.ndarray]:
+    """The session's outputs on all samples of ``feed`` (axis 0), run ``batch`` samples at a time.
+
+    A model with a fixed batch size runs at that size; the last batch is topped up with the
+    first samples and their output rows are dropped."""
+    samples = len(next(iter(feed.values())))
+    fixed = fixed_batch(session)
+    size = fixed or batch
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, samples, size):
+        real = min(size, samples - start)
+        index = np.arange(start, start + size) % samples if fixed else np.arange(start, start + real)
+        outputs = session.run(None, {name: np.ascontiguousarray(value[index]) for name, value in feed.items()})
+        parts.append([out[:real] if out.ndim and out.shape[0] == len(index) else out for out in outputs])
+    return [np.concatenate([p[i] for p in parts], axis=0) if parts[0][i].ndim else parts[0][i]
+            for i in range(len(parts[0]))]

@@ -25,9 +25,12 @@ def test_compress_example_end_to_end(tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "compress", EXAMPLE / "digits_cnn.onnx", out,
                               "--data", EXAMPLE / "calib.npz", "--keep", "0.5", "--report", report, "--quiet")
     assert code == 0, stdout
-    assert "relative L2 error" in stdout
+    assert "fidelity (held-out, 26 calibration samples held out of the statistics): standardised error" in stdout
     data = json.loads(report.read_text())
-    assert set(data) == {"settings", "totals", "output_error", "seconds", "layers"}
+    assert set(data) == {"settings", "totals", "fidelity", "warnings", "seconds", "layers"}
+    assert data["fidelity"]["held_out"] and data["fidelity"]["samples"] == 26
+    # fc1 reads 1024 features and the statistics hold 230 rows: its fit is said to be under-determined
+    assert len(data["warnings"]) == 1 and "'/fc1/Gemm': 230 rows for 1024 dimensions" in data["warnings"][0]
     totals = data["totals"]
     assert totals["macs_after"] < 0.6 * totals["macs_before"]
     assert totals["layers_compressed"] >= 4

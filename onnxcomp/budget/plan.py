@@ -7,8 +7,8 @@
    CP curves get more points where the spare cost reaches, then it runs again.
 3. Sensitivity (optional): each layer's error weighted by its measured effect on
    the model's outputs (:mod:`.sensitivity`); "auto" keeps the weighted
-   allocation only when its solved model has the smaller output error on probe
-   samples held out of the statistics.
+   allocation only when its solved model is closer to the original on the judge's
+   validation samples (held out of the statistics where there are enough).
 4. Latency budgets: the planned model is profiled; a miss of more than 3% is
    re-allocated once, aiming off by the miss, and the closer round is kept.
 """
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import BudgetConfig, BudgetKind, Sensitivity, SolveConfig
 from ..decompose.solve import LayerProblem, Solved, solve_layers
-from ..metrics import compare_outputs
+from ..judge import Judge
 from ..passes import apply_solved
 from .candidates import CURVES, REFINABLE, Candidate
 from .costs import CostModel
@@ -58,7 +58,7 @@ class Allocation:
 @dataclass
 class Planning:
     """Everything a budget decision reads: the layers as problems, how they are fitted and priced,
-    and the samples that judge candidate models (held out of the statistics where possible)."""
+    and the judge of candidate models (validation samples, held out of the statistics where possible)."""
 
     model: object  # onnx.ModelProto
     layers: list
@@ -67,8 +67,7 @@ class Planning:
     costs: CostModel
     xp: object
     progress: bool = False
-    probe: dict | None = None  # feed of the probe samples
-    probe_source: str | None = None  # where they came from, for the report
+    judge: Judge | None = None  # None: no data to judge by (no sensitivity weighting)
 
 
 def plan_budget(budget: BudgetConfig, planning: Planning) -> tuple[Allocation, Solved]:
@@ -152,9 +151,9 @@ def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, 
     """Allocate and solve; with a probe, also weight by sensitivity and keep what "auto" prefers."""
     allocation = curves.allocate(fraction)
     solved = _solve(planning, allocation)
-    if budget.sensitivity is Sensitivity.OFF or planning.probe is None:
+    if budget.sensitivity is Sensitivity.OFF or planning.judge is None:
         return allocation, solved
-    gains = layer_sensitivities(planning.model, planning.layers, planning.probe)
+    gains = layer_sensitivities(planning.model, planning.layers, planning.judge)
     weighted = curves.allocate(fraction, gains)
     note = {}
     if weighted.choices != allocation.choices:
@@ -163,15 +162,13 @@ def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, 
         note = {"unweighted_error": errors[0], "weighted_error": errors[1]}
         if budget.sensitivity is Sensitivity.ON or errors[1] <= errors[0]:
             allocation, solved = weighted, weighted_solved
-    allocation.sensitivity = {**note, "weighted": allocation is weighted, "probe": planning.probe_source,
+    allocation.sensitivity = {**note, "weighted": allocation is weighted, "probe": planning.judge.source,
                               "gains": {k: round(v, 6) for k, v in gains.items()}}
     return allocation, solved
 
 
 def _probe_error(planning: Planning, solved: Solved) -> float:
-    compressed = apply_solved(planning.model, planning.layers, solved)
-    errors = compare_outputs(planning.model, compressed, planning.probe)
-    return next(iter(errors.values()))["relative_l2"]
+    return planning.judge.error(apply_solved(planning.model, planning.layers, solved))
 
 
 def _close_latency_loop(planning: Planning, decide, first, fraction: float):

@@ -5,7 +5,9 @@ A cheap one-layer-at-a-time probe: every target layer's output gets an
 layer, noise with a per-channel standard deviation of ``epsilon`` times that
 channel's own spread (a relative output error of about ``epsilon``, in the
 units of the solvers' relative error) is fed to that layer alone, and the
-relative change of the model's outputs is measured. The squared gain
+change of the model's outputs is measured as the judge measures candidate models
+(standardised per output channel: a large-valued output must not drown a
+small-valued one, as pixel boxes drowned class scores in a detector). The squared gain
 ``(output change / epsilon)^2`` weights the layer's squared relative error in
 the budget allocation: errors in sensitive layers cost more.
 """
@@ -15,32 +17,46 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from ..judge import Judge
 from ..model import TargetLayer
-from ..runtime import make_session
+from ..runtime import fixed_batch, make_session
 
 _SUFFIX = "/onnxcomp_clean"
 
 
-def layer_sensitivities(
-    model: onnx.ModelProto, layers: list[TargetLayer], feed: dict[str, np.ndarray], epsilon: float = 0.05, seed: int = 0
-) -> dict[str, float]:
-    """Layer name -> squared gain from its relative output error to the model's relative output error."""
-    probe = _probe_model(model, layers)
-    session = make_session(probe)
+# Samples the probe runs (one forward pass per layer): enough to see each layer's effect.
+PROBE_SAMPLES = 16
+
+
+def layer_sensitivities(model: onnx.ModelProto, layers: list[TargetLayer], judge: Judge, epsilon: float = 0.05,
+                        seed: int = 0) -> dict[str, float]:
+    """Layer name -> squared gain from its relative output error to the model's standardised output error
+    (the judge's measure: per output channel, weighted by ``--outputs``)."""
+    session = make_session(_probe_model(model, layers))
+    feed = _probe_feed(judge.feed, fixed_batch(session))
     outputs = [o.name for o in model.graph.output]
-    clean_names = [layer.output + _SUFFIX for layer in layers]
-    zeros = {f"noise/{layer.output}": np.zeros((1,), np.float32) for layer in layers}
-    results = session.run(outputs + clean_names, {**feed, **zeros})
+    zeros = {f"noise/{layer.output}": np.zeros((1,), _dtype(layer)) for layer in layers}
+    results = session.run(outputs + [layer.output + _SUFFIX for layer in layers], {**feed, **zeros})
     reference, clean = results[: len(outputs)], results[len(outputs):]
-    reference_norm = np.sqrt(sum(float(np.sum(np.square(r, dtype=np.float64))) for r in reference))
     rng = np.random.default_rng(seed)
     gains = {}
     for layer, activation in zip(layers, clean):
         noise = _relative_noise(activation, epsilon, rng)
         perturbed = session.run(outputs, {**feed, **zeros, f"noise/{layer.output}": noise})
-        change = np.sqrt(sum(float(np.sum(np.square(p.astype(np.float64) - r))) for p, r in zip(perturbed, reference)))
-        gains[layer.name] = (change / max(reference_norm, 1e-30) / epsilon) ** 2
+        gains[layer.name] = (judge.standardized(reference, perturbed) / epsilon) ** 2
     return gains
+
+
+def _probe_feed(feed: dict, fixed: int | None) -> dict:
+    """Up to ``PROBE_SAMPLES`` samples (exactly the batch a fixed-batch model takes, repeating samples)."""
+    samples = len(next(iter(feed.values())))
+    index = np.arange(fixed) % samples if fixed else np.arange(min(samples, PROBE_SAMPLES))
+    return {name: np.ascontiguousarray(value[index]) for name, value in feed.items()}
+
+
+def _dtype(layer: TargetLayer) -> np.dtype:
+    """The element type of the layer's output: its weight's (float16 models add float16 noise)."""
+    return np.dtype(layer.weight.dtype)
 
 
 def _relative_noise(activation: np.ndarray, epsilon: float, rng) -> np.ndarray:
@@ -64,7 +80,8 @@ def _probe_model(model: onnx.ModelProto, layers: list[TargetLayer]) -> onnx.Mode
         clean = layer.output + _SUFFIX
         node.output[0] = clean
         noise = f"noise/{layer.output}"
-        graph.input.append(onnx.helper.make_tensor_value_info(noise, onnx.TensorProto.FLOAT, None))
+        elem_type = onnx.helper.np_dtype_to_tensor_dtype(_dtype(layer))
+        graph.input.append(onnx.helper.make_tensor_value_info(noise, elem_type, None))
         additions.append(onnx.helper.make_node("Add", [clean, noise], [layer.output], name=f"{noise}/add"))
         graph.output.append(onnx.helper.make_tensor_value_info(clean, onnx.TensorProto.FLOAT, None))
     # Keep topological order: each Add right after the node it follows.

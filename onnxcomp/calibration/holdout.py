@@ -1,38 +1,114 @@
-"""Samples kept out of the statistics, so that candidate models are judged on data the fit never saw."""
+"""Validation samples kept out of the statistics, so that candidate models are judged on data the fit never saw.
+
+``compress`` holds out every k-th calibration sample (10% of them, at least ``VALIDATION_MIN``,
+at most ``VALIDATION_MAX``) while the statistics stream past: strided, so that data sorted by
+class or source still gives a validation part like the rest. With fewer than twice
+``VALIDATION_MIN`` samples nothing is held out: the samples judge in-sample, and say so.
+``--validation-data`` gives a separate set instead (then every calibration sample goes into
+the statistics).
+"""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# Samples the sensitivity probe takes from the first calibration batch, kept out of the statistics.
-PROBE_SAMPLES = 8
+import numpy as np
+
+from .readers import iter_feeds
+
+VALIDATION_SHARE = 0.1
+VALIDATION_MIN = 8
+VALIDATION_MAX = 64  # the original's outputs on them are kept in memory (a detector's maps are large)
+UNKNOWN_STRIDE = 10  # a reader that cannot tell its length: every 10th sample
 
 
 @dataclass
-class HeldOut:
-    """The held-out feed, where it came from (for the report), and how many samples left the statistics."""
+class Validation:
+    """The samples that judge candidate models, where they came from, and whether the fit saw them."""
 
-    feed: dict
     source: str
-    samples: int
+    held_out: bool
+    parts: list[dict] = field(default_factory=list)  # filled while the calibration data streams past
+
+    @property
+    def feed(self) -> dict | None:
+        if not self.parts:
+            return None
+        return {name: np.concatenate([part[name] for part in self.parts]) for name in self.parts[0]}
+
+    @property
+    def samples(self) -> int:
+        return sum(_samples(part) for part in self.parts)
 
 
-def hold_out(first_batch: dict, feeds: Iterator, precomputed: bool,
-             count: int = PROBE_SAMPLES) -> tuple[HeldOut, Iterator]:
-    """The first ``count`` samples of the first batch, and the batches left for the statistics.
+def split_validation(feeds: Iterator[dict], total: int | None) -> tuple[Validation, Iterator[dict]]:
+    """The validation part of the calibration data, and the batches left for the statistics.
 
-    ``feeds`` still yields ``first_batch`` first; it is replaced by its remainder. With
-    ``precomputed`` statistics every sample given is already outside them; a first batch too
-    small to spare ``count`` samples (fewer than twice that) is used in-sample, and says so.
+    The validation part fills while the returned iterator is consumed.
     """
-    size = len(next(iter(first_batch.values())))
-    feed = {k: v[:count] for k, v in first_batch.items()}
-    if precomputed:
-        return HeldOut(feed, "data given besides --stats", 0), feeds
-    if size < 2 * count:
-        return HeldOut(feed, "calibration samples (too few to hold out)", 0), feeds
-    next(feeds)  # the first batch again: it is replaced by its remainder
-    rest = {k: v[count:] for k, v in first_batch.items()}
-    return HeldOut(feed, f"{count} samples held out of the statistics", count), itertools.chain([rest], feeds)
+    if total is not None and total < 2 * VALIDATION_MIN:
+        validation = Validation(f"the {min(total, VALIDATION_MAX)} calibration sample(s) themselves: too few to hold "
+                                f"any out (give {2 * VALIDATION_MIN} or more, or --validation-data)", held_out=False)
+        return validation, _stream(feeds, validation, stride=1, limit=VALIDATION_MAX, remove=False)
+    if total is None:
+        stride, limit = UNKNOWN_STRIDE, VALIDATION_MAX
+    else:
+        limit = held_out_count(total)
+        stride = max(1, total // limit)
+    validation = Validation("", held_out=True)
+    stream = _stream(feeds, validation, stride, limit, remove=True)
+
+    def labelled():
+        yield from stream
+        validation.source = f"{validation.samples} calibration samples held out of the statistics"
+
+    return validation, labelled()
+
+
+def held_out_count(total: int) -> int:
+    """How many of ``total`` calibration samples are held out (0: too few to hold any out)."""
+    if total < 2 * VALIDATION_MIN:
+        return 0
+    return int(np.clip(round(VALIDATION_SHARE * total), VALIDATION_MIN, VALIDATION_MAX))
+
+
+def validation_besides_stats(feeds: Iterator[dict]) -> Validation:
+    """With precomputed statistics: the first samples of the data given (the fit saw them only if
+    the statistics were collected on them)."""
+    validation = Validation("", held_out=True)
+    for _ in _stream(feeds, validation, stride=1, limit=VALIDATION_MAX, remove=False):
+        if validation.samples >= VALIDATION_MAX:
+            break
+    validation.source = f"{validation.samples} samples of the data given besides --stats"
+    return validation
+
+
+def validation_from(data, model, batch_size: int) -> Validation:
+    """``--validation-data``: a separate set, read whole (checked like calibration data)."""
+    validation = Validation("", held_out=True, parts=list(iter_feeds(data, model, batch_size)))
+    validation.source = f"{validation.samples} samples of --validation-data"
+    return validation
+
+
+def _stream(feeds: Iterator[dict], validation: Validation, stride: int, limit: int, remove: bool):
+    """Yield the batches (without the validation samples when ``remove``), collecting every
+    ``stride``-th sample into ``validation`` until it holds ``limit``."""
+    seen = 0
+    for batch in feeds:
+        count = _samples(batch)
+        wanted = np.arange(seen, seen + count) % stride == 0
+        room = limit - validation.samples
+        wanted &= np.cumsum(wanted) <= room
+        seen += count
+        if wanted.any():
+            validation.parts.append({name: value[wanted] for name, value in batch.items()})
+        if remove and wanted.any():
+            batch = {name: value[~wanted] for name, value in batch.items()}
+        if _samples(batch):
+            yield batch
+
+
+def _samples(feed: dict) -> int:
+    first = next(iter(feed.values()))
+    return int(first.shape[0]) if first.ndim else 1
