@@ -78,8 +78,13 @@ def _parser() -> argparse.ArgumentParser:
                           help="fit under the uncentered second moment, without bias correction")
     compress.add_argument("--sensitivity", default="auto", choices=["auto", "on", "off"],
                           help="with a budget: weight each layer's error by its measured effect on the model's "
-                               "outputs (auto: only where that wins on 8 calibration samples held out of the "
-                               "statistics)")
+                               "outputs (auto: only where that wins on the validation samples)")
+    compress.add_argument("--validation-data", metavar="F",
+                          help="samples that judge candidates and the result (default: every 10th calibration "
+                               "sample, 8 to 64 of them, held out of the statistics)")
+    compress.add_argument("--outputs", nargs="+", default=[], metavar="NAME[:WEIGHT[:AXIS]]",
+                          help="the model outputs that count in the fidelity and how much (default: all, weight 1); "
+                               "AXIS: the channel axis (default 1, the last of [N, seq, F])")
     compress.add_argument("--stats", help="statistics file from `onnxcomp calibrate` (instead of collecting)")
     compress.add_argument("--report", help="write the per-layer report as JSON here")
     compress.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the solvers run")
@@ -159,7 +164,8 @@ def _compress(args) -> int:
     check_writable(args.output, "output")
     if args.report:
         check_writable(args.report, "report")
-    compressed, report = compress(load_model(args.input), args.data, config, stats=args.stats)
+    compressed, report = compress(load_model(args.input), args.data, config, stats=args.stats,
+                                  validation_data=args.validation_data)
     save_model(compressed, args.output)
     print(report.table())
     print(f"wrote {args.output}")

@@ -18,7 +18,7 @@ import onnx
 
 from .config import OutputSpec
 from .errors import OnnxcompError
-from .metrics import ChannelErrors, OutputErrors, TopOneAgreement, standardized_error
+from .metrics import OutputErrors, TopOneAgreement, standardized_error
 from .runtime import make_session, run_in_batches
 
 
@@ -63,12 +63,8 @@ class Judge:
 
     def compare(self, outputs: list[np.ndarray]) -> Fidelity:
         """The fidelity of a candidate's ``outputs`` (in the order of the original's outputs)."""
-        errors = OutputErrors(self.names)
-        errors.add(self.reference, outputs)
-        per_output = errors.result()
-        by_output = self._per_output(self.reference, outputs)
-        for name, value in by_output.items():
-            per_output[name] = {"standardized": value, **per_output[name]}
+        per_output = self._errors(self.reference, outputs)
+        by_output = {name: errors["standardized"] for name, errors in per_output.items()}
         top1 = TopOneAgreement()
         top1.add(self.reference[0], outputs[0], self.samples)
         return Fidelity(standardized_error(by_output, self.specs), per_output, self.samples, self.source,
@@ -77,16 +73,13 @@ class Judge:
     def standardized(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
         """The combined standardised error of ``outputs`` against any ``reference`` outputs (the
         sensitivity probe compares perturbed runs with its own clean run)."""
-        return standardized_error(self._per_output(reference, outputs), self.specs)
+        per_output = self._errors(reference, outputs)
+        return standardized_error({name: e["standardized"] for name, e in per_output.items()}, self.specs)
 
-    def _per_output(self, reference, outputs) -> dict[str, float]:
-        values = {}
-        for name, ref, new in zip(self.names, reference, outputs, strict=True):
-            spec = self.specs.get(name) if self.specs else None
-            channels = ChannelErrors(spec.axis if spec else None)
-            channels.add(ref, new)
-            values[name] = channels.result()
-        return values
+    def _errors(self, reference, outputs) -> dict:
+        errors = OutputErrors(self.names, {s.name: s.axis for s in (self.specs or {}).values()})
+        errors.add(reference, outputs)
+        return errors.result()
 
     def error(self, model: onnx.ModelProto) -> float:
         """The one number a decision between candidates minimises: the combined standardised error."""

@@ -57,10 +57,11 @@ class ErrorSums:
 
 
 class OutputErrors:
-    """:class:`ErrorSums` of every model output, by name, over batches."""
+    """:class:`ErrorSums` and :class:`ChannelErrors` of every model output, by name, over batches."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], axes: dict[str, int | None] | None = None):
         self.sums = {name: ErrorSums() for name in names}
+        self.channels = {name: ChannelErrors((axes or {}).get(name)) for name in names}
 
     def add(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> None:
         """One batch of both models' outputs, in the order of ``names``."""
@@ -69,10 +70,12 @@ class OutputErrors:
                 raise OnnxcompError(f"output {name!r} has shape {list(np.shape(ref))} in the original "
                                     f"but {list(np.shape(new))} in the compressed model")
             sums.add(ref, new)
+            self.channels[name].add(ref, new)
 
     def result(self) -> dict:
-        """Per output name: relative L2 error, cosine, max abs and non-finite count."""
-        return {name: sums.result() for name, sums in self.sums.items()}
+        """Per output name: standardised per-channel error, relative L2 error, cosine, max abs, non-finite count."""
+        return {name: {"standardized": self.channels[name].result(), **sums.result()}
+                for name, sums in self.sums.items()}
 
 
 def output_errors(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str]) -> dict:

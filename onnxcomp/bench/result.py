@@ -65,7 +65,7 @@ class BenchResult:
     compressed: ModelInfo
     samples: int
     inputs: dict  # name -> shape of the whole data array
-    outputs: dict  # output name -> {relative_l2, cosine, max_abs, nonfinite}
+    outputs: dict  # output name -> {standardized, relative_l2, cosine, max_abs, nonfinite}
     top1_output: str | None  # the output used for agreement/accuracy (None: none looks like scores)
     top1_agreement: float | None  # fraction of samples whose argmax matches the original's
     accuracy: dict | None  # {"original": a, "compressed": b, "labels": source} when labels are given
@@ -126,11 +126,13 @@ class BenchResult:
 
     def _errors(self) -> list[str]:
         lines = [f"output error, compressed vs original, over all {self.samples} samples:"]
-        rows = [("output", "rel. L2", "cosine", "max abs")]
+        rows = [("output", "std. error", "rel. L2", "cosine", "max abs")]
         for name, e in self.outputs.items():
             extra = f"  ({e['nonfinite']} non-finite values)" if e.get("nonfinite") else ""
-            rows.append((name, _g(e["relative_l2"]), _cos(e["cosine"]), _g(e["max_abs"]) + extra))
-        lines += columns(rows, right=(1, 2))
+            rows.append((name, _g(e["standardized"]), _g(e["relative_l2"]), _cos(e["cosine"]),
+                         _g(e["max_abs"]) + extra))
+        lines += columns(rows, right=(1, 2, 3))
+        lines.append("std. error: per output channel, RMS error / the channel's spread in the original's outputs")
         if self.top1_agreement is not None:
             agree = round(self.top1_agreement * self.samples)
             lines.append(f"top-1 agreement ({self.top1_output}): {self.top1_agreement:.2%} ({agree}/{self.samples})")
