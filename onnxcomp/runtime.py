@@ -263,9 +263,9 @@ def random_feed(name: str, shape, seed: int = 1) -> dict:
     return {name: np.random.default_rng(seed).standard_normal(list(shape)).astype(np.float32)}
 
 
-def fixed_batch(session) -> int | None:
-    """The batch size a session's inputs all fix (their first dimension), else None."""
-    firsts = {tuple(i.shape[:1]) for i in session.get_inputs()}
+def fixed_batch(session, names=None) -> int | None:
+    """The batch size a session's inputs (those in ``names``, default all) fix as their first dimension."""
+    firsts = {tuple(i.shape[:1]) for i in session.get_inputs() if names is None or i.name in names}
     if len(firsts) != 1:
         return None
     (first,) = firsts

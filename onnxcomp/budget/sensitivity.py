@@ -33,7 +33,7 @@ def layer_sensitivities(model: onnx.ModelProto, layers: list[TargetLayer], judge
     """Layer name -> squared gain from its relative output error to the model's standardised output error
     (the judge's measure: per output channel, weighted by ``--outputs``)."""
     session = make_session(_probe_model(model, layers))
-    feed = _probe_feed(judge.feed, fixed_batch(session))
+    feed = _probe_feed(judge.feed, fixed_batch(session, judge.feed))
     outputs = [o.name for o in model.graph.output]
     zeros = {f"noise/{layer.output}": np.zeros((1,), _dtype(layer)) for layer in layers}
     results = session.run(outputs + [layer.output + _SUFFIX for layer in layers], {**feed, **zeros})
@@ -83,7 +83,7 @@ def _probe_model(model: onnx.ModelProto, layers: list[TargetLayer]) -> onnx.Mode
         elem_type = onnx.helper.np_dtype_to_tensor_dtype(_dtype(layer))
         graph.input.append(onnx.helper.make_tensor_value_info(noise, elem_type, None))
         additions.append(onnx.helper.make_node("Add", [clean, noise], [layer.output], name=f"{noise}/add"))
-        graph.output.append(onnx.helper.make_tensor_value_info(clean, onnx.TensorProto.FLOAT, None))
+        graph.output.append(onnx.helper.make_tensor_value_info(clean, elem_type, None))
     # Keep topological order: each Add right after the node it follows.
     ordered = []
     after = {a.input[0]: a for a in additions}

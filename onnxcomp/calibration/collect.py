@@ -36,7 +36,7 @@ from ..errors import OnnxcompError, first_line
 from ..model import ConvGeometry, TargetLayer, as_model, with_input_shapes
 from ..runtime import open_session
 from .patches import channel_last_order, iter_patch_blocks
-from .readers import count_samples, feed_samples, iter_feeds, model_inputs
+from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
 from .stats import InputStats, Statistics
 
 # Bytes of one float64 row block in the "outputs" reduction: what memory the
@@ -166,7 +166,9 @@ class _Collector:
     """Layer inputs leave the session as extra outputs; NumPy/BLAS reduce them."""
 
     def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers, block_bytes: int):
-        fed = {i.name for i in model_inputs(model)}
+        inputs = model_inputs(model)
+        fed = {i.name for i in inputs}
+        self.fixed = fixed_batch(inputs)
         self.targets = targets
         # A tensor that is fed comes straight from the feed.
         self.fetch = list(dict.fromkeys(t.tensor for t in targets if t.tensor not in fed))
@@ -177,7 +179,12 @@ class _Collector:
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         values = dict(feed)
         if self.fetch:
-            fetched = self.session.run(self.fetch, feed, index)
+            real = _samples(feed)
+            padded = self.fixed is not None and real < self.fixed
+            run_feed = _topped_up(feed, self.fixed) if padded else feed
+            fetched = self.session.run(self.fetch, run_feed, index)
+            if padded:  # drop the rows of the repeated samples (where the batch is the leading axis)
+                fetched = [t[:real] if t.ndim and t.shape[0] == self.fixed else t for t in fetched]
             _check_finite(self.fetch, fetched, index)
             values.update(zip(self.fetch, fetched))
         for target in self.targets:
@@ -189,6 +196,17 @@ class _Collector:
     def statistics(self) -> Statistics:
         # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
         return Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.targets})
+
+
+def _samples(feed: dict[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _topped_up(feed: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """A batch smaller than the model's fixed batch size, topped up by repeating its samples."""
+    index = np.arange(size) % _samples(feed)
+    return {name: value[index] for name, value in feed.items()}
 
 
 def _check_finite(names: list[str], tensors: list[np.ndarray], index: int) -> None:
