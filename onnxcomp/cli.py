@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="whole-model budget: keep this fraction of the model's MACs, ranks allocated across layers")
     rule.add_argument("--target-params", type=float, metavar="F",
                       help="whole-model budget: keep this fraction of the model's parameters")
+    rule.add_argument("--max-drop", type=float, metavar="D",
+                      help="no size target: the smallest model (--minimize) whose --metric on the validation samples "
+                           "drops by at most D from the original's (fidelity: standardised error at most D)")
     rule.add_argument("--target-latency", type=float, metavar="F",
                       help="whole-model budget: this fraction of the model's onnxruntime latency at batch 1, "
                            "every candidate chain timed on this machine (cached) with --provider and --threads")
@@ -79,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--sensitivity", default="auto", choices=["auto", "on", "off"],
                           help="with a budget: weight each layer's error by its measured effect on the model's "
                                "outputs (auto: only where that wins on the validation samples)")
+    compress.add_argument("--minimize", default="macs", choices=["macs", "params", "latency"],
+                          help="--max-drop: what to make smallest (default macs)")
+    compress.add_argument("--metric", default="fidelity", choices=["fidelity", "top1", "cosine"],
+                          help="what judges candidate models on the validation samples: minus the standardised error "
+                               "(default), top-1 agreement with the original, or the mean cosine of the first output")
     compress.add_argument("--validation-data", metavar="F",
                           help="samples that judge candidates and the result (default: every 10th calibration "
                                "sample, 8 to 64 of them, held out of the statistics)")

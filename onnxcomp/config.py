@@ -185,15 +185,21 @@ class BudgetConfig:
     """A whole-model budget: the model ends at ``fraction`` of its MACs, params or latency."""
 
     kind: BudgetKind
-    fraction: float
+    fraction: float | None  # None with max_drop: the search finds it
     sensitivity: Sensitivity = Sensitivity.AUTO
     rank_multiple: int | None = None  # candidate ranks only at multiples of this (None: 8 for latency)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    max_drop: float | None = None  # instead of a fraction: the smallest model whose loss stays within this
 
     def __post_init__(self):
         object.__setattr__(self, "kind", BudgetKind.parse(self.kind, "budget kind"))
         object.__setattr__(self, "sensitivity", Sensitivity.parse(self.sensitivity, "--sensitivity"))
-        if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+        if (self.fraction is None) == (self.max_drop is None):
+            raise OnnxcompError("a budget takes a fraction or a --max-drop, not both")
+        if self.max_drop is not None:
+            if not isinstance(self.max_drop, (int, float)) or not self.max_drop >= 0:
+                raise OnnxcompError(f"--max-drop must be a non-negative number, got {self.max_drop!r}")
+        elif not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
             raise OnnxcompError(f"--target-{self.kind.value} must be a fraction in (0, 1], got {self.fraction}")
         multiple = self.rank_multiple
         if multiple is not None and (not isinstance(multiple, int) or multiple < 1):
@@ -215,6 +221,7 @@ class CompressConfig:
     device: Device = Device.CPU  # where the solvers run
     progress: bool = True
     outputs: tuple = ()  # OutputSpec per output that counts in the fidelity (empty: every output, weight 1)
+    metric: object = "fidelity"  # what judges candidates: "fidelity", "top1", "cosine" or fn(session) -> float
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
@@ -235,22 +242,25 @@ class CompressConfig:
                      spectrum="data", norm="data", centered=True, cp_form="4way", target_macs=None,
                      target_params=None, target_latency=None, sensitivity="auto", rank_multiple=None,
                      provider="cpu", threads=None, latency_cache=None, skip=(), input_shapes=None,
-                     batch_size=32, device="cpu", progress=True, outputs=()) -> "CompressConfig":
+                     batch_size=32, device="cpu", progress=True, outputs=(), metric="fidelity", max_drop=None,
+                     minimize="macs") -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
         given = {kind: value for kind, value in targets.items() if value is not None}
-        if len(given) > 1:
-            raise OnnxcompError("give one budget: --target-macs, --target-params or --target-latency")
+        if len(given) + (max_drop is not None) > 1:
+            raise OnnxcompError("give one budget: --target-macs, --target-params, --target-latency or --max-drop")
         budget = None
         if given:
             (kind, fraction), = given.items()
             budget = BudgetConfig(kind, fraction, sensitivity, rank_multiple, latency)
+        elif max_drop is not None:
+            budget = BudgetConfig(minimize, None, sensitivity, rank_multiple, latency, max_drop)
         elif rank_multiple is not None:
             BudgetConfig(BudgetKind.MACS, 1.0, rank_multiple=rank_multiple)  # the same checks
         ranks = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
         return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
-                   _input_shapes(input_shapes), batch_size, device, progress, tuple(outputs or ()))
+                   _input_shapes(input_shapes), batch_size, device, progress, tuple(outputs or ()), metric)
 
     def settings(self) -> dict:
         """The report's ``settings``: the fit as plain JSON values."""
@@ -259,7 +269,8 @@ class CompressConfig:
         return {"method": solve.method.value, "norm": solve.norm.value, "centered": solve.centered, "ranks": ranks,
                 "cp_form": solve.cp_form.value,
                 "rank_multiple": self.budget.rank_multiple if self.budget else None, "device": self.device.value,
-                "outputs": [{"name": s.name, "weight": s.weight, "axis": s.axis} for s in self.outputs]}
+                "outputs": [{"name": s.name, "weight": s.weight, "axis": s.axis} for s in self.outputs],
+                "metric": self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric")}
 
 
 def _check_fraction(value, option: str) -> None:

@@ -39,16 +39,98 @@ class Fidelity:
                 "held_out": self.held_out, "top1_agreement": self.top1_agreement, "outputs": self.outputs}
 
 
+class Metric:
+    """A score of a candidate model, higher is better; the loss of a candidate is the original's
+    score minus its own (0: as good as the original)."""
+
+    name = "metric"
+
+    def score(self, judge: "Judge", model: onnx.ModelProto) -> float:
+        raise NotImplementedError
+
+
+class FidelityMetric(Metric):
+    """Minus the combined standardised error on the judge's samples (the original scores 0)."""
+
+    name = "fidelity"
+
+    def score(self, judge, model):
+        return -judge.fidelity(model).standardized
+
+
+class TopOneMetric(Metric):
+    """Top-1 agreement with the original on the first output (class scores; the original scores 1)."""
+
+    name = "top1"
+
+    def score(self, judge, model):
+        outputs = judge.run(model)
+        top1 = TopOneAgreement()
+        top1.add(judge.reference[0], outputs[0], judge.samples)
+        if top1.agreement() is None:
+            raise OnnxcompError("--metric top1: the first output is not [batch, classes] scores")
+        return top1.agreement()
+
+
+class CosineMetric(Metric):
+    """Mean cosine similarity per sample of the first output to the original's (embeddings; the original 1)."""
+
+    name = "cosine"
+
+    def score(self, judge, model):
+        ref = judge.reference[0].reshape(judge.samples, -1).astype(np.float64)
+        new = judge.run(model)[0].reshape(judge.samples, -1).astype(np.float64)
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1)
+        return float(np.mean(np.where(norms > 0, np.sum(ref * new, axis=1) / np.maximum(norms, 1e-300), 1.0)))
+
+
+class SessionMetric(Metric):
+    """The user's own: ``fn(session) -> float`` on an onnxruntime session of the candidate, higher is
+    better, on whatever data the user's function runs (its labels, its task metric)."""
+
+    def __init__(self, fn):
+        self.fn, self.name = fn, getattr(fn, "__name__", "metric")
+
+    def score(self, judge, model):
+        return float(self.fn(make_session(model)))
+
+
+BUILTIN_METRICS = {m.name: m for m in (FidelityMetric, TopOneMetric, CosineMetric)}
+
+
+def make_metric(metric) -> Metric:
+    """A built-in metric by name, or a user's ``fn(session) -> float``."""
+    if isinstance(metric, Metric):
+        return metric
+    if callable(metric):
+        return SessionMetric(metric)
+    if metric not in BUILTIN_METRICS:
+        raise OnnxcompError(f"--metric: unknown metric {metric!r}, use one of {', '.join(BUILTIN_METRICS)}")
+    return BUILTIN_METRICS[metric]()
+
+
 class Judge:
-    """The validation samples and the original model's outputs on them."""
+    """The validation samples, the original model's outputs on them, and the metric that judges."""
 
     def __init__(self, model: onnx.ModelProto, feed: dict, source: str, held_out: bool,
-                 outputs: list[OutputSpec] | None = None, batch: int = 32):
+                 outputs: list[OutputSpec] | None = None, batch: int = 32, metric="fidelity"):
         self.model, self.feed, self.source, self.held_out = model, feed, source, held_out
         self.batch = batch
         self.names = [o.name for o in model.graph.output]
         self.specs = _check_specs(outputs, self.names)
         self.reference = self.run(model)
+        self.metric = make_metric(metric)
+        self._original_score = None
+
+    @property
+    def original_score(self) -> float:
+        if self._original_score is None:
+            self._original_score = self.metric.score(self, self.model)
+        return self._original_score
+
+    def loss(self, model: onnx.ModelProto) -> float:
+        """How much worse ``model`` scores than the original (0: as good; the quantity decisions minimise)."""
+        return self.original_score - self.metric.score(self, model)
 
     @property
     def samples(self) -> int:
@@ -80,10 +162,6 @@ class Judge:
         errors = OutputErrors(self.names, {s.name: s.axis for s in (self.specs or {}).values()})
         errors.add(reference, outputs)
         return errors.result()
-
-    def error(self, model: onnx.ModelProto) -> float:
-        """The one number a decision between candidates minimises: the combined standardised error."""
-        return self.fidelity(model).standardized
 
 
 def _check_specs(specs: list[OutputSpec] | None, names: list[str]) -> dict[str, OutputSpec] | None:

@@ -54,7 +54,7 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     clock.lap("calibration")
-    judge = run.judge(config.outputs)
+    judge = run.judge(config.outputs, config.metric)
     problems = {layer.name: layer_problem(layer, statistics.get(layer.stats_key) if statistics else None)
                 for layer in run.chosen}
     allocation, solved = _solve(run, config, problems, timer, judge)
@@ -66,6 +66,9 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     compressed_layers = sum(not isinstance(result, str) for result in solved.values())
     totals = model_totals(model, compressed, run.shapes, run.sample, compressed_layers, len(run.layers))
     settings = {**config.settings(), "calibration_samples": _samples(statistics)}
+    if judge is not None and (judge.metric.name != "fidelity" or allocation is not None and allocation.search):
+        settings["metric"] = {"name": judge.metric.name, "original": judge.original_score,
+                              "compressed": judge.metric.score(judge, compressed)}
     if allocation is not None:
         settings["target"] = _target_settings(config.budget, allocation, totals)
         if config.budget.kind is BudgetKind.LATENCY:
@@ -116,13 +119,13 @@ class _Run:
         elif self.feeds is not None and hold_out:
             self.validation, self.feeds = split_validation(self.feeds, self.total)
 
-    def judge(self, outputs) -> Judge | None:
+    def judge(self, outputs, metric) -> Judge | None:
         """The judge of candidate models, on the validation samples (None: no data given)."""
         validation = self.validation
         if validation is None or not validation.samples:
             return None
         return Judge(self.model, validation.feed, validation.source, validation.held_out, list(outputs),
-                     self.batch_size)
+                     self.batch_size, metric)
 
     def statistics(self, norm: Norm) -> Statistics | None:
         if self.stats is not None:
@@ -161,8 +164,12 @@ def _target_settings(budget, allocation, totals) -> dict:
     else:
         before = totals[f"{budget.kind.value}_before"]
         achieved = totals[f"{budget.kind.value}_after"] / before if before else None
-    return {"kind": budget.kind.value, "fraction": budget.fraction, "predicted": allocation.predicted,
-            "achieved": achieved, "feasible": allocation.feasible, "sensitivity": allocation.sensitivity}
+    fraction = budget.fraction if budget.fraction is not None else allocation.search["fraction"]
+    target = {"kind": budget.kind.value, "fraction": fraction, "predicted": allocation.predicted,
+              "achieved": achieved, "feasible": allocation.feasible, "sensitivity": allocation.sensitivity}
+    if allocation.search:
+        target["search"] = allocation.search
+    return target
 
 
 def _add_latency(totals, target, allocation, model, compressed, sample, timer, latency) -> None:

@@ -97,11 +97,25 @@ class Report:
                 + ("" if target["feasible"] else " (not reachable: the closest feasible point)")
                 + _rounds_note(target.get("rounds"))
             )
+            if target.get("search"):
+                lines.append(_search_line(target["search"]))
         if self.seconds:
             lines.append("time: " + ", ".join(f"{stage} {s:.2f}s" for stage, s in self.seconds.items()))
         lines += _fidelity_lines(self.fidelity)
+        metric = self.settings.get("metric")
+        if metric:
+            original, compressed = metric["original"] + 0.0, metric["compressed"] + 0.0  # no "-0"
+            lines.append(f"metric {metric['name']}: original {original:.4g}, compressed {compressed:.4g} "
+                         f"(drop {original - compressed:.4g})")
         lines += [f"warning: {warning}" for warning in self.warnings]
         return lines
+
+
+def _search_line(search: dict) -> str:
+    """--max-drop: what the search tried."""
+    tried = ", ".join(f"{t['fraction']:.1%}: {t['loss']:.3g}" for t in search["trials"])
+    return (f"search: the smallest fraction whose {search['metric']} drop stays within {search['max_drop']:g} "
+            f"is {search['fraction']:.1%} (fraction tried: drop = {tried})")
 
 
 def _fidelity_lines(fidelity: Fidelity | None) -> list[str]:

@@ -47,6 +47,7 @@ class Allocation:
     total: float | None = None  # the original model's cost in the budget's unit (latency: seconds)
     timed: int = 0  # timings taken in this run (latency budgets; the rest came from the cache)
     layer_latency: dict | None = None  # latency budgets: layer name -> (seconds dense, seconds chosen)
+    search: dict | None = None  # --max-drop: the fractions tried and their losses
 
     def solve_plan(self, solve: SolveConfig) -> dict:
         """Layer name -> (the fit at its chosen point, the candidate's start), or why it stays dense."""
@@ -71,20 +72,49 @@ class Planning:
 
 
 def plan_budget(budget: BudgetConfig, planning: Planning) -> tuple[Allocation, Solved]:
-    """The allocation meeting ``budget`` and each layer solved at its chosen point."""
-    curves = Curves(planning, budget.rank_multiple)
-    decide = lambda fraction: _with_sensitivity(budget, planning, curves, fraction)  # noqa: E731
-    allocation, solved = decide(budget.fraction)
-    if budget.kind is BudgetKind.LATENCY:
-        allocation, solved = _close_latency_loop(planning, decide, (allocation, solved), budget.fraction)
-    costs = planning.costs
-    costs.save()
-    allocation.total, allocation.timed = costs.total, costs.timed
-    if budget.kind is BudgetKind.LATENCY:
-        allocation.layer_latency = {
-            layer.name: (costs.dense(layer), costs.dense(layer) if choice is None else costs.of(layer, choice))
-            for layer, choice in ((layer, allocation.choices[layer.name]) for layer in planning.layers)}
-    return allocation, solved
+    """The allocation meeting ``budget`` (a fraction, or ``max_drop``: the smallest fraction whose
+    judged loss stays within it) and each layer solved at its chosen point."""
+    planner = Planner(budget, planning)
+    if budget.max_drop is not None:
+        from .search import smallest_within  # the search calls back into the planner
+
+        return smallest_within(planner, budget.max_drop)
+    return planner.plan(budget.fraction)
+
+
+class Planner:
+    """Budget decisions at any fraction, sharing the curves and the sensitivity gains between them."""
+
+    def __init__(self, budget: BudgetConfig, planning: Planning):
+        self.budget, self.planning = budget, planning
+        self.curves = Curves(planning, budget.rank_multiple)
+        self._gains = None
+
+    def plan(self, fraction: float) -> tuple[Allocation, Solved]:
+        """Allocate and solve at ``fraction`` (latency budgets: measured and corrected once)."""
+        planning, costs = self.planning, self.planning.costs
+        allocation, solved = self.decide(fraction)
+        if self.budget.kind is BudgetKind.LATENCY:
+            allocation, solved = _close_latency_loop(planning, self.decide, (allocation, solved), fraction)
+        costs.save()
+        allocation.total, allocation.timed = costs.total, costs.timed
+        if self.budget.kind is BudgetKind.LATENCY:
+            allocation.layer_latency = {
+                layer.name: (costs.dense(layer), costs.dense(layer) if choice is None else costs.of(layer, choice))
+                for layer, choice in ((layer, allocation.choices[layer.name]) for layer in planning.layers)}
+        return allocation, solved
+
+    def decide(self, fraction: float) -> tuple[Allocation, Solved]:
+        return _with_sensitivity(self.budget, self.planning, self.curves, fraction, self.gains)
+
+    def gains(self) -> dict[str, float]:
+        if self._gains is None:
+            self._gains = layer_sensitivities(self.planning.model, self.planning.layers, self.planning.judge)
+        return self._gains
+
+    def loss(self, solved: Solved) -> float:
+        """The judge's loss of the model ``solved`` gives (0: as the original)."""
+        return self.planning.judge.loss(apply_solved(self.planning.model, self.planning.layers, solved))
 
 
 class Curves:
@@ -147,28 +177,29 @@ def _solve(planning: Planning, allocation: Allocation) -> Solved:
     return solve_layers(planning.problems, allocation.solve_plan(planning.solve), planning.xp, planning.progress)
 
 
-def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, fraction: float):
-    """Allocate and solve; with a probe, also weight by sensitivity and keep what "auto" prefers."""
+def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, fraction: float, gains_of):
+    """Allocate and solve; with a judge, also weight by sensitivity and keep what "auto" prefers
+    (the allocation whose model has the smaller loss on the judge's samples)."""
     allocation = curves.allocate(fraction)
     solved = _solve(planning, allocation)
     if budget.sensitivity is Sensitivity.OFF or planning.judge is None:
         return allocation, solved
-    gains = layer_sensitivities(planning.model, planning.layers, planning.judge)
+    gains = gains_of()
     weighted = curves.allocate(fraction, gains)
     note = {}
     if weighted.choices != allocation.choices:
         weighted_solved = _solve(planning, weighted)
-        errors = [_probe_error(planning, s) for s in (solved, weighted_solved)]
-        note = {"unweighted_error": errors[0], "weighted_error": errors[1]}
-        if budget.sensitivity is Sensitivity.ON or errors[1] <= errors[0]:
+        losses = [_loss(planning, s) for s in (solved, weighted_solved)]
+        note = {"unweighted_loss": losses[0], "weighted_loss": losses[1], "metric": planning.judge.metric.name}
+        if budget.sensitivity is Sensitivity.ON or losses[1] <= losses[0]:
             allocation, solved = weighted, weighted_solved
     allocation.sensitivity = {**note, "weighted": allocation is weighted, "probe": planning.judge.source,
                               "gains": {k: round(v, 6) for k, v in gains.items()}}
     return allocation, solved
 
 
-def _probe_error(planning: Planning, solved: Solved) -> float:
-    return planning.judge.error(apply_solved(planning.model, planning.layers, solved))
+def _loss(planning: Planning, solved: Solved) -> float:
+    return planning.judge.loss(apply_solved(planning.model, planning.layers, solved))
 
 
 def _close_latency_loop(planning: Planning, decide, first, fraction: float):
