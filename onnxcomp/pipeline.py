@@ -67,8 +67,8 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     totals = model_totals(model, compressed, run.shapes, run.sample, compressed_layers, len(run.layers))
     settings = {**config.settings(), "calibration_samples": _samples(statistics)}
     if judge is not None and (judge.metric.name != "fidelity" or allocation is not None and allocation.search):
-        settings["metric"] = {"name": judge.metric.name, "original": judge.original_score,
-                              "compressed": judge.metric.score(judge, compressed)}
+        settings["metric"] = judge.metric.name
+        settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
     if allocation is not None:
         settings["target"] = _target_settings(config.budget, allocation, totals)
         if config.budget.kind is BudgetKind.LATENCY:

@@ -102,10 +102,10 @@ class Report:
         if self.seconds:
             lines.append("time: " + ", ".join(f"{stage} {s:.2f}s" for stage, s in self.seconds.items()))
         lines += _fidelity_lines(self.fidelity)
-        metric = self.settings.get("metric")
-        if metric:
-            original, compressed = metric["original"] + 0.0, metric["compressed"] + 0.0  # no "-0"
-            lines.append(f"metric {metric['name']}: original {original:.4g}, compressed {compressed:.4g} "
+        scores = self.settings.get("scores")
+        if scores:
+            original, compressed = scores["original"] + 0.0, scores["compressed"] + 0.0  # no "-0"
+            lines.append(f"metric {self.settings['metric']}: original {original:.4g}, compressed {compressed:.4g} "
                          f"(drop {original - compressed:.4g})")
         lines += [f"warning: {warning}" for warning in self.warnings]
         return lines

@@ -39,8 +39,9 @@ def test_a_users_metric_decides(digits):
         return float(np.mean(logits.argmax(1) == held_out["labels"]))
 
     compressed, report = onnxcomp.compress(model, calibration, max_drop=0.01, metric=accuracy, progress=False)
-    metric = report.settings["metric"]
-    assert metric["name"] == "accuracy" and metric["original"] == pytest.approx(accuracy(make_session(model)))
+    metric = report.settings["scores"]
+    assert report.settings["metric"] == "accuracy"
+    assert metric["original"] == pytest.approx(accuracy(make_session(model)))
     assert metric["compressed"] == pytest.approx(accuracy(make_session(compressed)))
     assert metric["original"] - metric["compressed"] <= 0.01
     assert report.totals["macs_after"] < 0.5 * report.totals["macs_before"]
