@@ -7,6 +7,7 @@ import inspect
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from . import __version__
 from .errors import OnnxcompError
@@ -108,8 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="list the compressible layers with shapes, params and MACs")
     inspect.add_argument("input", help="model (.onnx)")
-    inspect.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME:D1,D2,...",
-                         help="fix a dynamic input shape, e.g. input:1,3,224,224 (repeatable)")
+    _input_shape_argument(inspect)
     inspect.set_defaults(run=_inspect)
 
     _bench_command(commands)
@@ -157,11 +157,16 @@ def _data_arguments(parser: argparse.ArgumentParser, data_required: bool = False
     parser.add_argument("--data", required=data_required,
                         help="calibration data: .npz (input name -> array) or .npy (single-input model)")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
-    parser.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME:D1,D2,...",
-                        help="fix a dynamic input shape, e.g. input:1,3,224,224 (repeatable)")
+    _input_shape_argument(parser)
     parser.add_argument("--skip", nargs="+", default=[], metavar="NAME_OR_OPTYPE",
                         help="layers to leave alone, by node name or op type (e.g. Gemm)")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+
+
+def _input_shape_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", dest="input_shapes", action="append", default=[], metavar="NAME:D1,D2,...",
+                        help="fix a dynamic input shape, e.g. input:-1,3,224,224 (-1 keeps a dimension dynamic, "
+                             "as the batch of the data; repeatable)")
 
 
 def _compress(args) -> int:
@@ -170,8 +175,10 @@ def _compress(args) -> int:
 
     config = CompressConfig.from_options(**_api_options(CompressConfig.from_options, args))
     check_writable(args.output, "output")
+    _not_the_input(args.input, args.output)
     if args.report:
         check_writable(args.report, "report")
+        _not_the_input(args.input, args.report)
     compressed, report = compress(load_model(args.input), args.data, config, stats=args.stats,
                                   validation_data=args.validation_data)
     save_model(compressed, args.output)
@@ -209,6 +216,13 @@ def _bench(args) -> int:
         result.save(args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _not_the_input(model: str, output: str) -> None:
+    """Writing over the model being compressed would lose the original (and its external data)."""
+    target = Path(output)
+    if Path(model).exists() and target.exists() and target.resolve() == Path(model).resolve():
+        raise OnnxcompError(f"the output {output} is the input model: write the compressed model to another file")
 
 
 def _api_options(function, args) -> dict:

@@ -24,6 +24,16 @@ from .errors import OnnxcompError
 from .runtime import make_session
 
 
+def _quiet(method):
+    """Non-finite outputs are counted and reported, not warned about on every batch."""
+
+    def wrapped(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return method(*args, **kwargs)
+
+    return wrapped
+
+
 class ErrorSums:
     """Running sums for relative L2, cosine and max abs over batches, in float64."""
 
@@ -31,6 +41,7 @@ class ErrorSums:
         self.diff2 = self.ref2 = self.new2 = self.dot = self.max_abs = 0.0
         self.nonfinite = 0
 
+    @_quiet
     def add(self, ref: np.ndarray, new: np.ndarray) -> None:
         ref = np.asarray(ref, dtype=np.float64).ravel()
         new = np.asarray(new, dtype=np.float64).ravel()
@@ -174,6 +185,7 @@ class ChannelErrors:
         self.count = 0
         self.ref_sum = self.ref_sq = self.diff_sq = None
 
+    @_quiet
     def add(self, ref: np.ndarray, new: np.ndarray) -> None:
         ref = np.asarray(ref, dtype=np.float64)
         diff = np.asarray(new, dtype=np.float64) - ref
@@ -191,6 +203,7 @@ class ChannelErrors:
                                                                                 self.diff_sq), sums))
         self.count += ref.shape[0]
 
+    @_quiet
     def per_channel(self) -> np.ndarray:
         """Each channel's RMS error over its standard deviation in the original's outputs."""
         if not self.count:

@@ -21,7 +21,7 @@ from .decompose.backend import get_backend
 from .decompose.solve import layer_problem, solve_layers
 from .errors import OnnxcompError
 from .judge import Judge
-from .model import as_model, find_layers
+from .model import as_model, find_layers, fingerprint
 from .passes import apply_solved
 from .report import Report, data_warnings, layer_rows, model_totals
 from .runtime import Timer, execution_providers
@@ -130,6 +130,7 @@ class _Run:
     def statistics(self, norm: Norm) -> Statistics | None:
         if self.stats is not None:
             statistics = self.stats if isinstance(self.stats, Statistics) else Statistics.load(self.stats)
+            statistics.check_model(fingerprint(self.model), "the statistics given with --stats")
             missing = [layer.name for layer in self.chosen if layer.stats_key not in statistics]
             if missing:
                 raise OnnxcompError(

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,15 @@ def assert_cli_error(capsys, args, message: str, no_files_in: Path | None = None
     assert message in err, err
     if no_files_in is not None:
         assert sorted(no_files_in.iterdir()) == before, "the failed command left files behind"
+
+
+def cli_error(args) -> str:
+    """The one-line message ``onnxcomp *args`` fails with (asserting exit code 2), without pytest's capsys."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in args])
+    assert code == 2, err.getvalue()
+    return err.getvalue()
 
 
 def assert_same_outputs(model_a, model_b, feed: dict, rtol: float = 1e-5, atol: float = 0.0, *,

@@ -86,61 +86,6 @@ def expect_error(capsys, tmp_path, args, message):
     assert_cli_error(capsys, args, message, no_files_in=tmp_path)
 
 
-def test_missing_model(capsys, tmp_path):
-    missing = tmp_path / "none.onnx"
-    expect_error(capsys, tmp_path, ["compress", missing, "--keep", "0.5", "--norm", "frobenius"], "not found")
-
-
-def test_corrupt_model(capsys, tmp_path):
-    bad = tmp_path / "bad.onnx"
-    bad.write_bytes(b"garbage" * 100)
-    expect_error(capsys, tmp_path, ["compress", bad, "--keep", "0.5", "--norm", "frobenius"], "")
-
-
-def test_no_target_layers(capsys, tmp_path):
-    path = tmp_path / "relu.onnx"
-    onnx.save(onnx.parser.parse_model("""
-        <ir_version: 8, opset_import: ["" : 17]>
-        net (float[1, 4] x) => (float[1, 4] y) { y = Relu (x) }"""), path)
-    expect_error(capsys, tmp_path, ["compress", path, "--keep", "0.5", "--norm", "frobenius"], "no compressible layers")
-
-
-def test_wrong_input_name(capsys, tmp_path, small_model):
-    data = save_data(tmp_path, image=good_data())
-    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "x")
-
-
-def test_wrong_dtype(capsys, tmp_path, small_model):
-    data = save_data(tmp_path, x=good_data().astype(np.float64))
-    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "float")
-
-
-def test_wrong_rank_of_data(capsys, tmp_path, small_model):
-    data = save_data(tmp_path, x=good_data()[:, 0])
-    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "rank")
-
-
-def test_nan_in_data(capsys, tmp_path, small_model):
-    values = good_data()
-    values[3, 2, 1, 1] = np.nan
-    data = save_data(tmp_path, x=values)
-    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "NaN")
-
-
-def test_empty_data(capsys, tmp_path, small_model):
-    data = save_data(tmp_path, x=good_data()[:0])
-    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--keep", "0.5"], "empty")
-
-
-def test_rank_larger_than_layer(capsys, tmp_path, small_model):
-    data = save_data(tmp_path, x=good_data())
-    expect_error(capsys, tmp_path, ["compress", small_model, "--data", data, "--rank", "9"], "larger than layer")
-
-
-def test_data_norm_without_data(capsys, tmp_path, small_model):
-    expect_error(capsys, tmp_path, ["compress", small_model, "--keep", "0.5"], "calibration data")
-
-
 @pytest.mark.parametrize("form", ["4way", "3way"])
 def test_cp_method_end_to_end(capsys, tmp_path, small_model, form):
     data = save_data(tmp_path, x=good_data())

@@ -33,7 +33,7 @@ from scipy.linalg import blas
 from tqdm import tqdm
 
 from ..errors import OnnxcompError, first_line
-from ..model import ConvGeometry, TargetLayer, as_model, with_input_shapes
+from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input_shapes
 from ..runtime import open_session
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
@@ -65,11 +65,13 @@ def collect_statistics(
     ``total``: samples expected, for the progress bar, when ``data`` cannot tell (an iterator);
     ``block_bytes``: the size of one float64 row block of the reduction.
     """
-    model = with_input_shapes(as_model(model), input_shapes or {})
+    model = as_model(model)
     targets = _targets(layers)
     _check_model(model, targets)
+    identity = fingerprint(model)
+    model = with_input_shapes(model, input_shapes or {})
     if not targets:
-        return Statistics()
+        return Statistics(model=identity)
     collector = _Collector(model, targets, providers, block_bytes)
     input_names = [i.name for i in model_inputs(model)]
     total = total if total is not None else count_samples(data, model)
@@ -77,7 +79,9 @@ def collect_statistics(
         for index, feed in enumerate(iter_feeds(data, model, batch_size)):
             collector.add(feed, index)
             bar.update(feed_samples(feed, input_names))
-    return collector.statistics()
+    statistics = collector.statistics()
+    statistics.model = identity
+    return statistics
 
 
 # ---------------------------------------------------------------- targets

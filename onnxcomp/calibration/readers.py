@@ -57,7 +57,11 @@ def model_inputs(model) -> list[ModelInput]:
 
 def _model_input(info: onnx.ValueInfoProto) -> ModelInput:
     tensor = info.type.tensor_type
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else None
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else None
+    except KeyError:
+        raise OnnxcompError(f"model input {info.name!r} has element type {tensor.elem_type}, which ONNX does not "
+                            "define (a damaged model?)") from None
     dims = None
     if tensor.HasField("shape"):
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]

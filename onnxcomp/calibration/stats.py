@@ -85,17 +85,32 @@ class InputStats:
 
 
 class Statistics(dict):
-    """Statistic key (``TargetLayer.stats_key``) -> :class:`InputStats`."""
+    """Statistic key (``TargetLayer.stats_key``) -> :class:`InputStats`, and the fingerprint of the
+    model they were collected on (:func:`onnxcomp.model.fingerprint`; None in files from before it)."""
+
+    def __init__(self, *args, model: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = model
+
+    def check_model(self, model_fingerprint: str, what: str = "the statistics") -> None:
+        """A one-line error when these statistics were collected on another model."""
+        if self.model is not None and self.model != model_fingerprint:
+            raise OnnxcompError(f"{what} were collected on another model (fingerprint {self.model}, this model "
+                                f"{model_fingerprint}): collect them on this one with `onnxcomp calibrate`")
 
     def merged(self, other: "Statistics") -> "Statistics":
+        if self.model and other.model:
+            self.check_model(other.model, "the statistics to merge")
         # Fresh sums throughout: the result must not share arrays with either input.
-        out = Statistics({key: stats.merged(InputStats.empty(stats.dim)) for key, stats in self.items()})
+        out = Statistics({key: stats.merged(InputStats.empty(stats.dim)) for key, stats in self.items()},
+                         model=self.model or other.model)
         for key, stats in other.items():
             out[key] = out[key].merged(stats) if key in out else stats.merged(InputStats.empty(stats.dim))
         return out
 
     def save(self, path: str | Path) -> None:
-        arrays = {"index": np.array(json.dumps({"version": FORMAT_VERSION, "keys": list(self)}))}
+        index = {"version": FORMAT_VERSION, "keys": list(self), "model": self.model}
+        arrays = {"index": np.array(json.dumps(index))}
         for i, s in enumerate(self.values()):
             arrays[f"counts_{i}"] = np.array([s.rows, s.samples], dtype=np.int64)
             arrays[f"total_{i}"] = s.total
@@ -111,7 +126,7 @@ class Statistics(dict):
         arrays = read_arrays(path, "statistics", archive=True)
         try:
             index = json.loads(str(arrays["index"]))
-            out = cls()
+            out = cls(model=index.get("model"))
             for i, key in enumerate(index["keys"]):
                 rows, samples = (int(v) for v in arrays[f"counts_{i}"])
                 total = arrays[f"total_{i}"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from ..errors import OnnxcompError, first_line
 from ..io import staged
@@ -24,7 +26,42 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxcompError(f"cannot read ONNX model {path}: {first_line(exc)}") from None
     if not model.graph.node:
         raise OnnxcompError(f"{path} holds no ONNX graph (empty or not an ONNX model)")
+    check_model(model, path)
     return model
+
+
+def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """ONNX's own checker, as a one-line error: a damaged or invalid model is refused before any work
+    (protobuf parses many damaged files into structures that break later, far from the cause)."""
+    try:
+        try:
+            # full_check: shape inference too, as save_model checks the compressed model
+            onnx.checker.check_model(model, full_check=True)
+        except ValueError:  # over 2 GB: only the file can be checked
+            if path is None:
+                raise
+            onnx.checker.check_model(str(path), full_check=True)
+        for tensor in model.graph.initializer:
+            numpy_helper.to_array(tensor)  # raw data of the size its dims say
+    except Exception as exc:
+        where = f" {path}" if path is not None else ""
+        raise OnnxcompError(f"not a valid ONNX model{where}: {first_line(exc)}") from None
+    if not all(isinstance(text, str) for text in _names(model)):
+        where = f" {path}" if path is not None else ""
+        raise OnnxcompError(f"not a valid ONNX model{where}: it holds names that are not UTF-8 text")
+
+
+def _names(model: onnx.ModelProto):
+    """Every name of the main graph (protobuf hands over damaged UTF-8 as bytes instead of failing)."""
+    graph = model.graph
+    yield graph.name
+    for node in graph.node:
+        yield node.name
+        yield node.op_type
+        yield from node.input
+        yield from node.output
+    for info in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        yield info.name
 
 
 def as_model(model_or_path) -> onnx.ModelProto:
@@ -62,3 +99,18 @@ def _can_size(model: onnx.ModelProto) -> bool:
         return True
     except Exception:  # protobuf refuses to size messages over 2 GB
         return False
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """What identifies a model's function: its nodes (ops, wiring, attributes) and its weights, hashed.
+
+    Statistics record the fingerprint of the model they were collected on, so that they are not
+    used with (or merged into) statistics of another one whose tensor names happen to match.
+    """
+    digest = hashlib.sha256()
+    for node in model.graph.node:
+        digest.update(node.SerializeToString(deterministic=True))
+    for tensor in sorted(model.graph.initializer, key=lambda t: t.name):
+        digest.update(tensor.name.encode())
+        digest.update(numpy_helper.to_array(tensor).tobytes())
+    return digest.hexdigest()[:16]

@@ -208,6 +208,8 @@ def _float_weight(value: np.ndarray | None, what: str) -> np.ndarray:
         raise _NotTarget(f"{what} is not a constant")
     if value.dtype not in (np.float32, np.float64, np.float16):
         raise _NotTarget(f"{what} has dtype {value.dtype}, not a float type")
+    if not np.isfinite(value).all():
+        raise _NotTarget(f"{what} holds NaN or Inf values")
     return value
 
 

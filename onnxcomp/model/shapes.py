@@ -40,8 +40,11 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
         if len(old) and len(old) != len(dims):
             raise OnnxcompError(f"--input-shape {name}: model input has rank {len(old)}, got {len(dims)} dims")
         tensor_type.shape.ClearField("dim")
-        for d in dims:
-            tensor_type.shape.dim.add().dim_value = d
+        for axis, d in enumerate(dims):
+            if d > 0:
+                tensor_type.shape.dim.add().dim_value = d
+            else:  # -1: this dimension stays dynamic (the batch, usually)
+                tensor_type.shape.dim.add().dim_param = f"{name}_dim{axis}"
     return model
 
 

@@ -27,7 +27,8 @@ def test_float16_model_compresses_under_a_budget():
     model = onnx.parser.parse_model(TWO_CONVS.replace("float[", "float16["))
     rng = np.random.default_rng(0)
     for name, shape in WEIGHTS.items():
-        model.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(shape) / 8).astype(np.float16), name))
+        weight = (rng.standard_normal(shape) / 8).astype(np.float16)
+        model.graph.initializer.append(numpy_helper.from_array(weight, name))
     compressed, report = onnxcomp.compress(model, _images(64, np.float16), target_macs=0.6, progress=False)
     assert report.totals["macs_after"] <= 0.6 * report.totals["macs_before"]
     assert report.settings["target"]["sensitivity"]["gains"]  # the probe ran on float16 activations

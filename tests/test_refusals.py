@@ -1,0 +1,255 @@
+"""What onnxcomp refuses, and how: every user mistake is one line ``onnxcomp: error: ...``, exit code 2,
+no file left behind, and found before the expensive work where that can be checked cheaply.
+
+The cases below are also the README's table "What onnxcomp refuses, and how":
+``python tests/test_refusals.py`` prints it from these very cases (the test at the end checks that
+the README holds exactly that table).
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script from the checkout: this onnxcomp and the test helpers
+    sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import pytest  # noqa: E402
+
+from onnxcomp.errors import OnnxcompError  # noqa: E402
+from onnxcomp.io import staged  # noqa: E402
+
+from checks import assert_cli_error, cli_error  # noqa: E402
+from models import EXAMPLE, build, conv_model  # noqa: E402
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _model(folder: Path, model=None, name="model.onnx") -> Path:
+    path = folder / name
+    onnx.save(model if model is not None else conv_model(), path)
+    return path
+
+
+def _data(folder: Path, name="data.npz", **arrays) -> Path:
+    path = folder / name
+    np.savez(path, **(arrays or {"x": _images()}))
+    return path
+
+
+def _images(n=20, dtype=np.float32):
+    return np.random.default_rng(0).standard_normal((n, 6, 11, 11)).astype(dtype)
+
+
+def _overflowing(folder):
+    """Activations that overflow float32: x * 1e30 * 1e30 before a conv."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[N, 6, 11, 11] x) => (float[N, 8, 11, 11] y) {
+        big = Constant <value_float = 1e30> ()
+        h = Mul (x, big)
+        g = Mul (h, big)
+        y = Conv <pads = [1, 1, 1, 1]> (g, w)
+    }
+    """
+    return _model(folder, build(text, w=(8, 6, 3, 3)))
+
+
+def _shared_weights(folder):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[N, 6, 11, 11] x) => (float[N, 6, 11, 11] z) {
+        y = Conv <pads = [1, 1, 1, 1]> (x, w)
+        z = Conv <pads = [1, 1, 1, 1]> (y, w)
+    }
+    """
+    return _model(folder, build(text, w=(6, 6, 3, 3)))
+
+
+def _other_models_stats(folder):
+    """Statistics of a model with the same layer inputs but other weights."""
+    from onnxcomp.pipeline import calibrate
+
+    stats = folder / "other.npz"
+    calibrate(conv_model(seed=5), _images(), progress=False).save(stats)
+    return stats
+
+
+def _nan_file(folder):
+    values = _images()
+    values[3, 2, 1, 1] = np.nan
+    return _data(folder, x=values)
+
+
+# case id -> (what the user did, the arguments (a function of the case's folder), part of the message)
+CASES = {
+    "missing model": ("a model file that does not exist",
+                      lambda f: ["compress", f / "none.onnx", f / "out.onnx", "--keep", "0.5", "--norm", "frobenius"],
+                      "model file not found"),
+    "corrupt model": ("a file that is not an ONNX model",
+                      lambda f: ["compress", _corrupt(f), f / "out.onnx", "--keep", "0.5", "--norm", "frobenius"],
+                      "cannot read ONNX model"),
+    "no layers": ("a model without Conv/Gemm/MatMul layers with constant weights",
+                  lambda f: ["compress", _model(f, onnx.parser.parse_model(
+                      '<ir_version: 8, opset_import: ["" : 17]> net (float[1, 4] x) => (float[1, 4] y) '
+                      '{ y = Relu (x) }')), f / "out.onnx", "--keep", "0.5", "--norm", "frobenius"],
+                  "no compressible layers"),
+    "shared weights only": ("every layer's weight is shared with another node",
+                            lambda f: ["compress", _shared_weights(f), f / "out.onnx", "--data", _data(f),
+                                       "--target-params", "0.5"],
+                            "is shared with 1 other node input"),
+    "output is the input": ("writing the compressed model over the original",
+                            lambda f: ["compress", _model(f), f / "model.onnx", "--data", _data(f), "--keep", "0.5"],
+                            "is the input model"),
+    "output is a folder": ("an output path that is a folder",
+                           lambda f: ["compress", _model(f), _folder(f), "--data", _data(f), "--keep", "0.5"],
+                           "is a folder"),
+    "missing output folder": ("an output in a folder that does not exist",
+                              lambda f: ["compress", _model(f), f / "no" / "out.onnx", "--data", _data(f),
+                                         "--keep", "0.5"],
+                              "output folder does not exist"),
+    "missing report folder": ("--report into a folder that does not exist (checked before any work)",
+                              lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5",
+                                         "--report", f / "no" / "r.json"],
+                              "report folder does not exist"),
+    "calibrate into missing folder": ("`calibrate` into a folder that does not exist",
+                                      lambda f: ["calibrate", _model(f), f / "no" / "s.npz", "--data", _data(f)],
+                                      "statistics folder does not exist"),
+    "calibrate into a folder": ("`calibrate` into a path that is a folder",
+                                lambda f: ["calibrate", _model(f), _folder(f), "--data", _data(f)],
+                                "statistics path"),
+    "merge another model": ("`calibrate --merge` of statistics collected on another model",
+                            lambda f: ["calibrate", _model(f), f / "s.npz", "--data", _data(f), "--merge",
+                                       _other_models_stats(f)],
+                            "collected on another model"),
+    "stats of another model": ("`compress --stats` with statistics of another model",
+                               lambda f: ["compress", _model(f), f / "out.onnx", "--stats", _other_models_stats(f),
+                                          "--keep", "0.5"],
+                               "collected on another model"),
+    "skip matches nothing": ("--skip with a name that is no layer",
+                             lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5",
+                                        "--skip", "/conv9/Conv"],
+                             "--skip '/conv9/Conv' matches no compressible layer"),
+    "keep out of range": ("--keep outside (0, 1], with data that would fail later (so: checked first)",
+                          lambda f: ["compress", _model(f), f / "out.onnx", "--data", _nan_file(f), "--keep", "1.5"],
+                          "--keep must be in (0, 1], got 1.5"),
+    "rank zero": ("--rank 0", lambda f: ["compress", _model(f), f / "out.onnx", "--data", _nan_file(f), "--rank", "0"],
+                  "--rank must be a positive integer"),
+    "energy out of range": ("--energy outside (0, 1]",
+                            lambda f: ["compress", _model(f), f / "out.onnx", "--data", _nan_file(f),
+                                       "--energy", "0"],
+                            "--energy must be in (0, 1], got 0.0"),
+    "budget out of range": ("a budget fraction outside (0, 1]",
+                            lambda f: ["compress", _model(f), f / "out.onnx", "--data", _nan_file(f),
+                                       "--target-macs", "1.5"],
+                            "--target-macs must be a fraction in (0, 1]"),
+    "wrong input name": ("calibration data named for other inputs",
+                         lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f, image=_images()),
+                                    "--keep", "0.5"],
+                         "missing input(s) ['x'] and unknown input(s) ['image']"),
+    "wrong dtype": ("float64 data for a float32 input (never cast silently)",
+                    lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f, x=_images(dtype=np.float64)),
+                               "--keep", "0.5"],
+                    "expected float32 data, got float64"),
+    "wrong rank": ("data of the wrong rank",
+                   lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f, x=_images()[:, 0]),
+                              "--keep", "0.5"],
+                   "expected rank 4"),
+    "nan in data": ("NaN in the calibration data",
+                    lambda f: ["compress", _model(f), f / "out.onnx", "--data", _nan_file(f), "--keep", "0.5"],
+                    "holds 1 NaN or Inf"),
+    "empty data": ("no samples", lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f, x=_images(0)),
+                                            "--keep", "0.5"],
+                   "calibration data is empty"),
+    "overflowing activations": ("a model whose activations overflow float32 on the data",
+                                lambda f: ["compress", _overflowing(f), f / "out.onnx", "--data", _data(f),
+                                           "--keep", "0.5"],
+                                "layer input 'g' holds"),
+    "rank too large": ("a rank larger than the layer",
+                       lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--rank", "9"],
+                       "larger than layer"),
+    "data norm without data": ("the data norm without data or statistics",
+                               lambda f: ["compress", _model(f), f / "out.onnx", "--keep", "0.5"],
+                               "the data norm needs calibration data"),
+    "max drop without data": ("--max-drop without data to judge by",
+                              lambda f: ["compress", _model(f), f / "out.onnx", "--max-drop", "0.1", "--norm",
+                                         "frobenius"],
+                              "--max-drop needs data"),
+    "unknown output": ("--outputs naming an output the model does not have",
+                       lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5",
+                                  "--outputs", "boxes:2"],
+                       "--outputs names 'boxes'"),
+}
+
+
+def _corrupt(folder: Path) -> Path:
+    path = folder / "bad.onnx"
+    path.write_bytes(b"garbage" * 100)
+    return path
+
+
+def _folder(folder: Path) -> Path:
+    path = folder / "a folder"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_refused_with_one_line_exit_2_and_no_file(case, tmp_path, capsys):
+    _, arguments, message = CASES[case]
+    args = arguments(tmp_path)  # builds the inputs: they may be in tmp_path, nothing else may appear
+    assert_cli_error(capsys, [*args, "--quiet"] if args[0] != "inspect" else args, message, no_files_in=tmp_path)
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path):
+    """ENOSPC while writing (here raised by the writer) is the user's to fix, and no staged file stays."""
+    with pytest.raises(OnnxcompError, match="cannot write output .*No space left on device"):
+        with staged(tmp_path / "out.onnx") as folder:
+            (folder / "out.onnx").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_are_world_readable_like_every_other_output(tmp_path, capsys):
+    from onnxcomp.cli import main
+
+    report, out = tmp_path / "r.json", tmp_path / "out.onnx"
+    assert main(["compress", str(EXAMPLE / "digits_cnn.onnx"), str(out), "--data", str(EXAMPLE / "calib.npz"),
+                 "--keep", "0.5", "--report", str(report), "--quiet"]) == 0
+    assert {oct(p.stat().st_mode & 0o777) for p in (report, out)} == {oct(0o644 & ~_umask())}
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------- the README's table
+
+
+def refusal_table() -> str:
+    """The README table of these cases, with the exact message each one gives."""
+    rows = ["| what you did | what onnxcomp says (exit code 2, nothing written) |", "| --- | --- |"]
+    for what, arguments, _ in CASES.values():
+        with tempfile.TemporaryDirectory() as folder:
+            message = cli_error([*arguments(Path(folder)), "--quiet"])
+            message = message.replace(folder, "<dir>").replace("onnxcomp: error: ", "")
+        message = re.sub(r"fingerprint \w+, this model \w+", "fingerprint ..., this model ...", message)
+        rows.append(f"| {what} | `` {message.strip()} `` |")
+    return "\n".join(rows)
+
+
+def test_the_readme_table_is_these_cases():
+    assert refusal_table() in README.read_text(), "regenerate it: python tests/test_refusals.py"
+
+
+if __name__ == "__main__":
+    print(refusal_table())
