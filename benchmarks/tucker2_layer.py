@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from onnxcomp.decompose.backend import get_backend, to_backend  # noqa: E402
-from onnxcomp.decompose.linalg import KronBlockOperator, KronPreconditioner  # noqa: E402
+from onnxcomp.decompose.kron import KronBlockOperator, KronPreconditioner  # noqa: E402
 from onnxcomp.decompose.tucker2 import tucker2  # noqa: E402
 from realistic_stats import benchmark_layer, load_average  # noqa: E402
 
@@ -110,11 +110,11 @@ def main(argv=None):
 
     # ---- operator throughput vs GEMM (interleaved)
     sx = to_backend(xp, s)
-    core = to_backend(xp, res.core.reshape(r_out, -1))
+    core = to_backend(xp, res.factors.core.reshape(r_out, -1))
     m = core.T @ core
     op = KronBlockOperator(sx, m, c, k, r_in)
     pre = KronPreconditioner(sx, m, c, k, r_in)
-    u = to_backend(xp, res.u_in)
+    u = to_backend(xp, res.factors.u_in)
     a = xp.asarray(np.random.default_rng(1).standard_normal((c, k * d)))
     b = xp.asarray(np.random.default_rng(2).standard_normal((k * d, r_in)))
     gemm_flops = 2.0 * c * (k * d) * r_in

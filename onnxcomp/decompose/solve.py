@@ -16,7 +16,8 @@ import numpy as np
 from ..calibration.stats import InputStats
 from ..errors import OnnxcompError
 from . import objective, ranks
-from .svd import LowRank, output_spectrum, truncate
+from .factors import LowRank
+from .svd import output_spectrum, truncate
 from .cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from .tucker2 import energy_ranks, evbmf_ranks, search_ranks, tucker2, tucker2_cost
 
@@ -177,12 +178,12 @@ def solve_tucker2(problem: LayerProblem, options: Options, xp) -> Decomposition 
     if chain.macs >= problem.weight.size:
         return f"ranks ({r_out}, {r_in}) are not cheaper than the dense {c_out}x{c_in}x{kh}x{kw} conv"
     result = tucker2(W, S, (r_out, r_in), norm=options.norm, xp=xp)
-    bias, error, relative = finish(problem, options, result.weight().reshape(c_out, -1), (result.error, result.reference))
-    weights = result.u_out.size + result.core.size + result.u_in.size
+    bias, error, relative = finish(problem, options, result.factors.weight().reshape(c_out, -1), (result.error, result.reference))
+    weights = result.factors.params
     info = {"iterations": result.iterations, "converged": result.converged, "init": result.init,
             "error_first": result.errors[0] if result.errors else result.initial_error,
             "error_last": result.errors[-1] if result.errors else result.initial_error}
-    return Decomposition("tucker2", result, bias, (r_out, r_in), weights + _size(bias), int(round(chain.macs)),
+    return Decomposition("tucker2", result.factors, bias, (r_out, r_in), weights + _size(bias), int(round(chain.macs)),
                          error, relative, info)
 
 
@@ -207,25 +208,18 @@ def solve_cp(problem: LayerProblem, options: Options, xp) -> Decomposition | str
     # A budget's candidate at this rank left its factors: continuing from them keeps the final
     # error at or below the candidate's (the allocation's upper bound) and skips the initialisation.
     warm = problem.cache.get(_cp_cache_key(options, rank))
-    init = "auto" if warm is None or options.norm != "data" else _cp_factors(warm)
+    init = "auto" if warm is None or options.norm != "data" else warm.factors
     result = cp_decompose(W, S, rank, form=form, norm=options.norm, init=init, xp=xp)
-    bias, error, relative = finish(problem, options, result.weight().reshape(c_out, -1), (result.error, result.reference))
+    bias, error, relative = finish(problem, options, result.factors.weight().reshape(c_out, -1), (result.error, result.reference))
     weights = int(chain.params)
     info = {"form": form, "iterations": result.iterations, "converged": result.converged, "init": result.init,
             "error_first": result.errors[0] if result.errors else result.initial_error,
             "error_last": result.errors[-1] if result.errors else result.initial_error}
-    return Decomposition("cp", result, bias, (rank,), weights + _size(bias), int(round(chain.macs)), error, relative, info)
+    return Decomposition("cp", result.factors, bias, (rank,), weights + _size(bias), int(round(chain.macs)), error, relative, info)
 
 
 def _cp_cache_key(options: Options, rank: int) -> tuple:
     return ("cp", options.cp_form, options.norm, options.centered, int(rank))
-
-
-def _cp_factors(result) -> tuple:
-    """A CP result's factors in the form ``cp_decompose(init=...)`` takes."""
-    if result.form == "4way":
-        return result.a, result.b, result.h, result.v
-    return result.a, result.b, result.kernel
 
 
 def _conv_weight(problem: LayerProblem) -> np.ndarray:
