@@ -11,6 +11,7 @@ from realistic_stats import (
 )
 
 from onnxcomp.decompose.cp import (
+    EXACT_CHANNEL_LIMIT,
     cp_cost,
     cp_decompose,
     cp_max_rank,
@@ -108,7 +109,7 @@ def test_anderson_acceleration_monotone_and_ahead_of_plain_als(realistic, case):
     statistics they leave plain ALS behind after the same number of sweeps."""
     if case == "exact channel step":  # C_in R = 64: the channel system is solved exactly
         w, s = realistic
-        r, limit = 8, 1024
+        r, limit = 8, EXACT_CHANNEL_LIMIT
     else:  # C_in R = 256 > the limit set here: preconditioned CG
         s, _ = realistic_patch_covariance(16, 3, 3, 0)
         w = decaying_conv_weight(20, 16, 3, 3, 1)

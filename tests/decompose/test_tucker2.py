@@ -147,7 +147,7 @@ def dense_normal_matrix(s, g, c, k, r):
 
 
 def input_step_system(shape, r_out, r_in, seed):
-    """W, S, and the product's input step at a random orthonormal U_in: (problem, U_in, U_out, G, system)."""
+    """The product's input step at a random orthonormal U_in: (W, S, U_in, U_out, G, (op, rhs, precond, r0))."""
     w, s = layer(shape, seed=seed)
     prob = Tucker2Problem(w, s)
     u_in = np.linalg.qr(np.random.default_rng(seed + 1).standard_normal((shape[1], r_in)))[0]

@@ -55,7 +55,7 @@ def _given_patches(init: CPFactors, prob: CPProblem, r, form):
         raise OnnxcompError(f"init factors are CP form {init.form!r}, the solve asks for {form!r}")
     arrays = [init.a, init.b, init.h, init.v] if form == "4way" else [init.a, init.b, init.kernel]
     given = [to_backend(xp, x) for x in arrays]
-    if form == "3way" and given[2].ndim == 3:
+    if form == "3way":  # kernel (R, kh, kw) -> the patch factor K (kh*kw, R)
         given[2] = given[2].reshape(given[2].shape[0], -1).T
     shapes = [(prob.c_out, r)] + [(n, r) for n in prob.dims]
     if any(tuple(g.shape) != s for g, s in zip(given, shapes)):
