@@ -29,7 +29,9 @@ from pathlib import Path
 def _preset_threads(argv):
     """--threads N must act before NumPy loads its BLAS (OpenBLAS reads the variable once)."""
     for i, a in enumerate(argv):
-        n = a.split("=", 1)[1] if a.startswith("--threads=") else argv[i + 1] if a == "--threads" and i + 1 < len(argv) else None
+        n = a.split("=", 1)[1] if a.startswith("--threads=") else None
+        if a == "--threads" and i + 1 < len(argv):
+            n = argv[i + 1]
         if n is not None:
             for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ[var] = n
@@ -44,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from onnxcomp.decompose.backend import get_backend, to_backend  # noqa: E402
-from onnxcomp.decompose.linalg import KronBlockOperator, KronPreconditioner  # noqa: E402
+from onnxcomp.decompose.kron import KronBlockOperator, KronPreconditioner  # noqa: E402
 from onnxcomp.decompose.tucker2 import tucker2  # noqa: E402
 
 from realistic_stats import benchmark_layer, load_average  # noqa: E402
@@ -82,7 +84,8 @@ def main(argv=None):
     k = 9
     d = c * k
     print(f"layer {c} -> {c} 3x3, d = {d}, ranks (R_out, R_in) = ({r_out}, {r_in}), device {args.device}, "
-          f"numpy {np.__version__}, cpus {os.cpu_count()}, BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}, "
+          f"numpy {np.__version__}, cpus {os.cpu_count()}, "
+          f"BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}, "
           f"load avg before {load_average()}")
 
     w, s, built = benchmark_layer(c, args.seed)
@@ -111,11 +114,11 @@ def main(argv=None):
 
     # ---- operator throughput vs GEMM (interleaved)
     sx = to_backend(xp, s)
-    core = to_backend(xp, res.core.reshape(r_out, -1))
+    core = to_backend(xp, res.factors.core.reshape(r_out, -1))
     m = core.T @ core
     op = KronBlockOperator(sx, m, c, k, r_in)
     pre = KronPreconditioner(sx, m, c, k, r_in)
-    u = to_backend(xp, res.u_in)
+    u = to_backend(xp, res.factors.u_in)
     a = xp.asarray(np.random.default_rng(1).standard_normal((c, k * d)))
     b = xp.asarray(np.random.default_rng(2).standard_normal((k * d, r_in)))
     gemm_flops = 2.0 * c * (k * d) * r_in
@@ -132,7 +135,8 @@ def main(argv=None):
           f"-> {op_rate:.1f} GFLOP/s")
     print(f"plain float64 GEMM ({c} x {k * d}) @ ({k * d} x {r_in}): {gemm_flops / 1e9:.1f} GFLOP, "
           f"median {statistics.median(t_gemm) * 1e3:.0f} ms -> {gemm_rate:.1f} GFLOP/s")
-    print(f"operator / GEMM rate: {op_rate / gemm_rate:.0%}   (preconditioner: {statistics.median(t_pre) * 1e3:.1f} ms per application)")
+    print(f"operator / GEMM rate: {op_rate / gemm_rate:.0%}   "
+          f"(preconditioner: {statistics.median(t_pre) * 1e3:.1f} ms per application)")
 
     if not args.no_frobenius:
         fro = tucker2(w, s, (r_out, r_in), norm="frobenius", xp=xp, tol=args.tol)

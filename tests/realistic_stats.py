@@ -108,6 +108,19 @@ def decaying_conv_weight(c_out, c_in, kh, kw, seed, *, decay=0.7):
     return w / np.linalg.norm(w) * np.sqrt(c_out)
 
 
+def exact_cp_weight(form, rank, c_out, c_in, kh, kw, seed=0):
+    """A conv weight that is exactly a sum of ``rank`` CP components of ``form`` ("4way": A, B, H, V;
+    "3way": A, B, K), Gaussian factors, scaled to entries of order 1 / sqrt(c_in)."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((c_out, rank)), rng.standard_normal((c_in, rank))
+    if form == "4way":
+        h, v = rng.standard_normal((kh, rank)), rng.standard_normal((kw, rank))
+        w = np.einsum("or,cr,ir,jr->ocij", a, b, h, v)
+    else:
+        w = np.einsum("or,cr,rij->ocij", a, b, rng.standard_normal((rank, kh, kw)))
+    return w / np.sqrt(rank * c_in)
+
+
 def benchmark_layer(channels, seed):
     """The square 3x3 layer the layer benchmarks solve: (W, S, seconds it took to build them)."""
     start = time.perf_counter()

@@ -31,11 +31,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
 
+from ..decompose.factors import CPFactors, LowRank, Tucker2Factors
 from ..decompose.solve import Decomposition
 from ..errors import OnnxcompError
 from ..io import write_json
@@ -129,15 +129,16 @@ def placeholder_decomposition(layer: TargetLayer, candidate: Candidate) -> Decom
 
     if candidate.method == "svd":
         (r,) = candidate.rank
-        factors = SimpleNamespace(first=rand(r, d), second=rand(m, r))
+        factors = LowRank(first=rand(r, d), second=rand(m, r))
     elif candidate.method == "tucker2":
         r_out, r_in = candidate.rank
-        factors = SimpleNamespace(u_out=rand(m, r_out), core=rand(r_out, r_in, kh, kw), u_in=rand(c_in, r_in))
+        factors = Tucker2Factors(u_out=rand(m, r_out), core=rand(r_out, r_in, kh, kw), u_in=rand(c_in, r_in))
     elif candidate.method == "cp":
         (r,) = candidate.rank
         form = candidate.form or "4way"
-        factors = SimpleNamespace(form=form, a=rand(m, r), b=rand(c_in, r), h=rand(kh, r), v=rand(kw, r),
-                                  kernel=rand(r, kh, kw))
+        a, b = rand(m, r), rand(c_in, r)
+        spatial = {"h": rand(kh, r), "v": rand(kw, r)} if form == "4way" else {"kernel": rand(r, kh, kw)}
+        factors = CPFactors(form, a, b, **spatial)
     else:
         raise OnnxcompError(f"no latency model for method {candidate.method!r}")
     # A MatMul's bias correction is folded into the Add that follows it in real models: no extra node.

@@ -1,8 +1,11 @@
 """One array-backend switch under all numerical code (NumPy on the CPU, CuPy on a GPU).
 
-Solvers take an ``xp`` module (``numpy`` or ``cupy``) and use only functions
-both provide, so the same code runs on either; results come back to the host
-with :func:`to_numpy`.
+The convention: a solver's entry point takes ``xp`` (``numpy`` or ``cupy``,
+from :func:`get_backend`) and moves its host inputs there with
+:func:`to_backend`; every function below it finds the module from the arrays
+it is given (:func:`array_module`) and uses only functions both modules
+provide, plus :func:`scipy_linalg` for the few SciPy ones (CuPy mirrors them in
+``cupyx.scipy.linalg``). Results come back to the host with :func:`to_numpy`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import scipy.linalg
 
 from ..errors import OnnxcompError
 
@@ -19,11 +23,10 @@ def cupy_or_none():
     try:
         import cupy
 
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return cupy
-    except Exception:  # not installed, no driver, no device
-        pass
-    return None
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - not installed, broken install, no driver: each means "no GPU here"
+        return None
+    return cupy if devices > 0 else None
 
 
 def get_backend(device: str = "cpu"):
@@ -49,6 +52,15 @@ def array_module(array):
 
         return cupy
     return np
+
+
+def scipy_linalg(array):
+    """``scipy.linalg``, or ``cupyx.scipy.linalg`` for a CuPy array (same names and signatures)."""
+    if array_module(array) is np:
+        return scipy.linalg
+    import cupyx.scipy.linalg
+
+    return cupyx.scipy.linalg
 
 
 def to_numpy(array) -> np.ndarray:

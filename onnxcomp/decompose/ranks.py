@@ -6,14 +6,20 @@
 - ARSVD's entropy rule: p_i = s_i / sum s, h_i = -p_i log p_i, the smallest k whose
   cumulative h reaches tau * sum h.
 The spectra are eigenvalues ``lambda_i = s_i^2`` (of W W^T, or of W C W^T for the
-data-aware spectrum), largest first.
+data-aware spectrum), largest first. The threshold rules serve the Tucker-2 modes too.
+
+Conv chains (Tucker-2, CP) count their cost as a :class:`ChainCost` against the
+dense layer's (:func:`dense_cost`); :func:`layer_budget` is a fraction of it.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..errors import OnnxcompError
+from .checks import check_fraction, check_measure
 
 RULES = ("energy", "entropy")
 
@@ -30,15 +36,13 @@ def check_rank(rank: int, m: int, d: int, layer: str) -> int:
 
 def rank_for_fraction(m: int, d: int, keep: float) -> int:
     """Largest rank whose factors cost at most ``keep`` of the dense m x d layer."""
-    if not 0 < keep <= 1:
-        raise OnnxcompError(f"--keep must be in (0, 1], got {keep}")
+    check_fraction(keep, "--keep")
     return max(1, min(min(m, d), int(np.floor(keep * m * d / (m + d)))))
 
 
 def rank_for_threshold(eigenvalues: np.ndarray, tau: float, rule: str = "energy") -> int:
     """Smallest rank reaching ``tau`` of the energy (or spectral entropy)."""
-    if not 0 < tau <= 1:
-        raise OnnxcompError(f"energy threshold must be in (0, 1], got {tau}")
+    check_fraction(tau, "energy threshold")
     values = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
     if rule == "energy":
         mass = values
@@ -59,3 +63,27 @@ def rank_for_threshold(eigenvalues: np.ndarray, tau: float, rule: str = "energy"
 
 def lowrank_is_cheaper(rank: int, m: int, d: int) -> bool:
     return rank * (m + d) < m * d
+
+
+class ChainCost(NamedTuple):
+    """Parameters and multiply-adds per output position of a layer or chain (bias excluded)."""
+
+    params: int
+    macs: float
+
+    def value(self, measure: str) -> float:
+        """The cost in ``measure``: "params" or "macs"."""
+        return self.params if measure == "params" else self.macs
+
+
+def dense_cost(C_out, C_in, kh, kw) -> ChainCost:
+    """Cost of the original kxk conv, in the units of the chains' costs."""
+    n = C_out * C_in * kh * kw
+    return ChainCost(n, float(n))
+
+
+def layer_budget(shape, fraction, measure: str) -> float:
+    """``fraction`` of the dense conv's cost (params or MACs): what a chain may cost."""
+    fraction = check_fraction(fraction, f"the fraction of {measure} kept")
+    check_measure(measure)
+    return fraction * dense_cost(*shape).value(measure)

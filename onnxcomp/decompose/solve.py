@@ -148,7 +148,8 @@ def solve_svd(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> Deco
     if not ranks.lowrank_is_cheaper(rank, m, d):
         return f"rank {rank} is not cheaper than the dense {m}x{d} layer"
     factors = truncate(W, spectrum, rank, xp)
-    bias, error, relative = finish(problem, solve, factors.matrix(), (spectrum.error(rank), float(spectrum.values.sum())))
+    solved = (spectrum.error(rank), float(spectrum.values.sum()))
+    bias, error, relative = finish(problem, solve, factors.matrix(), solved)
     weights = factors.first.size + factors.second.size
     return Decomposition(Method.SVD, factors, bias, (rank,), weights + _size(bias), weights, error, relative)
 
@@ -190,13 +191,7 @@ def solve_tucker2(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> 
     if chain.macs >= problem.weight.size:
         return f"ranks ({r_out}, {r_in}) are not cheaper than the dense {c_out}x{c_in}x{kh}x{kw} conv"
     result = tucker2(W, S, (r_out, r_in), norm=solve.norm, xp=xp)
-    bias, error, relative = finish(problem, solve, result.weight().reshape(c_out, -1), (result.error, result.reference))
-    weights = result.u_out.size + result.core.size + result.u_in.size
-    info = {"iterations": result.iterations, "converged": result.converged, "init": result.init,
-            "error_first": result.errors[0] if result.errors else result.initial_error,
-            "error_last": result.errors[-1] if result.errors else result.initial_error}
-    return Decomposition(Method.TUCKER2, result, bias, (r_out, r_in), weights + _size(bias), int(round(chain.macs)),
-                         error, relative, info)
+    return _als_decomposition(problem, solve, Method.TUCKER2, result, (r_out, r_in), chain)
 
 
 def solve_cp(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> Decomposition | str:
@@ -219,21 +214,20 @@ def solve_cp(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> Decom
     S = problem.fit_matrix(solve)
     # A budget's candidate at this rank left its factors: continuing from them keeps the final
     # error at or below the candidate's (the allocation's upper bound) and skips the initialisation.
-    init = "auto" if start is None or solve.norm is not Norm.DATA else _cp_factors(start)
+    init = "auto" if start is None or solve.norm is not Norm.DATA else start.factors
     result = cp_decompose(W, S, rank, form=form, norm=solve.norm, init=init, xp=xp)
-    bias, error, relative = finish(problem, solve, result.weight().reshape(c_out, -1), (result.error, result.reference))
-    weights = int(chain.params)
-    info = {"form": form, "iterations": result.iterations, "converged": result.converged, "init": result.init,
-            "error_first": result.errors[0] if result.errors else result.initial_error,
-            "error_last": result.errors[-1] if result.errors else result.initial_error}
-    return Decomposition(Method.CP, result, bias, (rank,), weights + _size(bias), int(round(chain.macs)), error, relative, info)
+    return _als_decomposition(problem, solve, Method.CP, result, (rank,), chain, {"form": form})
 
 
-def _cp_factors(result) -> tuple:
-    """A CP result's factors in the form ``cp_decompose(init=...)`` takes."""
-    if result.form == "4way":
-        return result.a, result.b, result.h, result.v
-    return result.a, result.b, result.kernel
+def _als_decomposition(problem, solve: SolveConfig, method: Method, result, rank, chain, info=None) -> Decomposition:
+    """The Decomposition of an ALS solver's result: bias corrected, its error, the solver's record."""
+    approx = result.factors.weight().reshape(problem.weight.shape[0], -1)
+    bias, error, relative = finish(problem, solve, approx, (result.error, result.reference))
+    first, last = (result.errors[0], result.errors[-1]) if result.errors else (result.initial_error,) * 2
+    info = {**(info or {}), "iterations": result.iterations, "converged": result.converged, "init": result.init,
+            "error_first": first, "error_last": last}
+    params = result.factors.params + _size(bias)
+    return Decomposition(method, result.factors, bias, rank, params, int(round(chain.macs)), error, relative, info)
 
 
 def _tucker2_ranks(problem: LayerProblem, solve: SolveConfig, W, S, xp) -> tuple[int, int]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import to_backend, to_numpy
+from .factors import LowRank
+from .linalg import symmetrize
 
 
 @dataclass
@@ -26,26 +28,6 @@ class Spectrum:
     def error(self, rank: int) -> float:
         """Data error ``tr(dW C dW^T)`` of the best rank-``rank`` approximation."""
         return float(self.values[rank:].sum())
-
-    def energy_fraction(self) -> np.ndarray:
-        """Fraction of ``tr(W C W^T)`` kept by ranks 1..k."""
-        total = self.values.sum()
-        return np.cumsum(self.values) / total if total > 0 else np.ones_like(self.values)
-
-
-@dataclass
-class LowRank:
-    """``W~ = second @ first``: first (r x d) runs first, second (m x r) after."""
-
-    first: np.ndarray
-    second: np.ndarray
-
-    @property
-    def rank(self) -> int:
-        return self.first.shape[0]
-
-    def matrix(self) -> np.ndarray:
-        return self.second @ self.first
 
 
 def output_spectrum(W, C, xp=np) -> Spectrum:
@@ -71,8 +53,7 @@ def output_spectrum(W, C, xp=np) -> Spectrum:
 
 
 def _sandwich(A, C):
-    product = A @ A.T if C is None else A @ C @ A.T
-    return 0.5 * (product + product.T)
+    return symmetrize(A @ A.T if C is None else A @ C @ A.T)
 
 
 def truncate(W, spectrum: Spectrum, rank: int, xp=np) -> LowRank:

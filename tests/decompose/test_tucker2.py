@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
-from onnxcomp.decompose.linalg import (
-    KronBlockOperator,
-    cg,
-    minres,
-    prepare_psd,
-    psd_solve,
-)
+from onnxcomp.decompose.kron import KronBlockOperator
+from onnxcomp.decompose.krylov import cg
+from onnxcomp.decompose.linalg import prepare_psd
+from onnxcomp.decompose.objective import data_error
+from onnxcomp.decompose.ranks import dense_cost
 from onnxcomp.decompose.tucker2 import (
     balanced_ranks,
-    data_error,
-    dense_cost,
     energy_ranks,
     evbmf,
     evbmf_ranks,
     search_ranks,
     tucker2,
     tucker2_cost,
-    tucker2_input_step,
-    tucker2_output_step,
-    tucker2_reconstruct,
 )
+from onnxcomp.decompose.tucker2.problem import Tucker2Problem
 from onnxcomp.errors import OnnxcompError
 
 from realistic_stats import (
@@ -75,7 +71,7 @@ def test_errors_never_increase_and_beat_frobenius(shape):
     res = tucker2(w, s, ranks, tol=1e-7, max_iter=60)
     errs = [res.initial_error] + res.errors
     assert len(res.errors) == res.iterations >= 2
-    assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:])), errs
+    assert all(b <= a * (1 + 1e-12) for a, b in pairwise(errs)), errs
     # the data-aware ALS at equal ranks beats the Frobenius baselines under the data norm
     hosvd = tucker2(w, s, ranks, norm="frobenius", max_iter=0)
     hooi = tucker2(w, s, ranks, norm="frobenius", tol=1e-10)
@@ -88,24 +84,25 @@ def test_errors_never_increase_and_beat_frobenius(shape):
 def test_reported_error_is_the_direct_evaluation(shape):
     w, s = layer(shape, seed=2)
     res = tucker2(w, s, (5, 4), tol=1e-6)
-    direct = data_error(w, s, res.weight())
+    direct = data_error(w, s, res.factors.weight())
     assert res.error == pytest.approx(direct, rel=1e-12)
     assert res.errors[-1] == pytest.approx(direct, rel=1e-9)  # closed-form error of the last sweep
     assert res.reference == pytest.approx(data_error(w, s, np.zeros_like(w)), rel=1e-12)
     # the factors are what the result says they are
-    assert res.u_out.shape == (shape[0], 5) and res.u_in.shape == (shape[1], 4)
-    assert res.core.shape == (5, 4, shape[2], shape[3])
-    np.testing.assert_allclose(res.u_out.T @ res.u_out, np.eye(5), atol=1e-12)
-    np.testing.assert_allclose(res.u_in.T @ res.u_in, np.eye(4), atol=1e-12)
+    f = res.factors
+    assert f.u_out.shape == (shape[0], 5) and f.u_in.shape == (shape[1], 4)
+    assert f.core.shape == (5, 4, shape[2], shape[3])
+    np.testing.assert_allclose(f.u_out.T @ f.u_out, np.eye(5), atol=1e-12)
+    np.testing.assert_allclose(f.u_in.T @ f.u_in, np.eye(4), atol=1e-12)
 
 
 def test_full_ranks_reproduce_the_weight():
     w, s = layer((12, 8, 3, 3), seed=3)
     res = tucker2(w, s, (12, 8))
     assert res.relative_error < 1e-12
-    assert np.linalg.norm(res.weight() - w) < 1e-8 * np.linalg.norm(w)
+    assert np.linalg.norm(res.factors.weight() - w) < 1e-8 * np.linalg.norm(w)
     fro = tucker2(w, s, (12, 8), norm="frobenius")
-    assert np.linalg.norm(fro.weight() - w) < 1e-12 * np.linalg.norm(w)
+    assert np.linalg.norm(fro.factors.weight() - w) < 1e-12 * np.linalg.norm(w)
 
 
 def test_full_input_rank_is_the_data_aware_svd():
@@ -127,15 +124,15 @@ def test_singular_and_slightly_indefinite_stats(indefinite):
     assert np.linalg.matrix_rank(s) <= 64 < s.shape[0] - 2 * 9  # 64 patches: singular beyond the dead rows
     res = tucker2(w, s, (6, 5), tol=1e-5)
     errs = [res.initial_error] + res.errors
-    assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:]))
-    assert np.isfinite(res.core).all() and np.isfinite(res.u_in).all()
+    assert all(b <= a * (1 + 1e-12) for a, b in pairwise(errs))
+    assert np.isfinite(res.factors.core).all() and np.isfinite(res.factors.u_in).all()
     s_psd, info = prepare_psd(s)
     assert info.support == s.shape[0] - 2 * 9  # the dead channels' rows are identically zero
     assert not info.positive_definite and info.projected  # singular: Cholesky fails, eigh + clip
     if indefinite:
         assert info.clipped >= 1 and info.min_eigenvalue < -0.5 * indefinite * np.abs(s).max()
         assert np.linalg.eigvalsh(s_psd)[0] > -1e-12 * np.abs(s).max()
-    assert res.error == pytest.approx(data_error(w, s_psd, res.weight()), rel=1e-9)
+    assert res.error == pytest.approx(data_error(w, s_psd, res.factors.weight()), rel=1e-9)
     assert res.error <= tucker2(w, s, (6, 5), norm="frobenius").error
 
 
@@ -150,66 +147,52 @@ def dense_normal_matrix(s, g, c, k, r):
     return a.reshape(c * r, c * r)
 
 
+def input_step_system(shape, r_out, r_in, seed):
+    """The product's input step at a random orthonormal U_in: (W, S, U_in, U_out, G, (op, rhs, precond, r0))."""
+    w, s = layer(shape, seed=seed)
+    prob = Tucker2Problem(w, s)
+    u_in = np.linalg.qr(np.random.default_rng(seed + 1).standard_normal((shape[1], r_in)))[0]
+    u_out, g, _, _ = prob.output_step(u_in, r_out)
+    return w, s, u_in, u_out, g, prob.input_system(u_out, g, r_in, u_in)
+
+
 def test_matrix_free_input_step_matches_dense_solve():
     c_out, c_in, kh, kw = 10, 7, 3, 3
     k, r_out, r_in = 9, 4, 3
-    w, s = layer((c_out, c_in, kh, kw), seed=8)
-    rng = np.random.default_rng(9)
-    u_in0 = np.linalg.qr(rng.standard_normal((c_in, r_in)))[0]
-    u_out, core, u_in0, _ = tucker2_output_step(w, s, u_in0, r_out)
+    w, s, u_in0, u_out, g, (op, rhs, pre, _) = input_step_system((c_out, c_in, kh, kw), r_out, r_in, seed=8)
+    core = g.reshape(r_out, r_in, kh, kw)
     a = dense_normal_matrix(s, core, c_in, k, r_in)
     # right-hand side: b[c, r] = sum_{o,k} (W S)[o, c, k] (U_out G)[o, r, k]
     ws = (w.reshape(c_out, -1) @ s).reshape(c_out, c_in, k)
     h = (u_out @ core.reshape(r_out, -1)).reshape(c_out, r_in, k)
     b = np.einsum("ock,ork->cr", ws, h)
+    np.testing.assert_allclose(rhs, b, rtol=0, atol=1e-13 * np.abs(b).max())
     x_dense = np.linalg.solve(a, b.ravel()).reshape(c_in, r_in)
     # the operator itself
     m = core.reshape(r_out, -1).T @ core.reshape(r_out, -1)
-    op = KronBlockOperator(s, m, c_in, k, r_in)
-    x = rng.standard_normal((c_in, r_in))
+    ref = KronBlockOperator(s, m, c_in, k, r_in)
+    x = np.random.default_rng(9).standard_normal((c_in, r_in))
+    np.testing.assert_allclose(ref(x).ravel(), a @ x.ravel(), rtol=0, atol=1e-13 * np.abs(a).sum(1).max())
     np.testing.assert_allclose(op(x).ravel(), a @ x.ravel(), rtol=0, atol=1e-13 * np.abs(a).sum(1).max())
-    for method in ("cg", "minres"):
-        for pre in (True, False):
-            u, info = tucker2_input_step(w, s, u_out, core, u_in0, method=method, tol=1e-15,
-                                         maxiter=2000, precondition=pre)
-            assert np.linalg.norm(u - x_dense) <= 1e-8 * np.linalg.norm(x_dense), (method, pre)
+    for precond in (pre, None):
+        sol = cg(op, rhs, x0=u_in0, precond=precond, tol=1e-15, maxiter=2000)
+        assert np.linalg.norm(sol.x - x_dense) <= 1e-8 * np.linalg.norm(x_dense), precond
+
+
+def test_first_residual_from_the_output_step_is_exact():
+    """The input step's first residual b - A U_in, taken from the output step's P^T S, is the plain one."""
+    _, _, u_in, _, _, (op, rhs, _, res0) = input_step_system((12, 9, 3, 3), 5, 4, seed=21)
+    assert res0 is not None
+    np.testing.assert_allclose(res0, rhs - op(u_in), rtol=0, atol=1e-12 * np.abs(rhs).max())
 
 
 def test_kronecker_preconditioner_pays():
     """Fewer CG products to the same residual on a realistic (non-separable) S."""
-    c_out, c_in, kh, kw, r_out, r_in = 32, 24, 3, 3, 8, 8
-    w, s = layer((c_out, c_in, kh, kw), seed=18)
-    u0 = np.linalg.qr(np.random.default_rng(19).standard_normal((c_in, r_in)))[0]
-    u_out, core, u0, _ = tucker2_output_step(w, s, u0, r_out)
-    _, plain = tucker2_input_step(w, s, u_out, core, u0, tol=1e-8, maxiter=5000, precondition=False)
-    _, prec = tucker2_input_step(w, s, u_out, core, u0, tol=1e-8, maxiter=5000)
+    _, _, u0, _, _, (op, rhs, pre, _) = input_step_system((32, 24, 3, 3), 8, 8, seed=18)
+    plain = cg(op, rhs, x0=u0, tol=1e-8, maxiter=5000)
+    prec = cg(op, rhs, x0=u0, precond=pre, tol=1e-8, maxiter=5000)
     assert prec.converged and plain.converged
     assert prec.iterations < 0.25 * plain.iterations, (prec.iterations, plain.iterations)
-
-
-def test_krylov_on_singular_consistent_system():
-    rng = np.random.default_rng(10)
-    q = np.linalg.qr(rng.standard_normal((40, 40)))[0]
-    lam = np.r_[np.geomspace(1, 1e-3, 30), np.zeros(10)]
-    a = (q * lam) @ q.T
-    b = a @ rng.standard_normal(40)
-    for solver in (cg, minres):
-        res = solver(lambda v: a @ v, b, np.zeros(40), tol=1e-12, maxiter=500)
-        assert np.linalg.norm(a @ res.x - b) <= 1e-10 * np.linalg.norm(b)
-        assert res.converged
-
-
-def test_psd_solve_matches_pseudo_inverse():
-    rng = np.random.default_rng(11)
-    f = rng.standard_normal((30, 12))
-    a = f @ f.T  # rank 12
-    b = rng.standard_normal((5, 30)) @ a  # rows in range(A): consistent
-    x, y = psd_solve(a, b)
-    np.testing.assert_allclose(x, b @ np.linalg.pinv(a, rcond=1e-10, hermitian=True), atol=1e-9)
-    np.testing.assert_allclose(y, b @ np.linalg.pinv(a, rcond=1e-10, hermitian=True) @ b.T, atol=1e-8)
-    a2 = a + np.eye(30)  # definite: the Cholesky/LU path
-    x2, _ = psd_solve(a2, b)
-    np.testing.assert_allclose(x2, b @ np.linalg.inv(a2), atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -298,9 +281,10 @@ def test_frobenius_without_stats_and_explicit_backend():
     res = tucker2(w, None, (4, 3), norm="frobenius", xp=np)
     # HOOI never loses to its HOSVD start
     assert res.error <= res.initial_error * (1 + 1e-12)
-    assert res.error == pytest.approx(np.linalg.norm(w - res.weight()) ** 2, rel=1e-9)
-    back = tucker2_reconstruct(res.u_out, res.core, res.u_in)
-    np.testing.assert_allclose(back, res.weight())
+    f = res.factors
+    assert res.error == pytest.approx(np.linalg.norm(w - f.weight()) ** 2, rel=1e-9)
+    # W~ = U_out . G . (U_in kron I)^T, summed out directly
+    np.testing.assert_allclose(f.weight(), np.einsum("oa,abij,cb->ocij", f.u_out, f.core, f.u_in), atol=1e-14)
 
 
 def test_cupy_backend_if_available():
@@ -312,5 +296,5 @@ def test_cupy_backend_if_available():
     w, s = layer((16, 12, 3, 3), seed=17)
     a = tucker2(w, s, (5, 4), xp=cupy, tol=1e-8)
     b = tucker2(w, s, (5, 4), xp=np, tol=1e-8)
-    assert isinstance(a.core, np.ndarray)
+    assert isinstance(a.factors.core, np.ndarray)
     assert a.error == pytest.approx(b.error, rel=1e-6)

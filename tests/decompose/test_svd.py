@@ -30,7 +30,9 @@ def test_error_is_sum_of_discarded_eigenvalues(shape, s_rank):
     S = random_psd(d, min(s_rank, d), rng)
     spectrum = output_spectrum(W, S)
     reference = np.sort(np.linalg.eigvalsh(W @ S @ W.T))[::-1]
-    np.testing.assert_allclose(spectrum.values[: len(reference)][: min(m, d)], np.clip(reference, 0, None)[: min(m, d)], rtol=1e-9, atol=1e-9 * reference[0])
+    k = min(m, d)
+    np.testing.assert_allclose(spectrum.values[: len(reference)][:k], np.clip(reference, 0, None)[:k], rtol=1e-9,
+                               atol=1e-9 * reference[0])
     for rank in (1, 3, 6):
         factors = truncate(W, spectrum, rank)
         measured = data_error(W, factors.matrix(), S)
@@ -47,7 +49,7 @@ def test_data_aware_beats_frobenius_and_perturbations(s_rank):
     frob = truncate(W, output_spectrum(W, None), rank)
     best_error = data_error(W, best.matrix(), S)
     assert best_error < data_error(W, frob.matrix(), S)
-    for trial in range(20):  # any other rank-5 matrix near the optimum is worse
+    for _trial in range(20):  # any other rank-5 matrix near the optimum is worse
         first = best.first + 1e-3 * rng.standard_normal(best.first.shape)
         second = best.second + 1e-3 * rng.standard_normal(best.second.shape)
         assert data_error(W, second @ first, S) >= best_error - 1e-12
@@ -100,6 +102,7 @@ def test_rank_rules():
 
 def test_rank_that_saves_nothing_keeps_the_layer_dense():
     rng = np.random.default_rng(4)
-    problem = LayerProblem("fc", rng.standard_normal((8, 8)), None, (1, 1), stats_from_rows(rng.standard_normal((50, 8))))
+    stats = stats_from_rows(rng.standard_normal((50, 8)))
+    problem = LayerProblem("fc", rng.standard_normal((8, 8)), None, (1, 1), stats)
     result = solve_layer(problem, SolveConfig(ranks=RankChoice(rank=4)))
     assert isinstance(result, str) and "not cheaper" in result
