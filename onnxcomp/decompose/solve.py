@@ -104,6 +104,8 @@ def solve_layer(problem: LayerProblem, solve: SolveConfig, xp=np, start=None) ->
 
     ``start``: factors a budget's candidate left at this rank (CP continues from them).
     """
+    if solve.ranks.keep is not None and solve.ranks.keep >= 1:
+        return "--keep 1.0 keeps every layer as it is"
     if solve.norm is Norm.DATA and problem.stats is None:
         raise OnnxcompError("the data norm needs calibration data or a statistics file (or use --norm frobenius)")
     began = time.perf_counter()

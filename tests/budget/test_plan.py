@@ -111,3 +111,12 @@ def test_validation_samples_are_held_out_of_the_statistics():
             assert a.relative_error == pytest.approx(b.relative_error, rel=1e-9)
     # the same factors up to the order of the float64 sums: float32 outputs agree to rounding
     assert report.fidelity.standardized == pytest.approx(split.fidelity.standardized, rel=1e-5)
+
+
+def test_keep_one_changes_nothing(digits):
+    """--keep 1.0 means no change (it once cut every layer to the largest rank that saved any MACs)."""
+    model, stats, images, reference = digits
+    compressed, report = onnxcomp.compress(model, stats=stats, keep=1.0, progress=False)
+    assert report.totals["layers_compressed"] == 0
+    assert all(row.status == "kept: --keep 1.0 keeps every layer as it is" for row in report.layers)
+    np.testing.assert_array_equal(make_session(compressed).run(None, {"input": images})[0], reference)
