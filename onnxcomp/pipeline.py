@@ -21,9 +21,9 @@ from .decompose.backend import get_backend
 from .decompose.solve import layer_problem, solve_layers
 from .errors import OnnxcompError
 from .judge import Judge
-from .model import as_model, find_layers, fingerprint
+from .model import as_model, find_layers, fingerprint, select_layers
 from .passes import apply_solved
-from .report import Report, data_warnings, layer_rows, model_totals
+from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
 from .runtime import Timer, execution_providers
 
 
@@ -70,9 +70,10 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
     if allocation is not None:
-        settings["target"] = _target_settings(config.budget, allocation, totals)
+        settings["target"] = target_settings(config.budget, allocation, totals)
         if config.budget.kind is BudgetKind.LATENCY:
-            _add_latency(totals, settings["target"], allocation, model, compressed, run.sample, timer, latency)
+            measured = timer.whole_model_ratio(model, compressed, run.sample)
+            add_latency(totals, settings["target"], allocation, measured, latency)
             clock.lap("latency")
     rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation)
     warnings = data_warnings(problems, solved, statistics, config.budget is not None, judge)
@@ -106,10 +107,7 @@ class _Run:
         self.shapes = {**per_sample, **input_shapes}
         self.sample = None if self.first_batch is None else {k: v[:1] for k, v in self.first_batch.items()}
         self.layers, self.skipped = find_layers(model, self.shapes)
-        _check_skip(skip, self.layers, self.skipped)
-        self.chosen = [layer for layer in self.layers if not any(s in (layer.name, layer.op_type) for s in skip)]
-        if not self.chosen:
-            raise OnnxcompError(_no_layers_message(self.layers, self.skipped))
+        self.chosen = select_layers(self.layers, self.skipped, skip)
         self.total = count_samples(data, model) if data is not None else None
         self.validation = None
         if validation_data is not None:
@@ -159,30 +157,6 @@ def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judg
     return plan_budget(config.budget, planning)
 
 
-def _target_settings(budget, allocation, totals) -> dict:
-    if budget.kind is BudgetKind.LATENCY:
-        achieved = allocation.measured
-    else:
-        before = totals[f"{budget.kind.value}_before"]
-        achieved = totals[f"{budget.kind.value}_after"] / before if before else None
-    fraction = budget.fraction if budget.fraction is not None else allocation.search["fraction"]
-    target = {"kind": budget.kind.value, "fraction": fraction, "predicted": allocation.predicted,
-              "achieved": achieved, "feasible": allocation.feasible, "sensitivity": allocation.sensitivity}
-    if allocation.search:
-        target["search"] = allocation.search
-    return target
-
-
-def _add_latency(totals, target, allocation, model, compressed, sample, timer, latency) -> None:
-    """The latency budget's accounting: profiled totals, one whole-run interleaved check, the rounds."""
-    wall_ratio, before, after = timer.whole_model_ratio(model, compressed, sample)
-    total = allocation.total
-    totals.update(latency_before=total, latency_after=total * allocation.measured, latency_ratio=allocation.measured,
-                  latency_wall_before=before, latency_wall_after=after, latency_wall_ratio=wall_ratio,
-                  latency_setting={"provider": latency.provider.value, "threads": latency.threads, "batch": 1})
-    target.update(rounds=allocation.rounds, timed=allocation.timed)
-
-
 class _Clock:
     """Seconds spent in each stage, for the report."""
 
@@ -194,24 +168,6 @@ class _Clock:
         now = time.perf_counter()
         self.seconds[stage] = round(now - self._last, 3)
         self._last = now
-
-
-def _check_skip(skip, layers, skipped) -> None:
-    """A --skip that matches nothing is a typo: refuse it rather than compress what the user meant to keep."""
-    known = {key for layer in layers for key in (layer.name, layer.op_type)} | {s.name for s in skipped}
-    unknown = [name for name in skip if name not in known]
-    if unknown:
-        names = ", ".join(layer.name for layer in layers[:6]) + (", ..." if len(layers) > 6 else "")
-        raise OnnxcompError(f"--skip {unknown[0]!r} matches no compressible layer's name or op type "
-                            f"(the layers are {names}; see `onnxcomp inspect`)")
-
-
-def _no_layers_message(layers, skipped) -> str:
-    if layers:
-        return "every compressible layer was excluded by --skip"
-    reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
-    return "no compressible layers (Conv/Gemm/MatMul with constant weights) in the model" + (
-        f" ({reasons}{'; ...' if len(skipped) > 3 else ''})" if reasons else "")
 
 
 def _samples(statistics) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import BudgetKind
 from .io import columns, write_json
 from .judge import Fidelity
 from .model import count_macs, count_params
@@ -196,6 +197,32 @@ def model_totals(original, compressed, shapes, sample, compressed_layers: int, f
         "layers_compressed": compressed_layers,
         "layers_found": found,
     }
+
+
+def target_settings(budget, allocation, totals) -> dict:
+    """The report's ``settings.target``: what the budget asked, predicted and achieved."""
+    if budget.kind is BudgetKind.LATENCY:
+        achieved = allocation.measured
+    else:
+        before = totals[f"{budget.kind.value}_before"]
+        achieved = totals[f"{budget.kind.value}_after"] / before if before else None
+    fraction = budget.fraction if budget.fraction is not None else allocation.search["fraction"]
+    target = {"kind": budget.kind.value, "fraction": fraction, "predicted": allocation.predicted,
+              "achieved": achieved, "feasible": allocation.feasible, "sensitivity": allocation.sensitivity}
+    if allocation.search:
+        target["search"] = allocation.search
+    return target
+
+
+def add_latency(totals, target, allocation, measured, latency) -> None:
+    """The latency budget's accounting: profiled totals, one whole-run interleaved check
+    (``measured``: compressed/original ratio, original and compressed seconds), the rounds."""
+    wall_ratio, before, after = measured
+    total = allocation.total
+    totals.update(latency_before=total, latency_after=total * allocation.measured, latency_ratio=allocation.measured,
+                  latency_wall_before=before, latency_wall_after=after, latency_wall_ratio=wall_ratio,
+                  latency_setting={"provider": latency.provider.value, "threads": latency.threads, "batch": 1})
+    target.update(rounds=allocation.rounds, timed=allocation.timed)
 
 
 def _rounds_note(rounds) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..errors import OnnxcompError
 from .constants import TARGET_OPS, constant_tensors
 from .shapes import infer_shapes, static_product, with_input_shapes
 
@@ -288,3 +289,30 @@ def _matmul_layer(node, name, index, constants, shapes) -> TargetLayer:
         name=name, op_type="MatMul", node_index=index, input=node.input[0], output=node.output[0],
         weight=b.T, bias=None, positions=positions, attrs={},
     )
+
+
+def select_layers(layers: list[TargetLayer], skipped: list[Skipped], skip) -> list[TargetLayer]:
+    """The layers left after ``skip`` (node names or op types), or a one-line error when none is left
+    or a name in ``skip`` matches nothing (a typo must not compress what the user meant to keep)."""
+    _check_skip(skip, layers, skipped)
+    chosen = [layer for layer in layers if not any(s in (layer.name, layer.op_type) for s in skip)]
+    if not chosen:
+        raise OnnxcompError(_no_layers_message(layers, skipped))
+    return chosen
+
+
+def _check_skip(skip, layers, skipped) -> None:
+    known = {key for layer in layers for key in (layer.name, layer.op_type)} | {s.name for s in skipped}
+    unknown = [name for name in skip if name not in known]
+    if unknown:
+        names = ", ".join(layer.name for layer in layers[:6]) + (", ..." if len(layers) > 6 else "")
+        raise OnnxcompError(f"--skip {unknown[0]!r} matches no compressible layer's name or op type "
+                            f"(the layers are {names}; see `onnxcomp inspect`)")
+
+
+def _no_layers_message(layers, skipped) -> str:
+    if layers:
+        return "every compressible layer was excluded by --skip"
+    reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+    return "no compressible layers (Conv/Gemm/MatMul with constant weights) in the model" + (
+        f" ({reasons}{'; ...' if len(skipped) > 3 else ''})" if reasons else "")
