@@ -80,9 +80,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="fit under the data norm (default) or the data-free Frobenius norm")
     compress.add_argument("--uncentered", dest="centered", action="store_false",
                           help="fit under the uncentered second moment, without bias correction")
-    compress.add_argument("--sensitivity", default="auto", choices=["auto", "on", "off"],
+    compress.add_argument("--sensitivity", default="auto", choices=["auto", "on", "off", "measured"],
                           help="with a budget: weight each layer's error by its measured effect on the model's "
-                               "outputs (auto: only where that wins on the validation samples)")
+                               "outputs (noise probe; auto: only where that wins on the validation samples; "
+                               "measured: each layer's own truncations judged on the model, a few per layer)")
     compress.add_argument("--minimize", default="macs", choices=["macs", "params", "latency"],
                           help="--max-drop: what to make smallest (default macs)")
     compress.add_argument("--metric", default="fidelity", choices=["fidelity", "top1", "cosine"],

@@ -71,6 +71,7 @@ class Sensitivity(Choice):
     AUTO = "auto"  # weight by measured sensitivity only where that wins on held-out samples
     ON = "on"
     OFF = "off"
+    MEASURED = "measured"  # each layer's own truncations judged on the model (budget/measured.py)
 
 
 class BudgetKind(Choice):

@@ -122,6 +122,14 @@ class Judge:
         self.metric = make_metric(metric)
         self._original_score = None
 
+    def subset(self, count: int) -> "Judge":
+        """A judge of the first ``count`` samples (cheaper, for many candidate models)."""
+        if count >= self.samples:
+            return self
+        feed = {name: value[:count] for name, value in self.feed.items()}
+        return Judge(self.model, feed, self.source, self.held_out, list((self.specs or {}).values()), self.batch,
+                     self.metric)
+
     @property
     def original_score(self) -> float:
         if self._original_score is None:

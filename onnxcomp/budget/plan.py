@@ -26,6 +26,7 @@ from ..passes import apply_solved
 from .candidates import CURVES, REFINABLE, Candidate
 from .costs import CostModel
 from .knapsack import Option, allocate
+from .measured import MeasuredWeights
 from .sensitivity import layer_sensitivities
 
 # Refine the coarse Tucker-2/CP curves while more than this share of the model's cost is left unspent.
@@ -107,9 +108,14 @@ class Planner:
     def decide(self, fraction: float) -> tuple[Allocation, Solved]:
         return _with_sensitivity(self.budget, self.planning, self.curves, fraction, self.gains)
 
-    def gains(self) -> dict[str, float]:
+    def gains(self):
+        """The layers' weights, computed once: the noise probe's gains, or measured curves."""
         if self._gains is None:
-            self._gains = layer_sensitivities(self.planning.model, self.planning.layers, self.planning.judge)
+            planning = self.planning
+            if self.budget.sensitivity is Sensitivity.MEASURED:
+                self._gains = MeasuredWeights(planning, self.curves)
+            else:
+                self._gains = layer_sensitivities(planning.model, planning.layers, planning.judge)
         return self._gains
 
     def loss(self, solved: Solved) -> float:
@@ -143,9 +149,9 @@ class Curves:
         for layer in tqdm(layers, desc="costs", unit="layer", disable=not costs.progress):
             dense = costs.dense(layer)
             dense_total += dense
-            weight = 1.0 if gains is None else gains[layer.name]
+            points = self.points[layer.name]
             choices.append([Option(dense, 0.0, None)]
-                           + [Option(costs.of(layer, c), weight * c.error, c) for c in self.points[layer.name]])
+                           + [Option(costs.of(layer, c), _weight(gains, layer.name, c) * c.error, c) for c in points])
         untouched = costs.total - dense_total
         picked, feasible = allocate(choices, fraction * costs.total - untouched)
         spent = sum(options[i].cost for options, i in zip(choices, picked))
@@ -173,6 +179,13 @@ class Curves:
         return added
 
 
+def _weight(gains, name: str, candidate: Candidate) -> float:
+    """A candidate's error weight: 1, its layer's noise-probe gain, or a measured curve's interpolation."""
+    if gains is None:
+        return 1.0
+    return gains(name, candidate) if callable(gains) else gains[name]
+
+
 def _solve(planning: Planning, allocation: Allocation) -> Solved:
     return solve_layers(planning.problems, allocation.solve_plan(planning.solve), planning.xp, planning.progress)
 
@@ -191,10 +204,11 @@ def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, 
         weighted_solved = _solve(planning, weighted)
         losses = [_loss(planning, s) for s in (solved, weighted_solved)]
         note = {"unweighted_loss": losses[0], "weighted_loss": losses[1], "metric": planning.judge.metric.name}
-        if budget.sensitivity is Sensitivity.ON or losses[1] <= losses[0]:
+        if budget.sensitivity in (Sensitivity.ON, Sensitivity.MEASURED) or losses[1] <= losses[0]:
             allocation, solved = weighted, weighted_solved
+    shown = gains.note() if isinstance(gains, MeasuredWeights) else {k: round(v, 6) for k, v in gains.items()}
     allocation.sensitivity = {**note, "weighted": allocation is weighted, "probe": planning.judge.source,
-                              "gains": {k: round(v, 6) for k, v in gains.items()}}
+                              "mode": budget.sensitivity.value, "gains": shown}
     return allocation, solved
 
 

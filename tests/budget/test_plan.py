@@ -120,3 +120,20 @@ def test_keep_one_changes_nothing(digits):
     assert report.totals["layers_compressed"] == 0
     assert all(row.status == "kept: --keep 1.0 keeps every layer as it is" for row in report.layers)
     np.testing.assert_array_equal(make_session(compressed).run(None, {"input": images})[0], reference)
+
+
+def test_measured_curves_are_the_models_own_losses(digits):
+    """--sensitivity measured: per layer a few points of its curve, each the judge's loss of the model
+    with that one layer compressed there; the loss grows with the layer's own error."""
+    model, _, _, _ = digits
+    calibration = np.load(EXAMPLE / "calib.npz")["input"]
+    _, report = onnxcomp.compress(model, calibration, target_macs=0.5, sensitivity="measured", progress=False)
+    note = report.settings["target"]["sensitivity"]
+    assert note["mode"] == "measured" and note["weighted"] is True
+    points = note["gains"]["/conv2/Conv"]
+    assert 2 <= len(points) <= 4 and all(loss >= 0 for _, loss in points)
+    errors = [error for error, _ in points]
+    assert errors == sorted(errors)
+    # the loss grows with the layer's own error: more truncation, further from the original
+    assert points[-1][1] > points[0][1]
+    assert report.totals["macs_after"] <= 0.5 * report.totals["macs_before"]
