@@ -5,6 +5,13 @@ prints the wall time, the split (calibration / solve / rewrite / check) from
 the report, and the child's peak memory. Target: < 2 minutes on 2 cores.
 
     python benchmarks/compress_resnet50.py [--images 64] [--method svd] [--rule "--target-macs 0.5"]
+        [--device cpu|cuda|auto] [--image-size 224] [--json result.json] [--save DIR]
+
+``--device`` is `compress --device` (where the solvers run; calibration runs on
+onnxruntime's CPU provider either way). ``--image-size`` builds the model for
+smaller inputs (a multiple of 16; quick dry runs). ``--save DIR`` keeps the
+model, the compressed model, its report, the calibration images and 32 other
+images (``held_out.npy``, for `onnxcomp bench`) in DIR.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,12 +37,23 @@ from resnet50 import build_resnet50  # noqa: E402
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
-def smooth_images(count: int, seed: int = 0) -> np.ndarray:
+def smooth_images(count: int, seed: int = 0, size: int = 224) -> np.ndarray:
     """Image-like inputs: low-frequency random fields, not white noise (spatially correlated like photos)."""
+    if size % 16:
+        raise ValueError(f"image size must be a multiple of 16, got {size}")
     rng = np.random.default_rng(seed)
-    coarse = rng.standard_normal((count, 3, 14, 14)).astype(np.float32)
-    noise = 0.1 * rng.standard_normal((count, 3, 224, 224)).astype(np.float32)
+    coarse = rng.standard_normal((count, 3, size // 16, size // 16)).astype(np.float32)
+    noise = 0.1 * rng.standard_normal((count, 3, size, size)).astype(np.float32)
     return np.repeat(np.repeat(coarse, 16, axis=2), 16, axis=3) + noise
+
+
+def model_path(image_size: int) -> Path:
+    """The cached model for this input size (built on first use)."""
+    CACHE.mkdir(exist_ok=True)
+    path = CACHE / ("resnet50.onnx" if image_size == 224 else f"resnet50_{image_size}.onnx")
+    if not path.exists():
+        build_resnet50(path, image_size=image_size)
+    return path
 
 
 def main() -> None:
@@ -42,31 +61,49 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--method", default="svd")
     parser.add_argument("--rule", default="--target-macs 0.5", help="the rank rule, as on the command line")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="compress --device: where the solvers run (default cpu)")
+    parser.add_argument("--image-size", type=int, default=224, help="input height and width, a multiple of 16")
+    parser.add_argument("--json", help="write the numbers printed as JSON here")
+    parser.add_argument("--save", help="keep the models, report and images in this folder")
     args = parser.parse_args()
 
-    CACHE.mkdir(exist_ok=True)
-    model = CACHE / "resnet50.onnx"
-    if not model.exists():
-        build_resnet50(model)
+    model = model_path(args.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         data, out, report = Path(tmp) / "calib.npy", Path(tmp) / "small.onnx", Path(tmp) / "report.json"
-        np.save(data, smooth_images(args.images))
+        np.save(data, smooth_images(args.images, size=args.image_size))
         command = [sys.executable, "-m", "onnxcomp.cli", "compress", str(model), str(out), "--data", str(data),
-                   "--method", args.method, *shlex.split(args.rule), "--report", str(report), "--quiet"]
+                   "--method", args.method, *shlex.split(args.rule), "--device", args.device,
+                   "--report", str(report), "--quiet"]
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         result = json.loads(report.read_text())
+        if args.save:
+            keep = Path(args.save)
+            keep.mkdir(parents=True, exist_ok=True)
+            for path in (model, data, out, report):
+                shutil.copy(path, keep / path.name)
+            np.save(keep / "held_out.npy", smooth_images(32, seed=1, size=args.image_size))
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus; python {platform.python_version()}")
-    print(f"command: onnxcomp compress resnet50.onnx small.onnx --data <{args.images} images> "
-          f"--method {args.method} {args.rule}")
+    print(f"command: onnxcomp compress {model.name} small.onnx --data <{args.images} images> "
+          f"--method {args.method} {args.rule} --device {args.device}")
     print(f"wall time: {wall:.1f} s (target < 120 s on 2 cores); peak memory of the process: {peak_mb:.0f} MB")
     print("split: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items()))
     t = result["totals"]
     print(f"MACs per sample: {t['macs_before'] / 1e9:.2f} G -> {t['macs_after'] / 1e9:.2f} G; "
           f"params {t['params_before'] / 1e6:.1f} M -> {t['params_after'] / 1e6:.1f} M; "
           f"layers compressed {t['layers_compressed']} of {t['layers_found']}")
+    if args.json:
+        numbers = {
+            "model": model.name, "images": args.images, "image_size": args.image_size, "method": args.method,
+            "rule": args.rule, "device": args.device, "report_device": result["settings"].get("device"),
+            "wall_seconds": wall, "peak_mb": peak_mb, "seconds": result["seconds"], "totals": t,
+            "fidelity_standardized": result.get("fidelity", {}).get("standardized"),
+            "machine": platform.platform(), "cpus": os.cpu_count(),
+        }
+        Path(args.json).write_text(json.dumps(numbers, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Data-aware CP on one 256 -> 256 3x3 conv layer at R = 256: time to converge.
 
     python benchmarks/cp_layer.py [--device cpu|cuda] [--channels 256] [--rank 256] [--form 4way|3way]
-                                  [--baseline-sweeps 300] [--no-frobenius]
+                                  [--baseline-sweeps 300] [--no-frobenius] [--json F]
 
 Prints (this is not a timed test): for the default solver (Anderson-accelerated ALS)
 the time to converge (relative improvement of the data error per sweep < --tol), the
@@ -22,6 +22,7 @@ d = C_in*9 = 2304 for 256 channels.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -64,6 +65,14 @@ def describe(label, res, tol):
         print(f"  the last sweep gained {(res.errors[-2] - res.errors[-1]) / res.errors[-2]:.2e} (relative)")
 
 
+def summary(res):
+    """The numbers of one run, for --json."""
+    return {"seconds": res.seconds, "converged": bool(res.converged), "sweeps": res.iterations,
+            "sweep_seconds": (res.seconds - res.initial_seconds) / max(res.iterations, 1),
+            "setup_init_seconds": res.initial_seconds, "timings": dict(res.timings),
+            "relative_error": res.relative_error, "initial_relative_error": res.initial_error / res.reference}
+
+
 def compare(runs):
     """Error-vs-time trace and time to reach the lower final error (within 1% / 0.1%)."""
     traces = {label: trace(res) for label, res in runs.items()}
@@ -101,6 +110,7 @@ def main(argv=None):
                     help="most sweeps of plain ALS (no acceleration, 4 CG products) to compare with; 0 skips it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-frobenius", action="store_true", help="skip the Frobenius baseline")
+    ap.add_argument("--json", help="write the numbers printed as JSON here")
     args = ap.parse_args(argv)
     xp = get_backend(args.device)
     c, r = args.channels, args.rank
@@ -125,12 +135,19 @@ def main(argv=None):
                  runs["plain ALS"], args.tol)
         print(f"  load avg {load_average()}")
     compare(runs)
+    numbers = {"device": args.device, "channels": c, "rank": r, "form": args.form, "tol": args.tol,
+               "max_iter": args.max_iter, "statistics_seconds": built,
+               **{label: summary(res) for label, res in runs.items()}}
     if not args.no_frobenius:
         res = runs["Anderson"]
         fro = cp_decompose(w, s, r, form=args.form, xp=xp, norm="frobenius", tol=1e-6, max_iter=200)
         print(f"Frobenius CP-ALS baseline: {fro.seconds:.2f} s, {fro.iterations} sweeps, "
               f"relative data error {fro.relative_error:.4f} (data-aware / Frobenius = {res.error / fro.error:.3f})")
+        numbers["frobenius"] = {"seconds": fro.seconds, "sweeps": fro.iterations,
+                                "relative_error": fro.relative_error}
     print(f"load avg after {load_average()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ shortcuts, ReLU, Add, global average pool, Flatten, Gemm 2048 -> 1000.
 Weights are He-initialised; the values mean nothing, the shapes and the work
 per sample are what the benchmarks need.
 
-    python benchmarks/resnet50.py resnet50.onnx [--seed 0] [--batch-dim N]
+    python benchmarks/resnet50.py resnet50.onnx [--seed 0] [--batch-dim N] [--image-size 224]
 """
 
 from __future__ import annotations
@@ -72,8 +72,11 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(value.astype(np.float32), name))
 
 
-def build_resnet50(path: str | Path | None, seed: int = 0, batch_dim: str | int = "N") -> onnx.ModelProto:
-    """Build the model, write it to ``path`` (unless None) and return it."""
+def build_resnet50(path: str | Path | None, seed: int = 0, batch_dim: str | int = "N",
+                   image_size: int = 224) -> onnx.ModelProto:
+    """Build the model, write it to ``path`` (unless None) and return it.
+
+    ``image_size``: the input's height and width (224 is ResNet-50's; smaller ones make quick dry runs)."""
     b = _Builder(seed)
     x = b.conv("conv1", "input", 3, 64, 7, stride=2)
     b.nodes.append(helper.make_node(
@@ -86,7 +89,7 @@ def build_resnet50(path: str | Path | None, seed: int = 0, batch_dim: str | int 
     b.classifier(x, channels, 1000)
     graph = helper.make_graph(
         b.nodes, "resnet50",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch_dim, 3, 224, 224])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch_dim, 3, image_size, image_size])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch_dim, 1000])],
         initializer=b.initializers,
     )
@@ -103,9 +106,10 @@ def main() -> None:
     parser.add_argument("path", help="output .onnx file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-dim", default="N", help="symbolic name or a fixed size for the batch dimension")
+    parser.add_argument("--image-size", type=int, default=224, help="input height and width (default 224)")
     args = parser.parse_args()
     batch_dim = int(args.batch_dim) if args.batch_dim.isdigit() else args.batch_dim
-    model = build_resnet50(args.path, args.seed, batch_dim)
+    model = build_resnet50(args.path, args.seed, batch_dim, args.image_size)
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     print(f"wrote {args.path}: {len(model.graph.node)} nodes, {params / 1e6:.2f} M parameters")
 

@@ -1,6 +1,6 @@
 """Data-aware Tucker-2 on one 512 -> 512 3x3 conv layer: time to converge and operator speed.
 
-    python benchmarks/tucker2_layer.py [--device cpu|cuda] [--channels 512] [--ranks 256 256]
+    python benchmarks/tucker2_layer.py [--device cpu|cuda] [--channels 512] [--ranks 256 256] [--json F]
 
 Prints (this is not a timed test):
 - the time to converge (relative improvement of the data error < --tol), the number
@@ -19,6 +19,7 @@ Targets on the 2-core dev machine: converge < 60 s; operator >= 50% of the GEMM 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -77,6 +78,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="BLAS threads (sets OPENBLAS/OMP/MKL_NUM_THREADS before NumPy loads; default: as is). "
                          "On a shared machine 1 thread avoids OpenBLAS's thread thrashing in LAPACK calls")
+    ap.add_argument("--json", help="write the numbers printed as JSON here")
     args = ap.parse_args(argv)
     xp = get_backend(args.device)
     c = args.channels
@@ -138,12 +140,25 @@ def main(argv=None):
     print(f"operator / GEMM rate: {op_rate / gemm_rate:.0%}   "
           f"(preconditioner: {statistics.median(t_pre) * 1e3:.1f} ms per application)")
 
+    numbers = {
+        "device": args.device, "channels": c, "ranks": [r_out, r_in], "tol": args.tol,
+        "statistics_seconds": built, "seconds": res.seconds, "converged": bool(res.converged), "sweeps": sweeps,
+        "sweep_seconds_mean": statistics.mean(sw) if sw else None, "timings": dict(tm),
+        "relative_error": res.relative_error, "initial_relative_error": res.initial_error / res.reference,
+        "operator_gflop": op.flops / 1e9, "operator_gflops": op_rate, "gemm_gflops": gemm_rate,
+        "operator_fraction_of_gemm": op_rate / gemm_rate,
+        "preconditioner_seconds": statistics.median(t_pre),
+    }
     if not args.no_frobenius:
         fro = tucker2(w, s, (r_out, r_in), norm="frobenius", xp=xp, tol=args.tol)
         print()
         print(f"Frobenius HOSVD/HOOI baseline: {fro.seconds:.2f} s, {fro.iterations} sweeps, relative data error "
               f"{fro.relative_error:.6g} (data-aware: {res.relative_error:.6g}, {fro.error / res.error:.2f}x lower)")
+        numbers["frobenius"] = {"seconds": fro.seconds, "sweeps": fro.iterations,
+                                "relative_error": fro.relative_error}
     print(f"load avg after {load_average()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, indent=1, default=float))
 
 
 if __name__ == "__main__":
