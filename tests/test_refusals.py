@@ -218,10 +218,25 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path):
 def test_outputs_are_world_readable_like_every_other_output(tmp_path, capsys):
     from onnxcomp.cli import main
 
-    report, out = tmp_path / "r.json", tmp_path / "out.onnx"
+    report, out, stats, bench = (tmp_path / name for name in ("r.json", "out.onnx", "s.npz", "b.json"))
     assert main(["compress", str(EXAMPLE / "digits_cnn.onnx"), str(out), "--data", str(EXAMPLE / "calib.npz"),
                  "--keep", "0.5", "--report", str(report), "--quiet"]) == 0
-    assert {oct(p.stat().st_mode & 0o777) for p in (report, out)} == {oct(0o644 & ~_umask())}
+    assert main(["calibrate", str(EXAMPLE / "digits_cnn.onnx"), str(stats), "--data", str(EXAMPLE / "calib.npz"),
+                 "--quiet"]) == 0
+    assert main(["bench", str(EXAMPLE / "digits_cnn.onnx"), str(out), "--data", str(EXAMPLE / "heldout.npz"),
+                 "--batch-sizes", "1", "--repeats", "3", "--warmup", "1", "--json", str(bench)]) == 0
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (report, out, stats, bench)}
+    assert set(modes.values()) == {oct(0o644 & ~_umask())}, modes
+
+
+def test_a_dynamic_batch_kept_dynamic_by_input_shape(tmp_path, capsys):
+    """--input-shape x:-1,... fixes the other dimensions and keeps the batch dynamic (batch-20 data)."""
+    from onnxcomp.cli import main
+
+    model, data, out = _model(tmp_path), _data(tmp_path), tmp_path / "out.onnx"
+    assert main(["compress", str(model), str(out), "--data", str(data), "--keep", "0.5", "--input-shape",
+                 "x:-1,6,11,11", "--quiet"]) == 0, capsys.readouterr().err
+    assert out.is_file()
 
 
 def _umask() -> int:
