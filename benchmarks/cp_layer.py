@@ -22,7 +22,6 @@ d = C_in*9 = 2304 for 256 channels.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from onnxcomp.decompose.backend import get_backend  # noqa: E402
 from onnxcomp.decompose.cp import cp_cost, cp_decompose  # noqa: E402
 
-from realistic_stats import benchmark_layer, load_average  # noqa: E402
+from realistic_stats import benchmark_layer, finish_benchmark, load_average  # noqa: E402
 
 
 def trace(res):
@@ -145,9 +144,7 @@ def main(argv=None):
               f"relative data error {fro.relative_error:.4f} (data-aware / Frobenius = {res.error / fro.error:.3f})")
         numbers["frobenius"] = {"seconds": fro.seconds, "sweeps": fro.iterations,
                                 "relative_error": fro.relative_error}
-    print(f"load avg after {load_average()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=1, default=float))
+    finish_benchmark(numbers, args.json)
 
 
 if __name__ == "__main__":

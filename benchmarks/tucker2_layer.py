@@ -19,7 +19,6 @@ Targets on the 2-core dev machine: converge < 60 s; operator >= 50% of the GEMM 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -50,7 +49,7 @@ from onnxcomp.decompose.backend import get_backend, to_backend  # noqa: E402
 from onnxcomp.decompose.kron import KronBlockOperator, KronPreconditioner  # noqa: E402
 from onnxcomp.decompose.tucker2 import tucker2  # noqa: E402
 
-from realistic_stats import benchmark_layer, load_average  # noqa: E402
+from realistic_stats import benchmark_layer, finish_benchmark, load_average  # noqa: E402
 
 
 def sync(xp):
@@ -156,9 +155,7 @@ def main(argv=None):
               f"{fro.relative_error:.6g} (data-aware: {res.relative_error:.6g}, {fro.error / res.error:.2f}x lower)")
         numbers["frobenius"] = {"seconds": fro.seconds, "sweeps": fro.iterations,
                                 "relative_error": fro.relative_error}
-    print(f"load avg after {load_average()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=1, default=float))
+    finish_benchmark(numbers, args.json)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,13 @@ def benchmark_layer(channels, seed):
 def load_average():
     """The 1/5/15-minute load, rounded (benchmarks print it: the machine is shared)."""
     return tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def finish_benchmark(numbers: dict, json_path: str | None) -> None:
+    """The layer benchmarks' last lines: the load after the run, and the numbers as JSON when asked."""
+    import json
+    from pathlib import Path
+
+    print(f"load avg after {load_average()}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(numbers, indent=1, default=float))
