@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import onnxcomp
-from onnxcomp.calibration.holdout import PROBE_SAMPLES
+from onnxcomp.calibration.holdout import held_out_mask
 from onnxcomp.metrics import output_errors
 from onnxcomp.model import load_model
 from onnxcomp.runtime import make_session
@@ -38,14 +38,15 @@ def sweep(fractions, method):
     images, labels = held_out["input"], held_out["labels"]
     reference = make_session(original).run(None, {"input": images})[0]
     calibration = np.load(EXAMPLE / "calib.npz")["input"]
-    # The sensitivity probe takes the first PROBE_SAMPLES calibration samples: keep them out of the
-    # statistics (what `compress` does itself when it collects them).
-    stats = onnxcomp.calibrate(original, calibration[PROBE_SAMPLES:], progress=False)
+    # The validation samples that judge candidates stay out of the statistics (as `compress` splits
+    # the data when it collects statistics itself).
+    validation = held_out_mask(len(calibration))
+    stats = onnxcomp.calibrate(original, calibration[~validation], progress=False)
     rows = []
     for fraction in fractions:
         for allocation, rule in (("uniform", {"keep": fraction}), ("allocated", {"target_macs": fraction})):
-            model, report = onnxcomp.compress(original, calibration, stats=stats, method=method,
-                                              progress=False, **rule)
+            model, report = onnxcomp.compress(original, stats=stats, validation_data=calibration[validation],
+                                              method=method, progress=False, **rule)
             kept = report.totals["macs_after"] / report.totals["macs_before"]
             error, accuracy = evaluate(model, images, labels, reference)
             rows.append({"fraction": fraction, "allocation": allocation, "macs_kept": kept, "error": error,

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onnxcomp  # noqa: E402
-from onnxcomp.calibration.holdout import held_out_count  # noqa: E402
+from onnxcomp.calibration.holdout import held_out_mask  # noqa: E402
 from onnxcomp.runtime import make_session  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits"
@@ -39,9 +39,7 @@ def main() -> None:
     model = onnxcomp.load_model(EXAMPLE / "digits_cnn.onnx")
     calibration = np.load(EXAMPLE / "calib.npz")["input"]
     held_out = np.load(EXAMPLE / "heldout.npz")
-    count = held_out_count(len(calibration))
-    index = np.arange(len(calibration))
-    validation = (index % (len(calibration) // count) == 0) & (index < count * (len(calibration) // count))
+    validation = held_out_mask(len(calibration))
     stats = onnxcomp.calibrate(model, calibration[~validation], progress=False)
     common = dict(stats=stats, validation_data=calibration[validation], metric=args.metric, progress=False)
 

@@ -53,7 +53,7 @@ import onnxruntime as ort
 
 import onnxcomp
 from onnxcomp.bench import bench
-from onnxcomp.calibration.holdout import PROBE_SAMPLES
+from onnxcomp.calibration.holdout import held_out_mask
 from onnxcomp.errors import first_line
 from onnxcomp.model import count_macs
 from onnxcomp.runtime import make_session
@@ -527,9 +527,10 @@ def main() -> None:
             print(f"  {workarounds[-1]}", flush=True)
 
         t0 = time.perf_counter()
-        # The budgets' sensitivity probe takes the first PROBE_SAMPLES of the batch passed below:
-        # keep them out of the statistics, as `compress` does when it collects statistics itself.
-        stats = onnxcomp.calibrate(model, {"x": task.calib[PROBE_SAMPLES:]}, batch_size=task.calib_batch,
+        # The validation samples that judge candidate models stay out of the statistics, as
+        # `compress` splits the data when it collects statistics itself.
+        validation = held_out_mask(len(task.calib))
+        stats = onnxcomp.calibrate(model, {"x": task.calib[~validation]}, batch_size=task.calib_batch,
                                    progress=False, skip=task.skip)
         print(f"  calibration: {time.perf_counter() - t0:.1f}s, {len(stats)} layer inputs", flush=True)
         for method in args.methods:
@@ -540,12 +541,13 @@ def main() -> None:
                         label = f"{task.name} {shown} {norm} {allocation}={budget}"
                         t0 = time.perf_counter()
                         try:
-                            # The data norm also gets one calibration batch: it probes the layer
-                            # sensitivities of a budget; the Frobenius baseline stays data-free.
-                            probe = {"x": task.calib[: task.calib_batch]} if norm == "data" else None
+                            # The data norm also gets the validation samples: they judge a budget's
+                            # candidates; the Frobenius baseline stays data-free.
+                            judge = {"x": task.calib[validation]} if norm == "data" else None
                             compressed, report = onnxcomp.compress(
-                                model, probe, stats=stats, input_shapes={"x": task.shape}, method=method, norm=norm,
-                                skip=task.skip, progress=False, cp_form=args.cp_form, **{allocation: budget},
+                                model, stats=stats, validation_data=judge, input_shapes={"x": task.shape},
+                                method=method, norm=norm, skip=task.skip, progress=False, cp_form=args.cp_form,
+                                **{allocation: budget},
                                 threads=args.threads, latency_cache=CACHE / "latency" / "latency.json",
                             )
                             t1 = time.perf_counter()

@@ -102,12 +102,6 @@ class _Run:
             if self.first_batch is None:
                 raise OnnxcompError("the calibration data is empty")
             self.feeds = itertools.chain([self.first_batch], self.feeds)
-        # Shapes for shape inference: the user's, else the data's per-sample shapes (batch 1).
-        per_sample = {name: [1, *value.shape[1:]] for name, value in (self.first_batch or {}).items() if value.ndim}
-        self.shapes = {**per_sample, **input_shapes}
-        self.sample = None if self.first_batch is None else {k: v[:1] for k, v in self.first_batch.items()}
-        self.layers, self.skipped = find_layers(model, self.shapes)
-        self.chosen = select_layers(self.layers, self.skipped, skip)
         self.total = count_samples(data, model) if data is not None else None
         self.validation = None
         if validation_data is not None:
@@ -116,6 +110,14 @@ class _Run:
             self.validation = validation_besides_stats(self.feeds)
         elif self.feeds is not None and hold_out:
             self.validation, self.feeds = split_validation(self.feeds, self.total)
+        # One sample of the data (else of the validation samples): per-sample shapes for shape
+        # inference and MAC counting, and the feed latency is measured on.
+        example = self.first_batch or (self.validation.parts[0] if self.validation and self.validation.parts else {})
+        per_sample = {name: [1, *value.shape[1:]] for name, value in example.items() if value.ndim}
+        self.shapes = {**per_sample, **input_shapes}
+        self.sample = {k: v[:1] for k, v in example.items()} or None
+        self.layers, self.skipped = find_layers(model, self.shapes)
+        self.chosen = select_layers(self.layers, self.skipped, skip)
 
     def judge(self, outputs, metric) -> Judge | None:
         """The judge of candidate models, on the validation samples (None: no data given)."""

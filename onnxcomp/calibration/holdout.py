@@ -73,6 +73,16 @@ def held_out_count(total: int) -> int:
     return int(np.clip(round(VALIDATION_SHARE * total), VALIDATION_MIN, VALIDATION_MAX))
 
 
+def held_out_mask(total: int) -> np.ndarray:
+    """Which of ``total`` samples (a whole set, in order) ``compress`` holds out: benchmarks that
+    collect statistics themselves use it to split the data the same way."""
+    limit = held_out_count(total)
+    if not limit:
+        return np.zeros(total, dtype=bool)
+    wanted = np.arange(total) % max(1, total // limit) == 0
+    return wanted & (np.cumsum(wanted) <= limit)
+
+
 def validation_besides_stats(feeds: Iterator[dict]) -> Validation:
     """With precomputed statistics: the first samples of the data given (the fit saw them only if
     the statistics were collected on them)."""

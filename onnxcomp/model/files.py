@@ -102,15 +102,33 @@ def _can_size(model: onnx.ModelProto) -> bool:
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
-    """What identifies a model's function: its nodes (ops, wiring, attributes) and its weights, hashed.
+    """What identifies a model's function: its nodes (ops, wiring, attribute values) and its weights, hashed.
 
     Statistics record the fingerprint of the model they were collected on, so that they are not
-    used with (or merged into) statistics of another one whose tensor names happen to match.
+    used with (or merged into) statistics of another one whose tensor names happen to match. Values
+    are hashed, not protobuf bytes: tools (onnxruntime, onnx-graphsurgeon) may set an empty field
+    explicitly, which changes the bytes and not the model.
     """
     digest = hashlib.sha256()
     for node in model.graph.node:
-        digest.update(node.SerializeToString(deterministic=True))
+        digest.update(repr((node.domain, node.op_type, list(node.input), list(node.output))).encode())
+        for attribute in sorted(node.attribute, key=lambda a: a.name):
+            digest.update(attribute.name.encode())
+            digest.update(_attribute_bytes(attribute))
     for tensor in sorted(model.graph.initializer, key=lambda t: t.name):
         digest.update(tensor.name.encode())
-        digest.update(numpy_helper.to_array(tensor).tobytes())
+        digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()[:16]
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    value = numpy_helper.to_array(tensor)
+    return repr((value.dtype.str, value.shape)).encode() + value.tobytes()
+
+
+def _attribute_bytes(attribute: onnx.AttributeProto) -> bytes:
+    if attribute.HasField("t"):
+        return _tensor_bytes(attribute.t)
+    if attribute.HasField("g") or attribute.graphs:  # subgraphs: their serialised form is good enough
+        return attribute.SerializeToString(deterministic=True)
+    return repr(onnx.helper.get_attribute_value(attribute)).encode()
