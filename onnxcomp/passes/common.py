@@ -18,7 +18,12 @@ class GraphEditor:
 
     def __init__(self, model: onnx.ModelProto):
         self.original = model
-        self.graph = gs.import_onnx(model)
+        # Imported from a copy: onnx-graphsurgeon's export writes into the TensorProtos it imported
+        # (a Constant node's tensor gets its name set), which changed the caller's model and its
+        # fingerprint, so its statistics were refused by the next compress.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        self.graph = gs.import_onnx(copy)
         self._by_output = {n.outputs[0].name: n for n in self.graph.nodes if n.outputs}
         self._names = {t for t in self.graph.tensors()} | {n.name for n in self.graph.nodes}
 
