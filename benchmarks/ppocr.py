@@ -53,7 +53,6 @@ import onnxruntime as ort
 
 import onnxcomp
 from onnxcomp.bench import bench
-from onnxcomp.calibration.holdout import PROBE_SAMPLES
 from onnxcomp.errors import first_line
 from onnxcomp.model import count_macs
 from onnxcomp.runtime import make_session
@@ -66,6 +65,7 @@ from scipy import ndimage
 
 WHEEL = "rapidocr-onnxruntime==1.4.4"
 CACHE = Path(__file__).resolve().parent / ".cache" / "rapidocr-onnxruntime-1.4.4"
+PROBE_SAMPLES = 8  # calibration samples that judge candidates (the budget's probe), kept out of the statistics
 
 REC_H, REC_W = 48, 320
 CLS_H, CLS_W = 48, 192
@@ -527,8 +527,8 @@ def main() -> None:
             print(f"  {workarounds[-1]}", flush=True)
 
         t0 = time.perf_counter()
-        # The budgets' sensitivity probe takes the first PROBE_SAMPLES of the batch passed below:
-        # keep them out of the statistics, as `compress` does when it collects statistics itself.
+        # The samples passed below besides the statistics judge candidates (the budgets' sensitivity
+        # probe): keep them out of the statistics, as `compress` does when it collects statistics itself.
         stats = onnxcomp.calibrate(model, {"x": task.calib[PROBE_SAMPLES:]}, batch_size=task.calib_batch,
                                    progress=False, skip=task.skip)
         print(f"  calibration: {time.perf_counter() - t0:.1f}s, {len(stats)} layer inputs", flush=True)
@@ -542,7 +542,7 @@ def main() -> None:
                         try:
                             # The data norm also gets one calibration batch: it probes the layer
                             # sensitivities of a budget; the Frobenius baseline stays data-free.
-                            probe = {"x": task.calib[: task.calib_batch]} if norm == "data" else None
+                            probe = {"x": task.calib[:PROBE_SAMPLES]} if norm == "data" else None
                             compressed, report = onnxcomp.compress(
                                 model, probe, stats=stats, input_shapes={"x": task.shape}, method=method, norm=norm,
                                 skip=task.skip, progress=False, cp_form=args.cp_form, **{allocation: budget},
