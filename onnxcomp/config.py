@@ -222,6 +222,8 @@ class CompressConfig:
     progress: bool = True
     outputs: tuple = ()  # OutputSpec per output that counts in the fidelity (empty: every output, weight 1)
     metric: object = "fidelity"  # what judges candidates: "fidelity", "top1", "cosine" or fn(session) -> float
+    flush_denormals: bool = False  # also set the subnormal weights of the layers left alone to 0
+    check_latency: bool = True  # profile the result: time shares, Amdahl floors, the latency guard
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
@@ -243,7 +245,7 @@ class CompressConfig:
                      target_params=None, target_latency=None, sensitivity="auto", rank_multiple=None,
                      provider="cpu", threads=None, latency_cache=None, skip=(), input_shapes=None,
                      batch_size=32, device="cpu", progress=True, outputs=(), metric="fidelity", max_drop=None,
-                     minimize="macs") -> "CompressConfig":
+                     minimize="macs", flush_denormals=False, check_latency=True) -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
@@ -260,7 +262,8 @@ class CompressConfig:
             BudgetConfig(BudgetKind.MACS, 1.0, rank_multiple=rank_multiple)  # the same checks
         ranks = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
         return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
-                   _input_shapes(input_shapes), batch_size, device, progress, tuple(outputs or ()), metric)
+                   _input_shapes(input_shapes), batch_size, device, progress, tuple(outputs or ()), metric,
+                   bool(flush_denormals), bool(check_latency))
 
     def settings(self) -> dict:
         """The report's ``settings``: the fit as plain JSON values."""
@@ -270,7 +273,8 @@ class CompressConfig:
                 "cp_form": solve.cp_form.value,
                 "rank_multiple": self.budget.rank_multiple if self.budget else None, "device": self.device.value,
                 "outputs": [{"name": s.name, "weight": s.weight, "axis": s.axis} for s in self.outputs],
-                "metric": self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric")}
+                "metric": self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric"),
+                "flush_denormals": self.flush_denormals}
 
 
 def _check_fraction(value, option: str) -> None:

@@ -14,7 +14,7 @@ import onnx
 from .budget import Planning, make_costs, plan_budget
 from .calibration.collect import collect_statistics
 from .calibration.holdout import held_out_count, split_validation, validation_besides_stats, validation_from
-from .calibration.readers import count_samples, iter_feeds
+from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs
 from .calibration.stats import Statistics
 from .config import BudgetKind, CompressConfig, Norm
 from .decompose.backend import get_backend
@@ -22,7 +22,9 @@ from .decompose.solve import layer_problem, solve_layers
 from .errors import OnnxcompError
 from .judge import Judge
 from .model import as_model, find_layers, fingerprint
+from .model.denormals import flush_written
 from .passes import apply_solved
+from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, data_warnings, layer_rows, model_totals
 from .runtime import Timer, execution_providers
 
@@ -60,23 +62,30 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     allocation, solved = _solve(run, config, problems, timer, judge)
     clock.lap("solve")
     compressed = apply_solved(model, run.chosen, solved)
+    compressed, denormals = flush_written(model, compressed, config.flush_denormals)
     clock.lap("rewrite")
     fidelity = judge.fidelity(compressed) if judge is not None else None
     clock.lap("check")
     compressed_layers = sum(not isinstance(result, str) for result in solved.values())
     totals = model_totals(model, compressed, run.shapes, run.sample, compressed_layers, len(run.layers))
+    totals["denormals"] = denormals
     settings = {**config.settings(), "calibration_samples": _samples(statistics)}
     if judge is not None and (judge.metric.name != "fidelity" or allocation is not None and allocation.search):
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
+    rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation)
+    latency_budget = config.budget is not None and config.budget.kind is BudgetKind.LATENCY
+    measured = None
+    if run.sample is not None and (config.check_latency or latency_budget):
+        measured = check_latency(timer, model, compressed, run.layers, kept_fractions(rows), run.timing_feed,
+                                 run.first_batch, predicted_chains(allocation))
+        clock.lap("latency")
     if allocation is not None:
         settings["target"] = _target_settings(config.budget, allocation, totals)
-        if config.budget.kind is BudgetKind.LATENCY:
-            _add_latency(totals, settings["target"], allocation, model, compressed, run.sample, timer, latency)
-            clock.lap("latency")
-    rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation)
-    warnings = data_warnings(problems, solved, statistics, config.budget is not None, judge)
-    return compressed, Report(settings, rows, totals, fidelity, clock.seconds, warnings)
+        if latency_budget:
+            _add_latency(totals, settings["target"], allocation, measured, latency)
+    warnings = data_warnings(problems, solved, statistics, config.budget is not None, judge) + guard_warnings(measured)
+    return compressed, Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True) -> Statistics:
@@ -105,6 +114,8 @@ class _Run:
         per_sample = {name: [1, *value.shape[1:]] for name, value in (self.first_batch or {}).items() if value.ndim}
         self.shapes = {**per_sample, **input_shapes}
         self.sample = None if self.first_batch is None else {k: v[:1] for k, v in self.first_batch.items()}
+        # What latency is measured on: one sample, or the batch a fixed-batch model takes.
+        self.timing_feed = self.first_batch if fixed_batch(model_inputs(model)) else self.sample
         self.layers, self.skipped = find_layers(model, self.shapes)
         _check_skip(skip, self.layers, self.skipped)
         self.chosen = [layer for layer in self.layers if not any(s in (layer.name, layer.op_type) for s in skip)]
@@ -173,12 +184,12 @@ def _target_settings(budget, allocation, totals) -> dict:
     return target
 
 
-def _add_latency(totals, target, allocation, model, compressed, sample, timer, latency) -> None:
-    """The latency budget's accounting: profiled totals, one whole-run interleaved check, the rounds."""
-    wall_ratio, before, after = timer.whole_model_ratio(model, compressed, sample)
+def _add_latency(totals, target, allocation, measured, latency) -> None:
+    """The latency budget's accounting: profiled totals, the whole-run interleaved check, the rounds."""
     total = allocation.total
     totals.update(latency_before=total, latency_after=total * allocation.measured, latency_ratio=allocation.measured,
-                  latency_wall_before=before, latency_wall_after=after, latency_wall_ratio=wall_ratio,
+                  latency_wall_before=measured.seconds_before, latency_wall_after=measured.seconds_after,
+                  latency_wall_ratio=measured.ratio,
                   latency_setting={"provider": latency.provider.value, "threads": latency.threads, "batch": 1})
     target.update(rounds=allocation.rounds, timed=allocation.timed)
 

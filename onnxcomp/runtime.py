@@ -228,9 +228,16 @@ def _profile_of(events: list, model: onnx.ModelProto, layers) -> Profile:
 def _layer_of_node(model: onnx.ModelProto, layers) -> dict[str, str]:
     """Name in a profile -> the target layer (by its output tensor). onnxruntime names an NCHWc
     node after its output tensor, which is the output of the last op fused into the conv
-    (an activation, a residual add), and other nodes by their node name."""
-    targets = {layer.output for layer in layers}
+    (an activation, a residual add), and other nodes by their node name. In a rewritten model
+    every node of a layer's chain (the nodes from the layer's input to its output) is the layer's."""
+    from .model.counting import chain_nodes
+
     producer = {out: node for node in model.graph.node for out in node.output}
+    targets = {}  # tensor computed by a target layer (its chain's intermediate tensors too) -> the layer's output
+    for layer in layers:
+        targets[layer.output] = layer.output
+        for node in chain_nodes(model, layer.input, layer.output, producer):
+            targets.setdefault(node.output[0], layer.output)
     owner = {}
     for tensor, node in producer.items():
         current, hops = tensor, 0
@@ -240,7 +247,7 @@ def _layer_of_node(model: onnx.ModelProto, layers) -> dict[str, str]:
             if node is None:
                 break
         if current in targets:
-            owner[tensor] = current
+            owner[tensor] = targets[current]
     for node in model.graph.node:  # nodes the optimiser leaves alone keep their own names
         if node.name and node.output and node.output[0] in owner:
             owner.setdefault(node.name, owner[node.output[0]])

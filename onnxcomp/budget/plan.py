@@ -207,21 +207,24 @@ def _close_latency_loop(planning: Planning, decide, first, fraction: float):
 
     The prediction (in-model dense times, isolated chain/dense ratios) misses what the
     rewritten model does by a few percent (its chains fuse and cache differently); one
-    re-allocation at ``fraction + (fraction - measured)`` corrects most of it. The round
-    whose measurement is closer to the target is kept.
+    re-allocation at ``fraction + (fraction - measured)`` corrects most of it. A chain that
+    ran slower than priced re-prices its layer (``costs.measure``) and re-allocates too, the
+    part of the miss it explains no longer aimed off. The round whose measurement is closer
+    to the target is kept.
     """
     rounds, best, aim = [], None, fraction
     for _ in range(2):
         allocation, solved = first if best is None else decide(aim)
         if best is not None and allocation.choices == best[0].choices:
             break  # the allocation cannot move: nothing new to measure
-        measured = planning.costs.measure(apply_solved(planning.model, planning.layers, solved))
-        rounds.append({"aimed": aim, "predicted": allocation.predicted, "measured": measured})
+        measured = planning.costs.measure(apply_solved(planning.model, planning.layers, solved), allocation.choices)
+        repriced = list(planning.costs.repriced)  # chains slower than priced: their layers now cost what they took
+        rounds.append({"aimed": aim, "predicted": allocation.predicted, "measured": measured, "repriced": repriced})
         allocation.measured = measured
         if best is None or abs(measured - fraction) < abs(best[0].measured - fraction):
             best = (allocation, solved)
-        if abs(measured - fraction) <= LATENCY_RETRY * fraction:
+        if abs(measured - fraction) <= LATENCY_RETRY * fraction and not repriced:
             break
-        aim = min(1.0, max(0.01, aim + fraction - measured))
+        aim = min(1.0, max(0.01, aim + fraction - measured + planning.costs.explained))
     best[0].rounds = rounds
     return best

@@ -10,37 +10,10 @@ from onnxcomp.budget.candidates import Candidate
 from onnxcomp.budget.latency import LatencyTable, layer_model
 from onnxcomp.cli import main
 from onnxcomp.model import count_macs, find_layers, infer_shapes, with_input_shapes
-from onnxcomp.runtime import Profile, Timer, make_session
+from onnxcomp.runtime import Timer, make_session
 
 from models import EXAMPLE, conv_model, gemm_model, matmul_model
-
-
-class MacTimer(Timer):
-    """A deterministic machine: a run costs a fixed overhead, each node a little, each MAC 1 ns."""
-
-    calls = 0
-
-    def seconds(self, model, feed):
-        MacTimer.calls += 1
-        shapes = {name: list(value.shape) for name, value in feed.items()}
-        macs = count_macs(model, shapes)
-        return 1e-5 + 2e-6 * len(model.graph.node) + 1e-9 * macs
-
-    def session(self, model):
-        return model  # no onnxruntime: the "time" is computed from the model
-
-    def ratio(self, model, reference, feed):
-        return self.seconds(model, feed) / self.seconds(reference, feed)
-
-    def machine(self):
-        return "mac-timer"
-
-    def compare(self, model, reference, feed, pairs=None):
-        before, after = self.seconds(reference, feed), self.seconds(model, feed)
-        return after / before, before, after
-
-    def profile(self, model, feed, layers=(), runs=8):
-        return Profile(self.seconds(model, feed), {})  # layers not found: each timed on its own
+from timers import MacTimer
 
 
 def _only_layer(model, shape):
