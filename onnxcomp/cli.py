@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="whole-model budget: this fraction of the model's onnxruntime latency at batch 1, "
                            "every candidate chain timed on this machine (cached) with --provider and --threads")
     compress.add_argument("--rank-multiple", type=int, metavar="N",
-                          help="budgets: only ranks that are multiples of N (default 8 with --target-latency)")
+                          help="budgets: only ranks that are multiples of N (default 8 with --target-macs and "
+                               "--target-latency, free with --target-params; 1: any rank)")
     compress.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
                           help="--target-latency and the latency check: the onnxruntime execution provider to time "
                                "on (default cpu)")
