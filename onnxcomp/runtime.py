@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxcompError, first_line
+from .model.counting import chain_nodes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # A model this large must reach onnxruntime as a file with external data.
@@ -217,8 +218,10 @@ def _profile_of(events: list, model: onnx.ModelProto, layers) -> Profile:
     owner = _layer_of_node(model, layers)
     shares: dict[str, float] = {}
     for base, seconds in fastest.items():
-        # NCHWc nodes are named "<output>_nchwc", fusions of a Gemm/MatMul "fused <node name>"
-        layer = next((owner[n] for n in (base, base.removesuffix("_nchwc"), base.removeprefix("fused "))
+        # NCHWc nodes are named "<output>_nchwc", fusions of a Gemm/MatMul "fused <node name>" or
+        # "<node name>/<the fusion>/" (MatmulTransposeFusion, MatMulScaleFusion)
+        fusion = base[:-1].rsplit("/", 1)[0] if base.endswith("/") else base
+        layer = next((owner[n] for n in (base, base.removesuffix("_nchwc"), base.removeprefix("fused "), fusion)
                       if n in owner), None)
         if layer is not None:
             shares[layer] = shares.get(layer, 0.0) + seconds
@@ -230,8 +233,6 @@ def _layer_of_node(model: onnx.ModelProto, layers) -> dict[str, str]:
     node after its output tensor, which is the output of the last op fused into the conv
     (an activation, a residual add), and other nodes by their node name. In a rewritten model
     every node of a layer's chain (the nodes from the layer's input to its output) is the layer's."""
-    from .model.counting import chain_nodes
-
     producer = {out: node for node in model.graph.node for out in node.output}
     targets = {}  # tensor computed by a target layer (its chain's intermediate tensors too) -> the layer's output
     for layer in layers:
