@@ -78,7 +78,7 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     measured = None
     if run.sample is not None and (config.check_latency or latency_budget):
         measured = check_latency(timer, model, compressed, run.layers, kept_fractions(rows), run.timing_feed,
-                                 run.first_batch, predicted_chains(allocation))
+                                 run.first_batch, predicted_chains(allocation), strict=latency_budget)
         clock.lap("latency")
     if allocation is not None:
         settings["target"] = _target_settings(config.budget, allocation, totals)

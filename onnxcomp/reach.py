@@ -16,7 +16,7 @@ node of a rewritten layer's chain to that layer):
   with its dense time in the original, and with the latency budget's prediction where there is
   one. A chain slower than its dense layer, or slower than predicted by more than
   :data:`GUARD_MARGIN`, is flagged (subnormal weights were such a case: one chain ran 50x slower
-  than a dense conv of its shape on an Intel CPU).
+  than a dense conv of its shape on a user's CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .calibration.readers import fixed_batch, iter_feeds, model_inputs
+from .errors import first_line
 from .model import with_input_shapes
 from .runtime import Profile, Timer
 
@@ -127,6 +128,7 @@ class LatencyCheck:
     seconds_before: float | None = None  # those whole runs: the original's fastest sample
     seconds_after: float | None = None  # and the compressed model's
     layers: dict[str, LayerCheck] = field(default_factory=dict)
+    error: str | None = None  # why nothing was measured (the model would not run at this batch size)
 
     @property
     def flagged(self) -> list[LayerCheck]:
@@ -146,20 +148,29 @@ class LatencyCheck:
             "guard": {"tolerance": SLOWER_TOLERANCE, "margin": GUARD_MARGIN,
                       "flagged": [asdict(check) for check in self.flagged]},
             "excess_seconds": self.excess(),
+            "error": self.error,
         }
 
 
 def check_latency(timer: Timer, original, compressed, layers, kept: dict[str, float], sample: dict,
-                  batch_feed: dict | None = None, predicted: dict | None = None) -> LatencyCheck:
+                  batch_feed: dict | None = None, predicted: dict | None = None, strict: bool = False) -> LatencyCheck:
     """Profile both models at batch 1 (``sample``; a fixed-batch model: its batch) and the original at
     the calibration batch (``batch_feed``); time both in whole interleaved runs at batch 1; check
-    every rewritten layer (``kept``'s keys; ``predicted``: layer name -> the budget's price of its chain)."""
-    ratio, before_seconds, after_seconds = timer.whole_model_ratio(original, compressed, sample)
-    before = time_share(timer, original, layers, sample, _samples(sample), whole=before_seconds)
-    after = layer_times(timer.profile(compressed, sample, layers), layers)
-    shares = [before]
-    if batch_feed is not None and _samples(batch_feed) != before.batch:
-        shares.append(time_share(timer, original, layers, batch_feed, _samples(batch_feed)))
+    every rewritten layer (``kept``'s keys; ``predicted``: layer name -> the budget's price of its chain).
+    A model that onnxruntime cannot run at these sizes gives a check with ``error`` set (``strict``:
+    the error is raised, for latency budgets, which measured the same runs before)."""
+    try:
+        ratio, before_seconds, after_seconds = timer.whole_model_ratio(original, compressed, sample)
+        before = time_share(timer, original, layers, sample, _samples(sample), whole=before_seconds)
+        after = layer_times(timer.profile(compressed, sample, layers), layers)
+        shares = [before]
+        if batch_feed is not None and _samples(batch_feed) != before.batch:
+            shares.append(time_share(timer, original, layers, batch_feed, _samples(batch_feed)))
+    except Exception as exc:  # an onnxruntime failure at batch 1 must not lose the compressed model
+        if strict:
+            raise
+        return LatencyCheck(timer.provider, timer.threads, [], kept, None,
+                            error=f"onnxruntime could not time the models: {first_line(exc)}")
     return LatencyCheck(timer.provider, timer.threads, shares, kept, ratio, before_seconds, after_seconds,
                         guard(before.layers, after, kept, predicted))
 
@@ -178,7 +189,9 @@ def kept_fractions(rows) -> dict[str, float]:
 
 
 def guard_warnings(check: LatencyCheck | None) -> list[str]:
-    """The report's warning about chains that run slower than they should."""
+    """The report's warning about chains that run slower than they should (or that nothing was timed)."""
+    if check is not None and check.error:
+        return [f"the latency check measured nothing: {check.error}"]
     flagged = check.flagged if check is not None else []
     if not flagged:
         return []

@@ -45,7 +45,7 @@ class Report:
 
     def __post_init__(self):
         checks = self.latency.layers if self.latency is not None else {}
-        dense = self.latency.shares[0].layers if self.latency is not None else {}
+        dense = self.latency.shares[0].layers if self.latency is not None and self.latency.shares else {}
         for row in self.layers:
             row.measured_before = dense.get(row.name, row.measured_before)
             check = checks.get(row.name)

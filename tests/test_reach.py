@@ -119,6 +119,27 @@ def test_report_without_latency_check():
     assert "Amdahl" not in report.table()
 
 
+def test_a_model_that_cannot_run_at_batch_1_is_still_compressed():
+    """Its Reshape needs an even batch: the check says it measured nothing, and the model is written."""
+    from models import build
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[N, 4, 5, 5] x) => (float[16, ?] y) {
+        h = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+        s = Constant <value = int64[2] {16, -1}> ()
+        y = Reshape (h, s)
+    }
+    """
+    model = build(text, w=(8, 4, 3, 3), b=(8,))
+    data = np.random.default_rng(0).standard_normal((32, 4, 5, 5)).astype(np.float32)
+    compressed, report = onnxcomp.compress(model, data, rank=2, batch_size=8, progress=False)
+    assert report.latency.error.startswith("onnxruntime could not time the models")
+    assert report.to_dict()["latency"]["error"] == report.latency.error
+    assert any(w.startswith("the latency check measured nothing") for w in report.warnings)
+    assert report.totals["layers_compressed"] == 1 and "Amdahl" not in report.table()
+
+
 def test_inspect_says_what_is_reachable(capsys):
     assert main(["inspect", str(EXAMPLE / "digits_cnn.onnx"), "--threads", "1", "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
