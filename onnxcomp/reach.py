@@ -129,6 +129,7 @@ class LatencyCheck:
     seconds_after: float | None = None  # and the compressed model's
     layers: dict[str, LayerCheck] = field(default_factory=dict)
     error: str | None = None  # why nothing was measured (the model would not run at this batch size)
+    after: dict[str, float] = field(default_factory=dict)  # every layer's seconds in the compressed model (batch 1)
 
     @property
     def flagged(self) -> list[LayerCheck]:
@@ -172,7 +173,7 @@ def check_latency(timer: Timer, original, compressed, layers, kept: dict[str, fl
         return LatencyCheck(timer.provider, timer.threads, [], kept, None,
                             error=f"onnxruntime could not time the models: {first_line(exc)}")
     return LatencyCheck(timer.provider, timer.threads, shares, kept, ratio, before_seconds, after_seconds,
-                        guard(before.layers, after, kept, predicted))
+                        guard(before.layers, after, kept, predicted), after=after)
 
 
 def kept_fractions(rows) -> dict[str, float]:

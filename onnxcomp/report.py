@@ -44,15 +44,13 @@ class Report:
     latency: LatencyCheck | None = None  # the result measured after writing (None: no data, or not asked)
 
     def __post_init__(self):
-        checks = self.latency.layers if self.latency is not None else {}
-        dense = self.latency.shares[0].layers if self.latency is not None and self.latency.shares else {}
+        check = self.latency
+        if check is None or not check.shares:
+            return
         for row in self.layers:
-            row.measured_before = dense.get(row.name, row.measured_before)
-            check = checks.get(row.name)
-            if check is not None:
-                row.measured_after, row.flag = check.chain, check.flag
-            elif row.name in dense and not row.status.startswith("compressed"):
-                row.measured_after = dense[row.name]
+            row.measured_before = check.shares[0].layers.get(row.name)
+            row.measured_after = check.after.get(row.name)
+            row.flag = check.layers[row.name].flag if row.name in check.layers else None
 
     def to_dict(self) -> dict:
         return {
