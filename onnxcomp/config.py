@@ -194,6 +194,9 @@ class BudgetConfig:
     rank_multiple: int | None = None  # candidate ranks only at multiples of this (None: 8 for MACs and latency)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     max_drop: float | None = None  # instead of a fraction: the smallest model whose loss stays within this
+    # MAC budgets with the default multiple: where the rounded ranks cannot meet the budget (small
+    # layers: a 32-channel conv has only ranks 8, 16, 24), it is allocated again with any rank.
+    any_rank_fallback: bool = field(default=False, init=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "kind", BudgetKind.parse(self.kind, "budget kind"))
@@ -210,6 +213,7 @@ class BudgetConfig:
             raise OnnxcompError(f"--rank-multiple must be a positive integer, got {multiple!r}")
         if multiple is None and self.kind.value in ROUNDED_BUDGETS:
             object.__setattr__(self, "rank_multiple", RANK_MULTIPLE)
+            object.__setattr__(self, "any_rank_fallback", self.kind is BudgetKind.MACS)
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,8 @@ def _target_settings(budget, allocation, totals) -> dict:
         achieved = totals[f"{budget.kind.value}_after"] / before if before else None
     fraction = budget.fraction if budget.fraction is not None else allocation.search["fraction"]
     target = {"kind": budget.kind.value, "fraction": fraction, "predicted": allocation.predicted,
-              "achieved": achieved, "feasible": allocation.feasible, "sensitivity": allocation.sensitivity}
+              "achieved": achieved, "feasible": allocation.feasible, "sensitivity": allocation.sensitivity,
+              "rank_multiple": allocation.rank_multiple}
     if allocation.search:
         target["search"] = allocation.search
     return target

@@ -114,6 +114,9 @@ class Report:
                 f"budget: {target['fraction']:.1%} of the model's {target['kind']}, "
                 f"predicted {target['predicted']:.1%}, achieved {achieved}"
                 + ("" if target["feasible"] else " (not reachable: the closest feasible point)")
+                + (" (ranks at any value: multiples of "
+                   f"{self.settings['rank_multiple']} could not meet it)" if target.get("rank_multiple") is None
+                   and self.settings.get("rank_multiple") and target["kind"] == "macs" else "")
                 + _rounds_note(target.get("rounds"))
             )
             if target.get("search"):

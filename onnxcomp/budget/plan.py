@@ -48,6 +48,7 @@ class Allocation:
     timed: int = 0  # timings taken in this run (latency budgets; the rest came from the cache)
     layer_latency: dict | None = None  # latency budgets: layer name -> (seconds dense, seconds chosen)
     search: dict | None = None  # --max-drop: the fractions tried and their losses
+    rank_multiple: int | None = None  # the multiple the candidate ranks were rounded to (None: any rank)
 
     def solve_plan(self, solve: SolveConfig) -> dict:
         """Layer name -> (the fit at its chosen point, the candidate's start), or why it stays dense."""
@@ -88,12 +89,16 @@ class Planner:
     def __init__(self, budget: BudgetConfig, planning: Planning):
         self.budget, self.planning = budget, planning
         self.curves = Curves(planning, budget.rank_multiple)
-        self._gains = None
+        self._gains = self._any_rank = None
 
     def plan(self, fraction: float) -> tuple[Allocation, Solved]:
         """Allocate and solve at ``fraction`` (latency budgets: measured and corrected once)."""
         planning, costs = self.planning, self.planning.costs
         allocation, solved = self.decide(fraction)
+        allocation.rank_multiple = self.curves.multiple
+        if not allocation.feasible and self.budget.any_rank_fallback:  # the default rounding cannot meet it
+            self._any_rank = self._any_rank or Curves(planning, None)
+            allocation, solved = _with_sensitivity(self.budget, planning, self._any_rank, fraction, self.gains)
         if self.budget.kind is BudgetKind.LATENCY:
             allocation, solved = _close_latency_loop(planning, self.decide, (allocation, solved), fraction)
         costs.save()

@@ -45,6 +45,20 @@ def test_macs_budget_is_met_and_beats_uniform(digits, fraction, multiple, tolera
     assert held_out_error(allocated, images, reference) < held_out_error(uniform, images, reference)
 
 
+def test_rounded_ranks_that_cannot_meet_a_macs_budget_fall_back_to_any_rank(digits):
+    """At 20% of the MACs, multiples of 8 cannot meet the budget on this model: the default rounding
+    gives way to any rank (as before it was the default); a multiple the user asked for does not."""
+    model, stats, _, _ = digits
+    _, report = onnxcomp.compress(model, stats=stats, target_macs=0.2, progress=False)
+    target = report.settings["target"]
+    assert target["feasible"] and 0.19 <= target["achieved"] <= 0.2 + 1e-9 and target["rank_multiple"] is None
+    assert any(row.rank[0] % 8 for row in report.layers if row.method)
+    assert "(ranks at any value: multiples of 8 could not meet it)" in report.table()
+    _, asked = onnxcomp.compress(model, stats=stats, target_macs=0.2, rank_multiple=8, progress=False)
+    assert asked.settings["target"]["rank_multiple"] == 8 and not asked.settings["target"]["feasible"]
+    assert all(row.rank[0] % 8 == 0 for row in asked.layers if row.method and row.rank[0] >= 8)
+
+
 def test_params_budget(digits):
     model, stats, _, _ = digits
     _, report = onnxcomp.compress(model, stats=stats, target_params=0.6, progress=False)
