@@ -177,9 +177,10 @@ class LatencyConfig:
 
 # Candidate ranks of MAC and latency budgets: multiples of this by default (onnxruntime's NCHWc
 # kernels pad channels to blocks of 8 or 16: rank 64 of a 256-channel 3x3 conv ran in 0.62 ms,
-# rank 66 in 0.77 ms). Measured for MAC budgets at half the MACs (benchmarks/reachable.py): the
-# ResNet-50-shaped model ran at 0.53x instead of 0.61x, PP-OCRv4 det 0.78x instead of 0.82x,
-# rec 0.70x instead of 0.73x, the digits CNN 0.71x instead of 0.75x, at equal or better accuracy.
+# rank 66 in 0.77 ms). Measured for MAC budgets at half the MACs (benchmarks/reachable.py, README
+# "What a MAC budget reaches"): the ResNet-50-shaped model ran at 0.53x instead of 0.61x, PP-OCRv4
+# det 0.80x instead of 0.83x, rec 0.69x instead of 0.71x, the digits CNN 0.71x instead of 0.74x, at
+# equal or better task metrics.
 RANK_MULTIPLE = 8
 ROUNDED_BUDGETS = ("macs", "latency")  # params budgets buy size: their ranks stay free
 
