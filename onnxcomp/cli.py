@@ -67,11 +67,14 @@ def _parser() -> argparse.ArgumentParser:
                       help="whole-model budget: this fraction of the model's onnxruntime latency at batch 1, "
                            "every candidate chain timed on this machine (cached) with --provider and --threads")
     compress.add_argument("--rank-multiple", type=int, metavar="N",
-                          help="budgets: only ranks that are multiples of N (default 8 with --target-latency)")
+                          help="budgets: only ranks that are multiples of N (default 8 with --target-macs and "
+                               "--target-latency, free with --target-params; 1: any rank)")
     compress.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
-                          help="--target-latency: the onnxruntime execution provider to time on (default cpu)")
+                          help="--target-latency and the latency check: the onnxruntime execution provider to time "
+                               "on (default cpu)")
     compress.add_argument("--threads", type=int, metavar="N",
-                          help="--target-latency: intra-op threads of the timed sessions (default: onnxruntime's)")
+                          help="--target-latency and the latency check: intra-op threads of the timed sessions "
+                               "(default: onnxruntime's)")
     compress.add_argument("--rank-rule", dest="rule", default="energy", choices=["energy", "entropy"],
                           help="with --energy: ARSVD's energy or spectral-entropy rule")
     compress.add_argument("--spectrum", default="data", choices=["data", "weight"],
@@ -95,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--outputs", nargs="+", default=[], metavar="NAME[:WEIGHT[:AXIS]]",
                           help="the model outputs that count in the fidelity and how much (default: all, weight 1); "
                                "AXIS: the channel axis (default 1, the last of [N, seq, F])")
+    compress.add_argument("--flush-denormals", action="store_true",
+                          help="also set the subnormal (denormal) weights of the layers left alone to 0 (the factors "
+                               "onnxcomp writes never hold any); many CPUs compute with them slowly")
+    compress.add_argument("--no-latency-check", dest="check_latency", action="store_false",
+                          help="do not profile the result (time in rewritable layers, Amdahl floor, latency guard)")
     compress.add_argument("--stats", help="statistics file from `onnxcomp calibrate` (instead of collecting)")
     compress.add_argument("--report", help="write the per-layer report as JSON here")
     compress.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the solvers run")
@@ -108,9 +116,17 @@ def _parser() -> argparse.ArgumentParser:
                            help="statistics files to add to the result (shards of a larger set)")
     calibrate.set_defaults(run=_calibrate)
 
-    inspect = commands.add_parser("inspect", help="list the compressible layers with shapes, params and MACs")
+    inspect = commands.add_parser("inspect", help="list the compressible layers with shapes, params, MACs and time")
     inspect.add_argument("input", help="model (.onnx)")
     _input_shape_argument(inspect)
+    inspect.add_argument("--data", help="inputs to time the model on (.npz/.npy; default: random inputs of the "
+                                        "model's shapes)")
+    inspect.add_argument("--batch-size", type=int, default=32,
+                         help="the second batch size timed, besides 1 (default 32, compress's calibration batch)")
+    inspect.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider to time on")
+    inspect.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: onnxruntime's)")
+    inspect.add_argument("--no-timing", dest="timing", action="store_false",
+                         help="do not time the model (no share of time, no Amdahl floors)")
     inspect.set_defaults(run=_inspect)
 
     _bench_command(commands)
@@ -140,6 +156,8 @@ def _bench_command(commands) -> None:
     bench.add_argument("--warmup", type=int, help="warm-up runs of each model per batch size (default: ~0.3 s)")
     bench.add_argument("--eval-batch-size", type=int,
                        help="batch size of the error pass (default: the largest --batch-sizes)")
+    bench.add_argument("--no-floor", dest="floor", action="store_false",
+                       help="do not profile the models (no Amdahl floor, slow chains or subnormal-weight timing)")
     bench.add_argument("--json", help="also write the results as JSON here")
     bench.set_defaults(run=_bench)
 
@@ -237,9 +255,12 @@ def _inspect(args) -> int:
     model = load_model(args.input)
     shapes = parse_input_shapes(args.input_shapes)
     layers, skipped = find_layers(model, shapes)
-    header = ("layer", "op", "shape", "input", "params", "MACs/sample")
+    shares, source = _inspect_times(args, model, layers, shapes)
+    timed = shares[0].layers if shares else {}
+    header = ("layer", "op", "shape", "input", "params", "MACs/sample") + (("ms b1",) if timed else ())
     rows = [header] + [
-        (l.name, l.op_type, l.shape_text, l.input, str(l.params), "?" if l.macs() is None else str(l.macs()))
+        (l.name, l.op_type, l.shape_text, l.input, str(l.params), "?" if l.macs() is None else str(l.macs()),
+         *((f"{timed[l.name] * 1e3:.3g}" if l.name in timed else "-",) if timed else ()))
         for l in layers
     ]
     for line in columns(rows):
@@ -249,7 +270,26 @@ def _inspect(args) -> int:
     total = count_macs(model, shapes)
     print(f"{len(layers)} compressible layers; model params {count_params(model)}, "
           f"MACs/sample {'unknown (dynamic shapes: use --input-shape)' if total is None else total}")
+    from .reach import reach_lines
+
+    for line in reach_lines(shares, source, layers, total, args.provider, args.threads):
+        print(line)
     return 0
+
+
+def _inspect_times(args, model, layers, shapes):
+    """inspect's timing: (shares per batch size, where the inputs came from), or ([], why not)."""
+    if not args.timing or not layers:
+        return [], "not timed (--no-timing)" if not args.timing else ""
+    from .reach import model_shares
+    from .runtime import Timer, execution_providers
+
+    if args.threads is not None and args.threads < 1:
+        raise OnnxcompError(f"--threads must be a positive integer, got {args.threads}")
+    if args.batch_size < 1:
+        raise OnnxcompError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    execution_providers(args.provider)
+    return model_shares(Timer(args.provider, args.threads), model, layers, shapes, args.data, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import onnx
 from .budget import Planning, make_costs, plan_budget
 from .calibration.collect import collect_statistics
 from .calibration.holdout import held_out_count, split_validation, validation_besides_stats, validation_from
-from .calibration.readers import count_samples, iter_feeds
+from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs
 from .calibration.stats import Statistics
 from .config import BudgetKind, CompressConfig, Norm
 from .decompose.backend import get_backend
@@ -22,7 +22,9 @@ from .decompose.solve import layer_problem, solve_layers
 from .errors import OnnxcompError
 from .judge import Judge
 from .model import as_model, find_layers, fingerprint, select_layers
+from .model.denormals import flush_written
 from .passes import apply_solved
+from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
 from .runtime import Timer, execution_providers
 
@@ -60,24 +62,30 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     allocation, solved = _solve(run, config, problems, timer, judge)
     clock.lap("solve")
     compressed = apply_solved(model, run.chosen, solved)
+    compressed, denormals = flush_written(model, compressed, config.flush_denormals)
     clock.lap("rewrite")
     fidelity = judge.fidelity(compressed) if judge is not None else None
     clock.lap("check")
     compressed_layers = sum(not isinstance(result, str) for result in solved.values())
     totals = model_totals(model, compressed, run.shapes, run.sample, compressed_layers, len(run.layers))
+    totals["denormals"] = denormals
     settings = {**config.settings(), "calibration_samples": _samples(statistics)}
     if judge is not None and (judge.metric.name != "fidelity" or allocation is not None and allocation.search):
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
+    rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation)
+    latency_budget = config.budget is not None and config.budget.kind is BudgetKind.LATENCY
+    measured = None
+    if run.sample is not None and (config.check_latency or latency_budget):
+        measured = check_latency(timer, model, compressed, run.layers, kept_fractions(rows), run.timing_feed,
+                                 run.first_batch, predicted_chains(allocation), strict=latency_budget)
+        clock.lap("latency")
     if allocation is not None:
         settings["target"] = target_settings(config.budget, allocation, totals)
-        if config.budget.kind is BudgetKind.LATENCY:
-            measured = timer.whole_model_ratio(model, compressed, run.sample)
+        if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
-            clock.lap("latency")
-    rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation)
-    warnings = data_warnings(problems, solved, statistics, config.budget is not None, judge)
-    return compressed, Report(settings, rows, totals, fidelity, clock.seconds, warnings)
+    warnings = data_warnings(problems, solved, statistics, config.budget is not None, judge) + guard_warnings(measured)
+    return compressed, Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True) -> Statistics:
@@ -116,6 +124,8 @@ class _Run:
         per_sample = {name: [1, *value.shape[1:]] for name, value in example.items() if value.ndim}
         self.shapes = {**per_sample, **input_shapes}
         self.sample = {k: v[:1] for k, v in example.items()} or None
+        # What latency is measured on: one sample, or the batch a fixed-batch model takes.
+        self.timing_feed = example if fixed_batch(model_inputs(model)) else self.sample
         self.layers, self.skipped = find_layers(model, self.shapes)
         self.chosen = select_layers(self.layers, self.skipped, skip)
 

@@ -9,6 +9,7 @@ from .config import BudgetKind
 from .io import columns, write_json
 from .judge import Fidelity
 from .model import count_macs, count_params
+from .reach import LatencyCheck, uniform_floor
 
 
 @dataclass
@@ -27,6 +28,9 @@ class LayerRow:
     seconds: float | None = None
     latency_before: float | None = None  # seconds at batch 1, from the latency table (--target-latency)
     latency_after: float | None = None
+    measured_before: float | None = None  # seconds at batch 1, profiled in place in the original (latency check)
+    measured_after: float | None = None  # the same for its chain in the compressed model
+    flag: str | None = None  # the latency guard: why this chain is slower than it should be
     info: dict = field(default_factory=dict)
 
 
@@ -38,12 +42,23 @@ class Report:
     fidelity: Fidelity | None = None  # compressed vs original on the validation samples (None: no data)
     seconds: dict = field(default_factory=dict)  # time per stage: calibration, solve, rewrite, check
     warnings: list[str] = field(default_factory=list)  # what the user should know before trusting the result
+    latency: LatencyCheck | None = None  # the result measured after writing (None: no data, or not asked)
+
+    def __post_init__(self):
+        check = self.latency
+        if check is None or not check.shares:
+            return
+        for row in self.layers:
+            row.measured_before = check.shares[0].layers.get(row.name)
+            row.measured_after = check.after.get(row.name)
+            row.flag = check.layers[row.name].flag if row.name in check.layers else None
 
     def to_dict(self) -> dict:
         return {
             "settings": self.settings,
             "totals": self.totals,
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
+            "latency": None if self.latency is None else self.latency.to_dict(),
             "warnings": self.warnings,
             "seconds": self.seconds,
             "layers": [asdict(row) for row in self.layers],
@@ -54,9 +69,10 @@ class Report:
         write_json(path, self.to_dict(), "report")
 
     def table(self) -> str:
-        timed = any(row.latency_before is not None for row in self.layers)
-        header = ("layer", "op", "shape", "method", "rank", "params", "MACs") + (("ms",) if timed else ()) + (
-            "rel.err", "status")
+        predicted = any(row.latency_before is not None for row in self.layers)
+        measured = any(row.measured_before is not None for row in self.layers)
+        header = ("layer", "op", "shape", "method", "rank", "params", "MACs") + (("ms pred.",) if predicted else ()) + (
+            ("ms b1",) if measured else ()) + ("rel.err", "status")
         rows = [header]
         for row in self.layers:
             rows.append((
@@ -64,9 +80,10 @@ class Report:
                 "x".join(map(str, row.rank)) if row.rank else "-",
                 f"{_count(row.params_before)}->{_count(row.params_after)}",
                 f"{_count(row.macs_before)}->{_count(row.macs_after)}",
-                *((_ms(row.latency_before, row.latency_after),) if timed else ()),
+                *((_ms(row.latency_before, row.latency_after),) if predicted else ()),
+                *((_ms(row.measured_before, row.measured_after),) if measured else ()),
                 "-" if row.relative_error is None else f"{row.relative_error:.4f}",
-                row.status,
+                row.status + (f" SLOW: {row.flag}" if row.flag else ""),
             ))
         lines = columns(rows, rule=True)
         lines.append("")
@@ -89,6 +106,8 @@ class Report:
                 f"({t['latency_ratio']:.1%}); whole runs, interleaved: {t['latency_wall_before'] * 1e3:.3g} ms -> "
                 f"{t['latency_wall_after'] * 1e3:.3g} ms ({t['latency_wall_ratio']:.1%})"
             )
+        lines += _denormal_lines(t.get("denormals"))
+        lines += _reach_lines(self.latency)
         target = self.settings.get("target")
         if target:
             achieved = "?" if target["achieved"] is None else f"{target['achieved']:.1%}"
@@ -96,6 +115,9 @@ class Report:
                 f"budget: {target['fraction']:.1%} of the model's {target['kind']}, "
                 f"predicted {target['predicted']:.1%}, achieved {achieved}"
                 + ("" if target["feasible"] else " (not reachable: the closest feasible point)")
+                + (" (ranks at any value: multiples of "
+                   f"{self.settings['rank_multiple']} could not meet it)" if target.get("rank_multiple") is None
+                   and self.settings.get("rank_multiple") and target["kind"] == "macs" else "")
                 + _rounds_note(target.get("rounds"))
             )
             if target.get("search"):
@@ -110,6 +132,49 @@ class Report:
                          f"(drop {original - compressed:.4g})")
         lines += [f"warning: {warning}" for warning in self.warnings]
         return lines
+
+
+def _denormal_lines(denormals: dict | None) -> list[str]:
+    """Subnormal weights: what the original held, what the written model holds, what was flushed."""
+    if not denormals or not denormals["original"]["values"] and not denormals["compressed"]["values"]:
+        return []
+    original, left, flushed = denormals["original"], denormals["compressed"], denormals["flushed"]
+    line = (f"subnormal (denormal) weights: {original['values']} in the original ({original['tensors']} tensors), "
+            f"none in the factors written")
+    if flushed is not None:
+        return [line + f"; --flush-denormals set {flushed['values']} in the layers left alone to 0"]
+    return [line + f"; {left['values']} left in the layers left alone ({left['tensors']} tensors): CPUs without "
+            "fast subnormal arithmetic run them slowly; --flush-denormals sets them to 0 (`onnxcomp bench` "
+            "measures what that buys)"]
+
+
+def _reach_lines(check: LatencyCheck | None) -> list[str]:
+    """Where the time goes, the Amdahl floor of this compression, the measured ratio, the guard's flags."""
+    if check is None or not check.shares or not check.shares[0].layers:
+        return []
+    setting = f"onnxruntime {check.provider}, threads {check.threads or 'default'}"
+    shares = "; ".join(f"batch {s.batch}: {s.share:.1%} of {s.seconds * 1e3:.3g} ms" for s in check.shares)
+    floors = ", ".join(f"batch {s.batch} {s.floor(check.kept):.3f}" for s in check.shares)
+    lines = [f"time in the layers onnxcomp can rewrite ({setting}, profiled in place): {shares}",
+             f"Amdahl floor of this compression (untouched time + each layer's time x its MACs kept): {floors}"
+             + ("" if check.ratio is None else f"; measured at batch {check.shares[0].batch}: {check.ratio:.3f} "
+                "(whole runs, interleaved)")]
+    if not check.kept:
+        first = check.shares[0]
+        lines[-1] = (f"Amdahl floor if every rewritable layer kept F of its MACs (batch {first.batch}): "
+                     + ", ".join(f"F={f:g}: {uniform_floor(first, f):.3f}" for f in (0.75, 0.5, 0.25)))
+    excess = sorted(check.excess().items(), key=lambda item: -item[1])
+    if excess:
+        top = ", ".join(f"{name} {seconds * 1e3:+.3g} ms" for name, seconds in excess[:3] if seconds > 0)
+        lines.append(f"the rewritten chains take {sum(s for _, s in excess) * 1e3:+.3g} ms beyond their MACs' share of "
+                     f"the dense layers' time at batch {check.shares[0].batch} (what separates the floor from the "
+                     "profiled time)" + (f"; most: {top}" if top else ""))
+    for flagged in check.flagged:
+        lines.append(f"latency guard: {flagged.name}: chain {flagged.chain * 1e3:.3g} ms, dense "
+                     f"{flagged.dense * 1e3:.3g} ms"
+                     + ("" if flagged.predicted is None else f", predicted {flagged.predicted * 1e3:.3g} ms")
+                     + f": {flagged.flag}")
+    return lines
 
 
 def _search_line(search: dict) -> str:
@@ -208,19 +273,20 @@ def target_settings(budget, allocation, totals) -> dict:
         achieved = totals[f"{budget.kind.value}_after"] / before if before else None
     fraction = budget.fraction if budget.fraction is not None else allocation.search["fraction"]
     target = {"kind": budget.kind.value, "fraction": fraction, "predicted": allocation.predicted,
-              "achieved": achieved, "feasible": allocation.feasible, "sensitivity": allocation.sensitivity}
+              "achieved": achieved, "feasible": allocation.feasible, "sensitivity": allocation.sensitivity,
+              "rank_multiple": allocation.rank_multiple}
     if allocation.search:
         target["search"] = allocation.search
     return target
 
 
 def add_latency(totals, target, allocation, measured, latency) -> None:
-    """The latency budget's accounting: profiled totals, one whole-run interleaved check
-    (``measured``: compressed/original ratio, original and compressed seconds), the rounds."""
-    wall_ratio, before, after = measured
+    """The latency budget's accounting: profiled totals, the whole-run interleaved check
+    (``measured``: the latency check after writing), the rounds."""
     total = allocation.total
     totals.update(latency_before=total, latency_after=total * allocation.measured, latency_ratio=allocation.measured,
-                  latency_wall_before=before, latency_wall_after=after, latency_wall_ratio=wall_ratio,
+                  latency_wall_before=measured.seconds_before, latency_wall_after=measured.seconds_after,
+                  latency_wall_ratio=measured.ratio,
                   latency_setting={"provider": latency.provider.value, "threads": latency.threads, "batch": 1})
     target.update(rounds=allocation.rounds, timed=allocation.timed)
 

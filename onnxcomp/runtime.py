@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxcompError, first_line
+from .model.counting import chain_nodes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # A model this large must reach onnxruntime as a file with external data.
@@ -217,8 +218,10 @@ def _profile_of(events: list, model: onnx.ModelProto, layers) -> Profile:
     owner = _layer_of_node(model, layers)
     shares: dict[str, float] = {}
     for base, seconds in fastest.items():
-        # NCHWc nodes are named "<output>_nchwc", fusions of a Gemm/MatMul "fused <node name>"
-        layer = next((owner[n] for n in (base, base.removesuffix("_nchwc"), base.removeprefix("fused "))
+        # NCHWc nodes are named "<output>_nchwc", fusions of a Gemm/MatMul "fused <node name>" or
+        # "<node name>/<the fusion>/" (MatmulTransposeFusion, MatMulScaleFusion)
+        fusion = base[:-1].rsplit("/", 1)[0] if base.endswith("/") else base
+        layer = next((owner[n] for n in (base, base.removesuffix("_nchwc"), base.removeprefix("fused "), fusion)
                       if n in owner), None)
         if layer is not None:
             shares[layer] = shares.get(layer, 0.0) + seconds
@@ -228,9 +231,14 @@ def _profile_of(events: list, model: onnx.ModelProto, layers) -> Profile:
 def _layer_of_node(model: onnx.ModelProto, layers) -> dict[str, str]:
     """Name in a profile -> the target layer (by its output tensor). onnxruntime names an NCHWc
     node after its output tensor, which is the output of the last op fused into the conv
-    (an activation, a residual add), and other nodes by their node name."""
-    targets = {layer.output for layer in layers}
+    (an activation, a residual add), and other nodes by their node name. In a rewritten model
+    every node of a layer's chain (the nodes from the layer's input to its output) is the layer's."""
     producer = {out: node for node in model.graph.node for out in node.output}
+    targets = {}  # tensor computed by a target layer (its chain's intermediate tensors too) -> the layer's output
+    for layer in layers:
+        targets[layer.output] = layer.output
+        for node in chain_nodes(model, layer.input, layer.output, producer):
+            targets.setdefault(node.output[0], layer.output)
     owner = {}
     for tensor, node in producer.items():
         current, hops = tensor, 0
@@ -240,7 +248,7 @@ def _layer_of_node(model: onnx.ModelProto, layers) -> dict[str, str]:
             if node is None:
                 break
         if current in targets:
-            owner[tensor] = current
+            owner[tensor] = targets[current]
     for node in model.graph.node:  # nodes the optimiser leaves alone keep their own names
         if node.name and node.output and node.output[0] in owner:
             owner.setdefault(node.name, owner[node.output[0]])

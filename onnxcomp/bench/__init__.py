@@ -29,10 +29,11 @@ import onnxruntime as ort
 
 from ..calibration.readers import fixed_batch, model_inputs
 from ..errors import OnnxcompError
-from ..runtime import execution_providers
+from ..runtime import Timer, execution_providers
 from .data import checked_labels, read_held_out
 from .fidelity import compare_on_data
 from .models import ModelPair
+from .reach import floors, subnormal_gains
 from .result import BenchResult, Latency, ModelInfo, Timing
 from .timing import time_pair
 
@@ -51,6 +52,7 @@ def bench(
     repeats: int | None = None,
     warmup: int | None = None,
     eval_batch_size: int | None = None,
+    floor: bool = True,
 ) -> BenchResult:
     """Compare ``compressed`` with ``original`` on held-out ``data``.
 
@@ -64,7 +66,9 @@ def bench(
     ``batch_sizes``: the batch sizes timed. ``repeats``: timed A/B pairs per batch
     size (default: as many as fit in ~3 s, 15..2000). ``warmup``: warm-up pairs
     (default: ~0.3 s, at least 3). ``eval_batch_size``: batch for the error pass
-    (default: the largest of ``batch_sizes``).
+    (default: the largest of ``batch_sizes``). ``floor``: also profile the models for the Amdahl
+    floor of each timed batch size, the chains slower than their dense layer, and what setting
+    subnormal weights to 0 buys (:mod:`onnxcomp.bench.reach`).
     """
     batch_sizes = _positive_ints(batch_sizes, "batch sizes")
     _check_counts(repeats, warmup, threads)
@@ -88,6 +92,11 @@ def bench(
         batch_sizes = [fixed]
     feeds = {i.name: held_out.feeds[i.name] for i in inputs}  # checked by the pass above
     latency = [time_pair(pair.sessions, feeds, held_out.samples, b, repeats, warmup) for b in batch_sizes]
+    reach = subnormals = None
+    if floor:
+        reach = floors(pair.models, feeds, held_out.samples, latency, Timer(provider, threads))
+        subnormals = subnormal_gains(pair.models, feeds, held_out.samples, batch_sizes[0], providers, threads,
+                                     repeats, warmup)
 
     settings = {
         "provider": provider,
@@ -112,6 +121,8 @@ def bench(
         latency=latency,
         settings=settings,
         notes=notes,
+        reach=reach,
+        subnormals=subnormals,
     )
 
 

@@ -53,6 +53,8 @@ class Latency:
     pair_ratio_p90: float
     ratio_of_medians: float  # compressed median / original median
     note: str | None = None
+    floor: float | None = None  # the Amdahl floor of the compression at this batch size (None: not measured)
+    rewritable_share: float | None = None  # share of the original's time in the layers onnxcomp can rewrite
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in vars(self).items() if k not in ("original", "compressed")},
@@ -72,6 +74,8 @@ class BenchResult:
     latency: list[Latency]
     settings: dict
     notes: list[str] = field(default_factory=list)
+    reach: dict | None = None  # the layers' MACs kept and the chains slower than their dense layer
+    subnormals: dict | None = None  # per model: subnormal weights and the time ratio once they are set to 0
 
     @property
     def ratios(self) -> dict:
@@ -96,6 +100,8 @@ class BenchResult:
             "latency": [latency.to_dict() for latency in self.latency],
             "settings": self.settings,
             "notes": self.notes,
+            "reach": self.reach,
+            "subnormals": self.subnormals,
         })
 
     def save(self, path: str | os.PathLike) -> None:
@@ -143,16 +149,41 @@ class BenchResult:
     def _latency(self) -> list[str]:
         if not self.latency:
             return []
+        floors = any(l.floor is not None for l in self.latency)
         lines = ["latency in ms: median [p10, p90], both models in one process, runs interleaved after warm-up"]
-        rows = [("batch", "pairs", "original", "compressed", "ratio [p10, p90]")]
+        rows = [("batch", "pairs", "original", "compressed", "ratio [p10, p90]") + (("floor", "rewritable") if floors
+                                                                                     else ())]
         for l in self.latency:
             rows.append((
                 str(l.batch_size), str(l.pairs), _timing(l.original), _timing(l.compressed),
                 f"{l.ratio:.3f} [{l.pair_ratio_p10:.2f}, {l.pair_ratio_p90:.2f}]",
+                *((_fmt_ratio(l.floor), "?" if l.rewritable_share is None else f"{l.rewritable_share:.1%}")
+                  if floors else ()),
             ))
         lines += columns(rows, right=(0, 1))
         lines.append("ratio = compressed / original within each pair of runs, median "
                      "(< 1: the compressed model is faster)")
+        if floors:
+            lines.append("floor = the Amdahl floor: the original's time outside the compressible layers + each layer's "
+                         "time x the MACs its chain keeps (profiled in place); rewritable = those layers' share of "
+                         "the original's time. A ratio near the floor is what the MACs allow")
+        for flagged in (self.reach or {}).get("flagged", []):
+            lines.append(f"slow chain: {flagged['layer']}: {flagged['chain_ms']:.3g} ms in the compressed model, "
+                         f"{flagged['dense_ms']:.3g} ms dense in the original ({flagged['flag']})")
+        if (self.reach or {}).get("note"):
+            lines.append(f"floor: {self.reach['note']}")
+        return lines + self._subnormal_lines()
+
+    def _subnormal_lines(self) -> list[str]:
+        lines = []
+        for which, entry in (self.subnormals or {}).items():
+            if not entry["values"]:
+                continue
+            gain = "" if entry["flushed_ratio"] is None else (
+                f"; with them set to 0 it runs at {entry['flushed_ratio']:.3f}x its time (batch "
+                f"{self.latency[0].batch_size}, interleaved)")
+            lines.append(f"subnormal weights: the {which} model holds {entry['values']:,} in {entry['tensors']} "
+                         f"tensor(s){gain}; `onnxcomp compress --flush-denormals` sets them to 0")
         return lines
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from ..config import BudgetConfig, BudgetKind
 from ..errors import OnnxcompError
 from ..model import count_macs, count_params, infer_shapes, runtime_shapes, with_input_shapes
+from ..reach import guard
 from ..runtime import Timer
 from .candidates import Candidate
 from .latency import LatencyTable
@@ -25,6 +26,8 @@ class CostModel:
     total = 0.0
     timed = 0  # timings taken in this run (only measured costs take any)
     progress = False  # a progress bar while pricing: only measuring takes long enough
+    repriced: tuple[str, ...] = ()  # measured costs: the layers the last measurement re-priced
+    explained = 0.0  # and the part of its miss (a fraction of the total) that re-pricing explains
 
     def dense(self, layer) -> float:
         raise NotImplementedError
@@ -86,8 +89,10 @@ class LatencyCost(CostModel):
         self.table = LatencyTable(timer, cache)
         self.input_shapes = _layer_input_shapes(model, layers, shapes, sample)
         self.progress = progress
+        self.layers = layers
         self.profile = timer.profile(model, sample, layers)
         self.total = self.profile.total
+        self._scale: dict[str, float] = {}  # layer name -> measured / predicted time of its chains (re-priced)
 
     def dense(self, layer) -> float:
         seconds = self.profile.layers.get(layer.output)
@@ -96,11 +101,26 @@ class LatencyCost(CostModel):
         return seconds
 
     def of(self, layer, candidate: Candidate) -> float:
-        return self.dense(layer) * self.table.ratio(layer, self.input_shapes[layer.name], candidate)
+        ratio = self.table.ratio(layer, self.input_shapes[layer.name], candidate)
+        return self.dense(layer) * ratio * self._scale.get(layer.name, 1.0)
 
-    def measure(self, compressed) -> float:
-        """The compressed model's profiled time as a fraction of the original's."""
-        return self.timer.profile(compressed, self.sample).total / self.total
+    def measure(self, compressed, choices: dict | None = None) -> float:
+        """The compressed model's profiled time as a fraction of the original's.
+
+        Each chosen chain's time in the compressed model is checked against its price (the latency
+        guard of :mod:`onnxcomp.reach`): a layer whose chain runs slower than its dense layer, or
+        than priced by more than the guard's margin, is re-priced (all its candidates scaled by
+        measured / priced) for the next allocation."""
+        profile = self.timer.profile(compressed, self.sample, self.layers)
+        chosen = [layer for layer in self.layers if (choices or {}).get(layer.name) is not None]
+        priced = {layer.name: self.of(layer, choices[layer.name]) for layer in chosen}
+        chains = {layer.name: profile.layers[layer.output] for layer in chosen if layer.output in profile.layers}
+        checks = guard({layer.name: self.dense(layer) for layer in chosen}, chains, priced, priced)
+        self.repriced = tuple(name for name, check in checks.items() if check.flag)
+        self.explained = sum(chains[name] - priced[name] for name in self.repriced) / self.total
+        for name in self.repriced:
+            self._scale[name] = self._scale.get(name, 1.0) * chains[name] / priced[name]
+        return profile.total / self.total
 
     @property
     def timed(self) -> int:

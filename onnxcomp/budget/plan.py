@@ -49,6 +49,7 @@ class Allocation:
     timed: int = 0  # timings taken in this run (latency budgets; the rest came from the cache)
     layer_latency: dict | None = None  # latency budgets: layer name -> (seconds dense, seconds chosen)
     search: dict | None = None  # --max-drop: the fractions tried and their losses
+    rank_multiple: int | None = None  # the multiple the candidate ranks were rounded to (None: any rank)
 
     def solve_plan(self, solve: SolveConfig) -> dict:
         """Layer name -> (the fit at its chosen point, the candidate's start), or why it stays dense."""
@@ -89,12 +90,16 @@ class Planner:
     def __init__(self, budget: BudgetConfig, planning: Planning):
         self.budget, self.planning = budget, planning
         self.curves = Curves(planning, budget.rank_multiple)
-        self._gains = None
+        self._gains = self._any_rank = None
 
     def plan(self, fraction: float) -> tuple[Allocation, Solved]:
         """Allocate and solve at ``fraction`` (latency budgets: measured and corrected once)."""
         planning, costs = self.planning, self.planning.costs
         allocation, solved = self.decide(fraction)
+        allocation.rank_multiple = self.curves.multiple
+        if not allocation.feasible and self.budget.any_rank_fallback:  # the default rounding cannot meet it
+            self._any_rank = self._any_rank or Curves(planning, None)
+            allocation, solved = _with_sensitivity(self.budget, planning, self._any_rank, fraction, self.gains)
         if self.budget.kind is BudgetKind.LATENCY:
             allocation, solved = _close_latency_loop(planning, self.decide, (allocation, solved), fraction)
         costs.save()
@@ -206,6 +211,8 @@ def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, 
         note = {"unweighted_loss": losses[0], "weighted_loss": losses[1], "metric": planning.judge.metric.name}
         if budget.sensitivity in (Sensitivity.ON, Sensitivity.MEASURED) or losses[1] <= losses[0]:
             allocation, solved = weighted, weighted_solved
+    elif budget.sensitivity in (Sensitivity.ON, Sensitivity.MEASURED):
+        allocation = weighted  # the same choices: the same solved layers
     shown = gains.note() if isinstance(gains, MeasuredWeights) else {k: round(v, 6) for k, v in gains.items()}
     allocation.sensitivity = {**note, "weighted": allocation is weighted, "probe": planning.judge.source,
                               "mode": budget.sensitivity.value, "gains": shown}
@@ -221,21 +228,24 @@ def _close_latency_loop(planning: Planning, decide, first, fraction: float):
 
     The prediction (in-model dense times, isolated chain/dense ratios) misses what the
     rewritten model does by a few percent (its chains fuse and cache differently); one
-    re-allocation at ``fraction + (fraction - measured)`` corrects most of it. The round
-    whose measurement is closer to the target is kept.
+    re-allocation at ``fraction + (fraction - measured)`` corrects most of it. A chain that
+    ran slower than priced re-prices its layer (``costs.measure``) and re-allocates too, the
+    part of the miss it explains no longer aimed off. The round whose measurement is closer
+    to the target is kept.
     """
     rounds, best, aim = [], None, fraction
     for _ in range(2):
         allocation, solved = first if best is None else decide(aim)
         if best is not None and allocation.choices == best[0].choices:
             break  # the allocation cannot move: nothing new to measure
-        measured = planning.costs.measure(apply_solved(planning.model, planning.layers, solved))
-        rounds.append({"aimed": aim, "predicted": allocation.predicted, "measured": measured})
+        measured = planning.costs.measure(apply_solved(planning.model, planning.layers, solved), allocation.choices)
+        repriced = list(planning.costs.repriced)  # chains slower than priced: their layers now cost what they took
+        rounds.append({"aimed": aim, "predicted": allocation.predicted, "measured": measured, "repriced": repriced})
         allocation.measured = measured
         if best is None or abs(measured - fraction) < abs(best[0].measured - fraction):
             best = (allocation, solved)
-        if abs(measured - fraction) <= LATENCY_RETRY * fraction:
+        if abs(measured - fraction) <= LATENCY_RETRY * fraction and not repriced:
             break
-        aim = min(1.0, max(0.01, aim + fraction - measured))
+        aim = min(1.0, max(0.01, aim + fraction - measured + planning.costs.explained))
     best[0].rounds = rounds
     return best

@@ -68,3 +68,42 @@ def _node_macs(node: onnx.NodeProto, shapes) -> int | None:
     outputs = static_product(out[1:]) if len(out) > 1 else static_product(out)
     k = a[-1]
     return None if outputs is None or not isinstance(k, int) else outputs * k
+
+
+# A rewritten layer's chain is at most this many nodes (CP 4way: four convs, a MatMul's bias Add: three).
+MAX_CHAIN = 6
+
+
+def chain_nodes(model: onnx.ModelProto, input_name: str, output_name: str, producers: dict | None = None) -> list:
+    """The nodes computing ``output_name`` from ``input_name`` along their first inputs, first to last:
+    a target layer's own node in the original model, its chain after a rewrite ([] when the walk
+    does not reach ``input_name`` within :data:`MAX_CHAIN` nodes: not a chain onnxcomp wrote)."""
+    producers = producers if producers is not None else {o: n for n in model.graph.node for o in n.output}
+    nodes, tensor = [], output_name
+    while len(nodes) < MAX_CHAIN:
+        node = producers.get(tensor)
+        if node is None or not node.input:
+            return []
+        nodes.append(node)
+        if node.input[0] == input_name:
+            return nodes[::-1]
+        tensor = node.input[0]
+    return []
+
+
+def layer_macs(model: onnx.ModelProto, layers, input_shapes: dict[str, list[int]] | None = None,
+               feed: dict | None = None) -> dict[str, int | None]:
+    """Multiply-adds per sample of each target layer *as computed in* ``model``: the layer's node in
+    its original, the nodes of its chain in a rewritten model (layer name -> MACs; None: unknown,
+    or the layer's output is not computed from its input by a chain there)."""
+    shapes = infer_shapes(with_input_shapes(model, input_shapes or {}))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    chains = {layer.name: chain_nodes(model, layer.input, layer.output, producers) for layer in layers}
+    if feed is not None and any(_node_macs(n, shapes) is None for nodes in chains.values() for n in nodes
+                                if n.op_type in TARGET_OPS):
+        shapes.update(runtime_shapes(model, feed))
+    out = {}
+    for name, nodes in chains.items():
+        counts = [_node_macs(n, shapes) if n.op_type in TARGET_OPS else 0 for n in nodes]
+        out[name] = sum(counts) if nodes and None not in counts else None
+    return out

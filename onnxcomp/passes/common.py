@@ -12,15 +12,23 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..model.denormals import flush_subnormals
+
 
 class GraphEditor:
     """One onnx-graphsurgeon graph being rewritten layer by layer."""
 
     def __init__(self, model: onnx.ModelProto):
         self.original = model
-        self.graph = gs.import_onnx(model)
+        # Imported from a copy: onnx-graphsurgeon's export writes into the TensorProtos it imported
+        # (a Constant node's tensor gets its name set), which changed the caller's model and its
+        # fingerprint, so its statistics were refused by the next compress.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        self.graph = gs.import_onnx(copy)
         self._by_output = {n.outputs[0].name: n for n in self.graph.nodes if n.outputs}
         self._names = {t for t in self.graph.tensors()} | {n.name for n in self.graph.nodes}
+        self.flushed = 0  # subnormal values written as 0 by :meth:`constant`
 
     def node(self, output_name: str) -> gs.Node:
         """The node that produces ``output_name`` (output tensor names are unique in ONNX)."""
@@ -36,7 +44,13 @@ class GraphEditor:
         return name
 
     def constant(self, base: str, array: np.ndarray, dtype) -> gs.Constant:
-        return gs.Constant(self.unique(base), np.ascontiguousarray(array, dtype=dtype))
+        """A new weight tensor in the model's ``dtype``: every factor, bias and folded constant the
+        rewrites write is made here. Values that are subnormal *in that dtype* are written as 0
+        (factors fitted in float64 inherit near-zero components of dead channels, and many CPUs
+        compute with subnormal operands through a slow path: see :mod:`onnxcomp.model.denormals`)."""
+        value, flushed = flush_subnormals(np.ascontiguousarray(array, dtype=dtype))
+        self.flushed += flushed
+        return gs.Constant(self.unique(base), value)
 
     def chain(self, node: gs.Node, steps: list[tuple[str, list, dict]]) -> None:
         """Replace ``node`` by ``steps`` run one after the other.

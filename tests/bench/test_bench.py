@@ -187,13 +187,68 @@ def test_cli_on_the_example_writes_json(tmp_path, capsys):
     assert "99.80%" in stdout and f"wrote {out}" in stdout
     saved = json.loads(out.read_text())
     assert set(saved) == {"original", "compressed", "ratios", "data", "outputs", "top1_output", "top1_agreement",
-                          "accuracy", "latency", "settings", "notes"}
+                          "accuracy", "latency", "settings", "notes", "reach", "subnormals"}
     assert saved["data"] == {"samples": 500, "inputs": {"input": [500, 1, 32, 32]}}
     assert saved["accuracy"]["original"] == saved["accuracy"]["compressed"] == pytest.approx(0.998)
     assert saved["outputs"]["logits"]["relative_l2"] == 0 and saved["top1_agreement"] == 1.0
     assert saved["original"]["macs_per_sample"] == 16_876_160 and saved["original"]["params"] == 131_242
     assert [l["batch_size"] for l in saved["latency"]] == [1, 8]
     assert {"median_ms", "p10_ms", "p25_ms", "p75_ms", "p90_ms", "min_ms"} <= set(saved["latency"][0]["original"])
+
+
+def test_floor_of_a_compressed_model(tmp_path, capsys):
+    """The floor needs each layer's MACs kept: found again in the compressed model as its chain."""
+    import onnxcomp
+
+    original = onnxcomp.load_model(EXAMPLE / "digits_cnn.onnx")
+    compressed, report = onnxcomp.compress(original, EXAMPLE / "calib.npz", rank=8, progress=False,
+                                           check_latency=False)
+    held_out = {"input": np.load(EXAMPLE / "heldout.npz")["input"][:40]}
+    result = bench(original, compressed, held_out, batch_sizes=(1, 4), threads=1, **FAST)
+    kept = result.reach["kept"]
+    # conv2 (32x32x3x3) at rank 8: a 3x3 conv 32 -> 8 and a 1x1 conv 8 -> 32 at the same positions
+    assert kept["/conv2/Conv"] == pytest.approx(8 * (32 * 9 + 32) / (32 * 32 * 9), rel=1e-12)
+    rows = {row.name: row for row in report.layers}
+    assert kept == pytest.approx({name: row.macs_after / row.macs_before for name, row in rows.items()}, rel=1e-12)
+    for latency in result.latency:
+        assert 0 < latency.rewritable_share <= 1 and 0 < latency.floor < 1
+        # what the floor is: the untouched share + each layer's share x its MACs kept, so at least
+        # the smallest fraction any layer keeps, and at most 1
+        assert latency.floor >= min(kept.values()) * latency.rewritable_share + (1 - latency.rewritable_share) - 1e-9
+    assert "floor" in result.table() and "rewritable" in result.table()
+    assert result.to_dict()["latency"][0]["floor"] == result.latency[0].floor
+    assert result.subnormals == {which: {"values": 0, "tensors": 0, "flushed_ratio": None}
+                                 for which in ("original", "compressed")}
+
+
+def test_subnormal_weights_counted_and_what_flushing_buys_timed(tmp_path):
+    model = mlp()
+    w1 = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w1[:4] = 1e-39  # four dead output channels
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    from onnxcomp.model import flush_model
+
+    flushed, _ = flush_model(model)
+    result = bench(model, flushed, data(), batch_sizes=(1,), **FAST)
+    original = result.subnormals["original"]
+    assert (original["values"], original["tensors"]) == (4 * 16, 1)
+    assert original["flushed_ratio"] > 0  # its value is this machine's: a benchmark's business
+    assert result.subnormals["compressed"] == {"values": 0, "tensors": 0, "flushed_ratio": None}
+    assert "subnormal weights: the original model holds 64 in 1 tensor(s); with them set to 0" in result.table()
+    assert result.outputs["logits"]["max_abs"] < 1e-30  # numerically the same model
+
+
+def test_no_floor(tmp_path, capsys):
+    model = tmp_path / "mlp.onnx"
+    onnx.save_model(mlp(), model)
+    np.save(tmp_path / "x.npy", data(20))
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(capsys, model, model, "--data", tmp_path / "x.npy", "--batch-sizes", "1",
+                                "--repeats", "5", "--warmup", "1", "--no-floor", "--json", out)
+    assert code == 0, err
+    saved = json.loads(out.read_text())
+    assert saved["reach"] is None and saved["subnormals"] is None and saved["latency"][0]["floor"] is None
+    assert "Amdahl" not in stdout and "rewritable" not in stdout
 
 
 def test_cli_labels_file(tmp_path, capsys):
