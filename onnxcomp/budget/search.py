@@ -1,10 +1,10 @@
 """Accuracy-controlled compression: the smallest model whose judged loss stays within a drop.
 
-The equivalent of NNCF's ``quantize_with_accuracy_control`` for budgets: bisection on the
-budget fraction, each step an ordinary budget decision (:class:`~.plan.Planner`: the
-statistics, curves and sensitivity gains are computed once and reused), judged on the
-validation samples by the configured metric. The loss is assumed to shrink as the fraction
-grows (more MACs, more rank); the search keeps the smallest fraction that met the drop.
+The equivalent of NNCF's ``quantize_with_accuracy_control`` for budgets: a coarse scan of the
+budget fraction, then bisection inside the first bracket that meets the drop, each step an
+ordinary budget decision (:class:`~.plan.Planner`: the statistics, curves and sensitivity gains
+are computed once and reused), judged on the validation samples by the configured metric. The
+search keeps the smallest fraction that met the drop.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from ..errors import OnnxcompError
 
 # The search stops when the bracket [fails, meets] is narrower than this fraction of the model.
 STEP = 0.02
+# The coarse scan, smallest first.
+SCAN = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def smallest_within(planner, max_drop: float, step: float = STEP):
@@ -27,9 +29,17 @@ def smallest_within(planner, max_drop: float, step: float = STEP):
         trials.append({"fraction": fraction, "predicted": allocation.predicted, "loss": loss})
         return allocation, solved, loss
 
-    fails, meets = 0.0, 1.0
-    best = None
-    while meets - fails > step:
+    # A coarse scan first: the loss need not shrink monotonically with the fraction (rank grids
+    # rounded to multiples, sensitivity choices), so a bisection from 0.5 alone can skip the
+    # smallest fraction that meets the drop; then bisection inside the first bracket that does.
+    fails, meets, best = 0.0, 1.0, None
+    for fraction in SCAN:
+        allocation, solved, loss = attempt(fraction)
+        if loss <= max_drop:
+            meets, best = fraction, (allocation, solved)
+            break
+        fails = fraction
+    while best is not None and meets - fails > step:
         fraction = round(0.5 * (fails + meets), 6)
         allocation, solved, loss = attempt(fraction)
         if loss <= max_drop:

@@ -27,7 +27,7 @@ def test_smallest_fraction_within_the_drop(digits):
     # within one step of the smallest that meets it: the largest failing fraction tried is one step below
     failing = [f for f, loss in trials.items() if loss > 0.02]
     assert failing and search["fraction"] - max(failing) <= STEP
-    assert report.totals["macs_after"] < 0.3 * report.totals["macs_before"]  # measured: 17.0%
+    assert report.totals["macs_after"] < 0.3 * report.totals["macs_before"]  # measured: 17.5%
 
 
 def test_a_users_metric_decides(digits):
