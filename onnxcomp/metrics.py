@@ -17,11 +17,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 
 from .config import OutputSpec
 from .errors import OnnxcompError
-from .runtime import make_session
 
 
 def _quiet(method):
@@ -95,13 +93,6 @@ def output_errors(reference: list[np.ndarray], candidate: list[np.ndarray], name
     errors.add(reference, candidate)
     return errors.result()
 
-
-def compare_outputs(original: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict, providers=None) -> dict:
-    """Run both models on one feed dict and compare every output."""
-    reference = make_session(original, providers).run(None, feeds)
-    session = make_session(compressed, providers)
-    names = [o.name for o in session.get_outputs()]
-    return output_errors(reference, session.run(None, feeds), names)
 
 
 # ---------------------------------------------------------------- classifiers
