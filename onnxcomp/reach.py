@@ -28,7 +28,7 @@ import numpy as np
 from .calibration.readers import fixed_batch, iter_feeds, model_inputs
 from .errors import first_line
 from .model import with_input_shapes
-from .runtime import Profile, Timer
+from .runtime import Profile, Timer, feed_size
 
 # A chain is flagged when it is slower than its dense layer by more than this share...
 SLOWER_TOLERANCE = 0.10
@@ -162,11 +162,11 @@ def check_latency(timer: Timer, original, compressed, layers, kept: dict[str, fl
     the error is raised, for latency budgets, which measured the same runs before)."""
     try:
         ratio, before_seconds, after_seconds = timer.whole_model_ratio(original, compressed, sample)
-        before = time_share(timer, original, layers, sample, _samples(sample), whole=before_seconds)
+        before = time_share(timer, original, layers, sample, feed_size(sample), whole=before_seconds)
         after = layer_times(timer.profile(compressed, sample, layers), layers)
         shares = [before]
-        if batch_feed is not None and _samples(batch_feed) != before.batch:
-            shares.append(time_share(timer, original, layers, batch_feed, _samples(batch_feed)))
+        if batch_feed is not None and feed_size(batch_feed) != before.batch:
+            shares.append(time_share(timer, original, layers, batch_feed, feed_size(batch_feed)))
     except Exception as exc:  # an onnxruntime failure at batch 1 must not lose the compressed model
         if strict:
             raise
@@ -232,9 +232,9 @@ def model_shares(timer: Timer, model, layers, input_shapes: dict, data=None, bat
             return [], why
         source = "random inputs"
     one = first if fixed else {name: value[:1] for name, value in first.items()}
-    shares = [time_share(timer, model, layers, one, _samples(one), whole=timer.seconds(model, one))]
-    if _samples(first) != shares[0].batch:
-        shares.append(time_share(timer, model, layers, first, _samples(first)))
+    shares = [time_share(timer, model, layers, one, feed_size(one), whole=timer.seconds(model, one))]
+    if feed_size(first) != shares[0].batch:
+        shares.append(time_share(timer, model, layers, first, feed_size(first)))
     return shares, source
 
 
@@ -275,8 +275,3 @@ def _random_batch(model, batch: int) -> tuple[dict | None, str]:
         feed[model_input.name] = (rng.standard_normal(dims).astype(dtype) if dtype.kind == "f"
                                   else np.zeros(dims, dtype))
     return feed, ""
-
-
-def _samples(feed: dict) -> int:
-    first = np.asarray(next(iter(feed.values())))
-    return int(first.shape[0]) if first.ndim else 1

@@ -280,19 +280,32 @@ def fixed_batch(session, names=None) -> int | None:
     return first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
 
 
+def feed_size(feed: dict) -> int:
+    """How many samples a feed holds: the leading dimension of its first array (1 for a scalar)."""
+    first = np.asarray(next(iter(feed.values())))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def repeated(feed: dict, count: int, start: int = 0) -> dict:
+    """Samples ``start`` to ``start + count`` of every array, contiguous, wrapping around to the first
+    samples where the feed holds fewer (a batch topped up to a model's fixed batch size)."""
+    index = np.arange(start, start + count) % feed_size(feed)
+    return {name: np.ascontiguousarray(np.asarray(value)[index]) for name, value in feed.items()}
+
+
 def run_in_batches(session, feed: dict, batch: int = 32) -> list[np.ndarray]:
     """The session's outputs on all samples of ``feed`` (axis 0), run ``batch`` samples at a time.
 
     A model with a fixed batch size runs at that size; the last batch is topped up with the
     first samples and their output rows are dropped."""
-    samples = len(next(iter(feed.values())))
+    samples = feed_size(feed)
     fixed = fixed_batch(session)
     size = fixed or batch
     parts: list[list[np.ndarray]] = []
     for start in range(0, samples, size):
         real = min(size, samples - start)
-        index = np.arange(start, start + size) % samples if fixed else np.arange(start, start + real)
-        outputs = session.run(None, {name: np.ascontiguousarray(value[index]) for name, value in feed.items()})
-        parts.append([out[:real] if out.ndim and out.shape[0] == len(index) else out for out in outputs])
+        run = fixed or real
+        outputs = session.run(None, repeated(feed, run, start))
+        parts.append([out[:real] if out.ndim and out.shape[0] == run else out for out in outputs])
     return [np.concatenate([p[i] for p in parts], axis=0) if parts[0][i].ndim else parts[0][i]
             for i in range(len(parts[0]))]

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..calibration.readers import iter_feeds, read_arrays, whole_set_length
 from ..errors import OnnxcompError, first_line
+from ..runtime import repeated
 
 LABELS_KEY = "labels"
 
@@ -52,10 +53,7 @@ def read_held_out(data, labels, model, inputs) -> HeldOutData:
 def first_samples(feeds: dict, count: int, samples: int) -> dict:
     """The first ``count`` of the ``samples`` samples of every array, contiguous; when there are
     fewer, the data is repeated from its start (a batch larger than the data, a padded last batch)."""
-    if count <= samples:
-        return {name: np.ascontiguousarray(value[:count]) for name, value in feeds.items()}
-    index = np.arange(count) % samples
-    return {name: np.ascontiguousarray(np.asarray(value)[index]) for name, value in feeds.items()}
+    return repeated({name: np.asarray(value)[:samples] for name, value in feeds.items()}, count)
 
 
 def checked_labels(labels: np.ndarray, samples: int, classes: int, source: str) -> np.ndarray:

@@ -19,7 +19,7 @@ import onnx
 
 from ..judge import Judge
 from ..model import TargetLayer
-from ..runtime import fixed_batch, make_session
+from ..runtime import feed_size, fixed_batch, make_session, repeated
 
 _SUFFIX = "/onnxcomp_clean"
 
@@ -49,9 +49,7 @@ def layer_sensitivities(model: onnx.ModelProto, layers: list[TargetLayer], judge
 
 def _probe_feed(feed: dict, fixed: int | None) -> dict:
     """Up to ``PROBE_SAMPLES`` samples (exactly the batch a fixed-batch model takes, repeating samples)."""
-    samples = len(next(iter(feed.values())))
-    index = np.arange(fixed) % samples if fixed else np.arange(min(samples, PROBE_SAMPLES))
-    return {name: np.ascontiguousarray(value[index]) for name, value in feed.items()}
+    return repeated(feed, fixed or min(feed_size(feed), PROBE_SAMPLES))
 
 
 def _dtype(layer: TargetLayer) -> np.dtype:

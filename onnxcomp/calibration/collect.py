@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ..errors import OnnxcompError, first_line
 from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input_shapes
-from ..runtime import open_session
+from ..runtime import feed_size, open_session, repeated
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
 from .stats import InputStats, Statistics
@@ -183,9 +183,9 @@ class _Collector:
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         values = dict(feed)
         if self.fetch:
-            real = _samples(feed)
+            real = feed_size(feed)
             padded = self.fixed is not None and real < self.fixed
-            run_feed = _topped_up(feed, self.fixed) if padded else feed
+            run_feed = repeated(feed, self.fixed) if padded else feed  # topped up by repeating samples
             fetched = self.session.run(self.fetch, run_feed, index)
             if padded:  # drop the rows of the repeated samples (where the batch is the leading axis)
                 fetched = [t[:real] if t.ndim and t.shape[0] == self.fixed else t for t in fetched]
@@ -200,17 +200,6 @@ class _Collector:
     def statistics(self) -> Statistics:
         # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
         return Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.targets})
-
-
-def _samples(feed: dict[str, np.ndarray]) -> int:
-    first = next(iter(feed.values()))
-    return int(first.shape[0]) if first.ndim else 1
-
-
-def _topped_up(feed: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """A batch smaller than the model's fixed batch size, topped up by repeating its samples."""
-    index = np.arange(size) % _samples(feed)
-    return {name: value[index] for name, value in feed.items()}
 
 
 def _check_finite(names: list[str], tensors: list[np.ndarray], index: int) -> None:

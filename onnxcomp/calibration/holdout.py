@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..runtime import feed_size
 from .readers import iter_feeds
 
 VALIDATION_SHARE = 0.1
@@ -39,7 +40,7 @@ class Validation:
 
     @property
     def samples(self) -> int:
-        return sum(_samples(part) for part in self.parts)
+        return sum(feed_size(part) for part in self.parts)
 
 
 def split_validation(feeds: Iterator[dict], total: int | None) -> tuple[Validation, Iterator[dict]]:
@@ -106,7 +107,7 @@ def _stream(feeds: Iterator[dict], validation: Validation, stride: int, limit: i
     ``stride``-th sample into ``validation`` until it holds ``limit``."""
     seen = 0
     for batch in feeds:
-        count = _samples(batch)
+        count = feed_size(batch)
         wanted = np.arange(seen, seen + count) % stride == 0
         room = limit - validation.samples
         wanted &= np.cumsum(wanted) <= room
@@ -115,10 +116,5 @@ def _stream(feeds: Iterator[dict], validation: Validation, stride: int, limit: i
             validation.parts.append({name: value[wanted] for name, value in batch.items()})
         if remove and wanted.any():
             batch = {name: value[~wanted] for name, value in batch.items()}
-        if _samples(batch):
+        if feed_size(batch):
             yield batch
-
-
-def _samples(feed: dict) -> int:
-    first = next(iter(feed.values()))
-    return int(first.shape[0]) if first.ndim else 1
