@@ -73,8 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="--target-latency and the latency check: the onnxruntime execution provider to time "
                                "on (default cpu)")
     compress.add_argument("--threads", type=int, metavar="N",
-                          help="--target-latency and the latency check: intra-op threads of the timed sessions "
-                               "(default: onnxruntime's)")
+                          help="threads to compute with: BLAS, the layers solved in parallel (one BLAS thread "
+                               "each), onnxruntime's intra-op threads, and the timed sessions of --target-latency "
+                               "and the latency check (default: every available core; the timed sessions: "
+                               "onnxruntime's choice)")
     compress.add_argument("--rank-rule", dest="rule", default="energy", choices=["energy", "entropy"],
                           help="with --energy: ARSVD's energy or spectral-entropy rule")
     compress.add_argument("--spectrum", default="data", choices=["data", "weight"],
@@ -112,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("input", help="model (.onnx)")
     calibrate.add_argument("output", help="statistics file to write (.npz)")
     _data_arguments(calibrate, data_required=True)
+    calibrate.add_argument("--threads", type=int, metavar="N",
+                           help="BLAS and onnxruntime intra-op threads (default: every available core)")
     calibrate.add_argument("--merge", nargs="+", default=[], metavar="STATS",
                            help="statistics files to add to the result (shards of a larger set)")
     calibrate.set_defaults(run=_calibrate)
@@ -220,7 +224,7 @@ def _calibrate(args) -> int:
     check_writable(args.output, "statistics")
     statistics = calibrate(load_model(args.input), args.data, input_shapes=args.input_shapes,
                            skip=args.skip, batch_size=args.batch_size, progress=args.progress,
-                           row_mask=args.row_mask)
+                           row_mask=args.row_mask, threads=args.threads)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
     statistics.save(args.output)

@@ -279,6 +279,14 @@ class CompressConfig:
                    _input_shapes(input_shapes), batch_size, device, progress, tuple(outputs or ()), metric,
                    bool(flush_denormals), bool(check_latency), row_mask)
 
+    @property
+    def threads(self) -> int:
+        """Threads to compute with (``--threads``; default every available core): BLAS, the workers
+        the layers are solved on, and onnxruntime's intra-op threads."""
+        from .threads import thread_count
+
+        return thread_count((self.budget.latency if self.budget else self.latency).threads)
+
     def settings(self) -> dict:
         """The report's ``settings``: the fit as plain JSON values."""
         solve = self.solve
@@ -288,7 +296,7 @@ class CompressConfig:
                 "rank_multiple": self.budget.rank_multiple if self.budget else None, "device": self.device.value,
                 "outputs": [{"name": s.name, "weight": s.weight, "axis": s.axis} for s in self.outputs],
                 "metric": self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric"),
-                "flush_denormals": self.flush_denormals}
+                "flush_denormals": self.flush_denormals, "threads": self.threads}
 
 
 def _check_fraction(value, option: str) -> None:

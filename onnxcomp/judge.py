@@ -92,7 +92,7 @@ class SessionMetric(Metric):
         self.fn, self.name = fn, getattr(fn, "__name__", "metric")
 
     def score(self, judge, model):
-        return float(self.fn(make_session(model)))
+        return float(self.fn(make_session(model, threads=judge.threads)))
 
 
 BUILTIN_METRICS = {m.name: m for m in (FidelityMetric, TopOneMetric, CosineMetric)}
@@ -114,8 +114,9 @@ class Judge:
 
     def __init__(self, model: onnx.ModelProto, feed: dict, source: str, held_out: bool,
                  outputs: list[OutputSpec] | None = None, batch: int = 32, metric="fidelity",
-                 row_mask: str | None = None):
+                 row_mask: str | None = None, threads: int | None = None):
         self.model, self.feed, self.source, self.held_out = model, feed, source, held_out
+        self.threads = threads  # onnxruntime intra-op threads of the candidates' sessions
         self.batch, self.row_mask = batch, row_mask
         self.keep = self.keep_of(feed)
         self.names = [o.name for o in model.graph.output]
@@ -130,7 +131,7 @@ class Judge:
             return self
         feed = {name: value[:count] for name, value in self.feed.items()}
         return Judge(self.model, feed, self.source, self.held_out, list((self.specs or {}).values()), self.batch,
-                     self.metric, self.row_mask)
+                     self.metric, self.row_mask, self.threads)
 
     def keep_of(self, feed: dict) -> np.ndarray | None:
         """Which token positions of ``feed`` are real (the row mask's ones); None: no row mask."""
@@ -159,7 +160,7 @@ class Judge:
 
     def run(self, model: onnx.ModelProto) -> list[np.ndarray]:
         """``model``'s outputs on the samples (in batches: fixed-batch models are padded)."""
-        return run_in_batches(make_session(model), self.feed, self.batch)
+        return run_in_batches(make_session(model, threads=self.threads), self.feed, self.batch)
 
     def fidelity(self, model: onnx.ModelProto) -> Fidelity:
         return self.compare(self.run(model))

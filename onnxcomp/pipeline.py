@@ -28,6 +28,7 @@ from .passes import apply_solved
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
 from .runtime import Timer, execution_providers
+from .threads import blas_threads
 
 
 def compress(model, data=None, config: CompressConfig | None = None, *, stats=None, validation_data=None,
@@ -47,13 +48,18 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     if config is not None and options:
         raise OnnxcompError(f"give a config or keyword options, not both (got {sorted(options)})")
     config = config or CompressConfig.from_options(**options)
+    with blas_threads(config.threads):
+        return _compress(model, data, config, stats, validation_data, timer)
+
+
+def _compress(model, data, config: CompressConfig, stats, validation_data, timer: Timer | None):
     latency = config.budget.latency if config.budget else config.latency
     timer = timer or Timer(latency.provider.value, latency.threads)
     if config.budget and config.budget.kind is BudgetKind.LATENCY:
         execution_providers(latency.provider.value)  # fail before calibrating if the provider is missing
     model = as_model(model)
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
-               validation_data, row_mask=config.row_mask)
+               validation_data, row_mask=config.row_mask, threads=config.threads)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     clock.lap("calibration")
@@ -91,21 +97,24 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
 
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True,
-              row_mask: str | None = "auto") -> Statistics:
+              row_mask: str | None = "auto", threads: int | None = None) -> Statistics:
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
-    and reuse with ``stats=``. ``row_mask``: as :func:`compress`'s."""
-    config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask)
-    run = _Run(as_model(model), data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
-               row_mask=row_mask)
-    return run.statistics(Norm.DATA)
+    and reuse with ``stats=``. ``row_mask``, ``threads``: as :func:`compress`'s."""
+    config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask,
+                                         threads=threads)
+    with blas_threads(config.threads):
+        run = _Run(as_model(model), data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
+                   row_mask=row_mask, threads=config.threads)
+        return run.statistics(Norm.DATA)
 
 
 class _Run:
     """The model's layers and the calibration data, read once: what every stage starts from."""
 
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
-                 progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None):
-        self.model, self.data, self.stats = model, data, stats
+                 progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None,
+                 threads: int | None = None):
+        self.model, self.data, self.stats, self.threads = model, data, stats, threads
         self.row_mask = resolve_row_mask(model, row_mask)
         self.input_shapes, self.batch_size, self.progress = input_shapes, batch_size, progress
         self.feeds = self.first_batch = None
@@ -142,7 +151,7 @@ class _Run:
         mask = self.row_mask.input if self.row_mask else None
         validation.row_mask = mask
         return Judge(self.model, validation.feed, validation.source, validation.held_out, list(outputs),
-                     self.batch_size, metric, mask)
+                     self.batch_size, metric, mask, self.threads)
 
     def statistics(self, norm: Norm) -> Statistics | None:
         if self.stats is not None:
@@ -163,7 +172,7 @@ class _Run:
             total -= held_out_count(total)
         return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
                                   batch_size=self.batch_size, progress=self.progress, total=total,
-                                  row_mask=self.row_mask)
+                                  row_mask=self.row_mask, threads=self.threads)
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):
@@ -171,9 +180,10 @@ def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judg
     xp = get_backend(config.device.value)
     if config.budget is None:
         plan = {layer.name: (config.solve, None) for layer in run.chosen}
-        return None, solve_layers(problems, plan, xp, config.progress)
+        return None, solve_layers(problems, plan, xp, config.progress, config.threads)
     costs = make_costs(config.budget, run.model, run.chosen, problems, run.shapes, run.sample, timer, config.progress)
-    planning = Planning(run.model, run.chosen, problems, config.solve, costs, xp, config.progress, judge)
+    planning = Planning(run.model, run.chosen, problems, config.solve, costs, xp, config.progress, judge,
+                        config.threads)
     return plan_budget(config.budget, planning)
 
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from ..config import BudgetConfig, BudgetKind, Sensitivity, SolveConfig
-from ..decompose.solve import LayerProblem, Solved, solve_layers
+from ..decompose.solve import LayerProblem, Solved, layer_workers, solve_layers
 from ..judge import Judge
 from ..passes import apply_solved
+from ..threads import map_parallel
 from .candidates import CURVES, REFINABLE, Candidate
 from .costs import CostModel
 from .knapsack import Option, allocate
@@ -71,6 +72,7 @@ class Planning:
     xp: object
     progress: bool = False
     judge: Judge | None = None  # None: no data to judge by (no sensitivity weighting)
+    workers: int = 1  # threads the layers' curves and solves are spread over (onnxcomp.threads)
 
 
 def plan_budget(budget: BudgetConfig, planning: Planning) -> tuple[Allocation, Solved]:
@@ -134,8 +136,12 @@ class Curves:
     def __init__(self, planning: Planning, multiple: int | None):
         self.planning, self.multiple = planning, multiple
         solve, xp = planning.solve, planning.xp
-        self.points = {layer.name: CURVES[solve.method](planning.problems[layer.name], solve, xp, multiple)
-                       for layer in planning.layers}
+        def curve(layer):
+            return CURVES[solve.method](planning.problems[layer.name], solve, xp, multiple)
+
+        workers = layer_workers(planning.workers, xp)
+        points = map_parallel(curve, planning.layers, workers, desc="curves", progress=planning.progress)
+        self.points = {layer.name: p for layer, p in zip(planning.layers, points)}
 
     def allocate(self, fraction: float, gains: dict | None = None, rounds: int = 3) -> Allocation:
         """Knapsack, then up to ``rounds`` refinements of the coarse curves (see :meth:`_refine`)."""
@@ -192,7 +198,8 @@ def _weight(gains, name: str, candidate: Candidate) -> float:
 
 
 def _solve(planning: Planning, allocation: Allocation) -> Solved:
-    return solve_layers(planning.problems, allocation.solve_plan(planning.solve), planning.xp, planning.progress)
+    return solve_layers(planning.problems, allocation.solve_plan(planning.solve), planning.xp, planning.progress,
+                        planning.workers)
 
 
 def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, fraction: float, gains_of):

@@ -32,7 +32,7 @@ def layer_sensitivities(model: onnx.ModelProto, layers: list[TargetLayer], judge
                         seed: int = 0) -> dict[str, float]:
     """Layer name -> squared gain from its relative output error to the model's standardised output error
     (the judge's measure: per output channel, weighted by ``--outputs``)."""
-    session = make_session(_probe_model(model, layers))
+    session = make_session(_probe_model(model, layers), threads=judge.threads)
     feed = _probe_feed(judge.feed, fixed_batch(session, judge.feed))
     outputs = [o.name for o in model.graph.output]
     zeros = {f"noise/{layer.output}": np.zeros((1,), _dtype(layer)) for layer in layers}

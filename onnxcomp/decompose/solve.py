@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..calibration.stats import InputStats
 from ..config import Method, Norm, SolveConfig
 from ..errors import OnnxcompError
+from ..threads import map_parallel
 from . import objective, ranks
 from .cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from .svd import Spectrum, output_spectrum, truncate
@@ -87,16 +87,23 @@ def layer_problem(layer, stats: InputStats | None) -> LayerProblem:
 Solved = dict
 
 
-def solve_layers(problems: dict[str, LayerProblem], plan: dict, xp=np, progress: bool = False) -> Solved:
-    """Every layer of ``plan`` (name -> (SolveConfig, start), or the reason it is not solved)."""
-    solved = {}
-    for name, entry in tqdm(plan.items(), desc="solve", unit="layer", disable=not progress):
-        if isinstance(entry, str):
-            solved[name] = entry
-        else:
-            solve, start = entry
-            solved[name] = solve_layer(problems[name], solve, xp, start)
-    return solved
+def solve_layers(problems: dict[str, LayerProblem], plan: dict, xp=np, progress: bool = False,
+                 workers: int = 1) -> Solved:
+    """Every layer of ``plan`` (name -> (SolveConfig, start), or the reason it is not solved), on
+    ``workers`` threads (layers are independent; see :mod:`onnxcomp.threads`)."""
+
+    def solved(item):
+        name, entry = item
+        return entry if isinstance(entry, str) else solve_layer(problems[name], entry[0], xp, entry[1])
+
+    items = list(plan.items())
+    results = map_parallel(solved, items, layer_workers(workers, xp), desc="solve", progress=progress)
+    return {name: result for (name, _), result in zip(items, results)}
+
+
+def layer_workers(workers: int, xp) -> int:
+    """Threads to solve layers on: one on a GPU (CuPy's stream serialises them anyway)."""
+    return workers if xp is np else 1
 
 
 def solve_layer(problem: LayerProblem, solve: SolveConfig, xp=np, start=None) -> Decomposition | str:

@@ -1,0 +1,80 @@
+"""How many threads onnxcomp computes with: one setting (``--threads``) for BLAS and onnxruntime.
+
+Why deliberately: OpenBLAS starts one thread per core and, between calls, spins waiting for
+work. When another process holds a core, every small LAPACK call of a solve waits for a thread
+that is not running; on the project's 2-core machine LAPACK-heavy solves ran 50-90x slower
+that way. So the solve runs each layer with one BLAS thread and spreads the layers over
+``threads`` workers instead (layers are independent, and NumPy/LAPACK release the GIL), which
+keeps every core busy on a quiet machine and degrades in proportion under load. The large
+products of calibration (Gram sums) keep ``threads`` BLAS threads: they are long enough to
+amortise a late thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
+
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from .errors import OnnxcompError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_count(threads: int | None) -> int:
+    """``threads`` checked, or every available core when None."""
+    if threads is None:
+        return available_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise OnnxcompError(f"--threads must be a positive integer, got {threads!r}")
+    return threads
+
+
+@contextmanager
+def blas_threads(count: int):
+    """BLAS/LAPACK (OpenBLAS, MKL, BLIS) limited to ``count`` threads inside the block."""
+    with threadpool_limits(limits=count, user_api="blas"):
+        yield
+
+
+def map_parallel(function: Callable[[T], R], items: Sequence[T], workers: int, *, desc: str = "",
+                 progress: bool = False) -> list[R]:
+    """``[function(item) for item in items]`` on ``workers`` threads, each with one BLAS thread;
+    in order, and the same results as a sequential run (each item's arithmetic is unchanged)."""
+    items = list(items)
+    bar = tqdm(total=len(items), desc=desc, unit="layer", disable=not progress)
+    with bar:
+        if workers <= 1 or len(items) <= 1:
+            return list(_each(function, items, bar))
+        with blas_threads(1), ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            futures = [pool.submit(function, item) for item in items]
+            results = []
+            try:
+                for future in futures:
+                    results.append(future.result())
+                    bar.update(1)
+            except BaseException:  # the first failure (or Ctrl-C) ends the run: drop what has not started
+                for future in futures:
+                    future.cancel()
+                raise
+            return results
+
+
+def _each(function: Callable[[T], R], items: Iterable[T], bar) -> Iterable[R]:
+    for item in items:
+        yield function(item)
+        bar.update(1)
