@@ -9,6 +9,7 @@ from .config import BudgetKind
 from .io import columns, write_json
 from .judge import Fidelity
 from .model import count_macs, count_params
+from .model.blocks import block_index, block_role
 from .reach import LatencyCheck, uniform_floor
 
 
@@ -62,7 +63,20 @@ class Report:
             "warnings": self.warnings,
             "seconds": self.seconds,
             "layers": [asdict(row) for row in self.layers],
+            "blocks": self.blocks(),
         }
+
+    def blocks(self) -> dict | None:
+        """Where the budget went in a transformer: MACs before/after and the relative errors per
+        part of a block (attention q/k/v/out, MLP up/down) and per block; None when the layer
+        names do not say (fewer than two parts recognised, or under half of the MACs)."""
+        rows = [row for row in self.layers if row.macs_before and row.macs_after is not None]
+        roles = {row.name: block_role(row.name) for row in rows}
+        known = sum(row.macs_before for row in rows if roles[row.name] != "other")
+        if len(set(roles.values()) - {"other"}) < 2 or known * 2 < sum(row.macs_before for row in rows):
+            return None
+        return {"roles": _grouped(rows, lambda row: roles[row.name]),
+                "blocks": _grouped(rows, lambda row: _or_other(block_index(row.name)))}
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`to_dict` as JSON, atomically."""
@@ -107,6 +121,7 @@ class Report:
                 f"{t['latency_wall_after'] * 1e3:.3g} ms ({t['latency_wall_ratio']:.1%})"
             )
         lines += _row_mask_lines(self.settings.get("row_mask"))
+        lines += _block_lines(self.blocks())
         lines += _denormal_lines(t.get("denormals"))
         lines += _reach_lines(self.latency)
         target = self.settings.get("target")
@@ -133,6 +148,39 @@ class Report:
                          f"(drop {original - compressed:.4g})")
         lines += [f"warning: {warning}" for warning in self.warnings]
         return lines
+
+
+def _or_other(index: int | None) -> str:
+    return "other" if index is None else str(index)
+
+
+def _grouped(rows: list[LayerRow], key) -> dict:
+    groups: dict = {}
+    for row in rows:
+        group = groups.setdefault(str(key(row)), {"layers": 0, "macs_before": 0, "macs_after": 0, "errors": []})
+        group["layers"] += 1
+        group["macs_before"] += row.macs_before
+        group["macs_after"] += row.macs_after
+        if row.relative_error is not None:
+            group["errors"].append(row.relative_error)
+    for group in groups.values():
+        errors = group.pop("errors")
+        group["kept"] = group["macs_after"] / group["macs_before"]
+        group["max_relative_error"] = max(errors) if errors else None
+    return groups
+
+
+def _block_lines(blocks: dict | None) -> list[str]:
+    if not blocks:
+        return []
+
+    def part(name, group):
+        error = group["max_relative_error"]
+        return f"{name} {group['kept']:.0%}" + ("" if error is None else f" (err <= {error:.3f})")
+
+    return ["MACs kept per part of the transformer blocks: "
+            + ", ".join(part(name, group) for name, group in blocks["roles"].items()),
+            "MACs kept per block: " + ", ".join(part(name, group) for name, group in blocks["blocks"].items())]
 
 
 def _row_mask_lines(mask: dict | None) -> list[str]:

@@ -27,7 +27,8 @@ def test_compress_example_end_to_end(tmp_path, capsys):
     assert code == 0, stdout
     assert "fidelity (held-out, 26 calibration samples held out of the statistics): standardised error" in stdout
     data = json.loads(report.read_text())
-    assert set(data) == {"settings", "totals", "fidelity", "latency", "warnings", "seconds", "layers"}
+    assert set(data) == {"settings", "totals", "fidelity", "latency", "warnings", "seconds", "layers", "blocks"}
+    assert data["blocks"] is None  # a CNN: no transformer block parts
     assert data["fidelity"]["held_out"] and data["fidelity"]["samples"] == 26
     # fc1 reads 1024 features and the statistics hold 230 rows: its fit is said to be under-determined
     # (the latency guard may add a warning of its own: what it flags depends on this machine)
