@@ -162,6 +162,9 @@ def _bench_command(commands) -> None:
                        help="batch size of the error pass (default: the largest --batch-sizes)")
     bench.add_argument("--no-floor", dest="floor", action="store_false",
                        help="do not profile the models (no Amdahl floor, slow chains or subnormal-weight timing)")
+    bench.add_argument("--row-mask", metavar="INPUT|auto|none", default="auto",
+                       help="a [batch, seq] 0/1 input marking padding: its zero positions of [N, seq, F] outputs are "
+                            "left out of the comparison (default auto: attention_mask or input_mask if present)")
     bench.add_argument("--json", help="also write the results as JSON here")
     bench.set_defaults(run=_bench)
 

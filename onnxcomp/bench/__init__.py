@@ -28,6 +28,7 @@ from __future__ import annotations
 import onnxruntime as ort
 
 from ..calibration.readers import fixed_batch, model_inputs
+from ..calibration.rowmask import resolve_row_mask
 from ..errors import OnnxcompError
 from ..runtime import Timer, execution_providers
 from .data import checked_labels, read_held_out
@@ -53,6 +54,7 @@ def bench(
     warmup: int | None = None,
     eval_batch_size: int | None = None,
     floor: bool = True,
+    row_mask: str | None = "auto",
 ) -> BenchResult:
     """Compare ``compressed`` with ``original`` on held-out ``data``.
 
@@ -68,7 +70,9 @@ def bench(
     (default: ~0.3 s, at least 3). ``eval_batch_size``: batch for the error pass
     (default: the largest of ``batch_sizes``). ``floor``: also profile the models for the Amdahl
     floor of each timed batch size, the chains slower than their dense layer, and what setting
-    subnormal weights to 0 buys (:mod:`onnxcomp.bench.reach`).
+    subnormal weights to 0 buys (:mod:`onnxcomp.bench.reach`). ``row_mask``: as ``compress``'s
+    (default: ``attention_mask``/``input_mask`` if the model has one): the padding positions of
+    [N, seq, F] outputs are left out of the comparison.
     """
     batch_sizes = _positive_ints(batch_sizes, "batch sizes")
     _check_counts(repeats, warmup, threads)
@@ -81,9 +85,12 @@ def bench(
     held_out = read_held_out(data, labels, pair.reference, inputs)
     fixed = fixed_batch(inputs)
     notes = [] if pair.pairing is not None else ["the output names differ: outputs compared by position"]
+    mask = resolve_row_mask(pair.reference, row_mask)
+    if mask is not None:
+        notes.append(f"row mask {mask.describe()}: the padding positions of [N, seq, F] outputs are left out")
 
     eval_size = fixed or eval_batch
-    outputs, top1 = compare_on_data(pair, held_out, eval_size, fixed)
+    outputs, top1 = compare_on_data(pair, held_out, eval_size, fixed, mask.input if mask else None)
     accuracy = _accuracy(top1, held_out, pair.output_names[0])
 
     if fixed:

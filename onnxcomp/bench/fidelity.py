@@ -13,12 +13,14 @@ from .data import HeldOutData, first_samples
 from .models import ModelPair
 
 
-def compare_on_data(pair: ModelPair, data: HeldOutData, batch: int, fixed: int | None) -> tuple[dict, TopOneAgreement]:
+def compare_on_data(pair: ModelPair, data: HeldOutData, batch: int, fixed: int | None,
+                    row_mask: str | None = None) -> tuple[dict, TopOneAgreement]:
     """(per-output errors, top-1 agreement of the first output) of both models over all of ``data``.
 
     ``batch``: the batch of the pass; ``fixed``: the batch size the model fixes, if any (then
     ``batch`` is that size, and the last batch is topped up with the first samples, whose
-    outputs are dropped).
+    outputs are dropped). ``row_mask``: the input whose zeros mark padding token positions, left
+    out of [N, seq, F] outputs.
     """
     errors = OutputErrors(pair.output_names)
     top1 = TopOneAgreement()
@@ -31,7 +33,8 @@ def compare_on_data(pair: ModelPair, data: HeldOutData, batch: int, fixed: int |
         reference, candidate = pair.run(feed)
         if fixed and real < fixed:
             reference, candidate = _real_rows(reference, fixed, real), _real_rows(candidate, fixed, real)
-        errors.add(reference, candidate)
+        keep = None if row_mask is None else feed[row_mask][:real] != 0
+        errors.add(reference, candidate, keep)
         top1.add(reference[0], candidate[0], real)
     return errors.result(), top1
 

@@ -22,9 +22,10 @@ FEATURES, HIDDEN = 4, 6
 LENGTHS = [5, 2, 7, 3]
 
 
-def _token_model(hidden_layout: str = "3d") -> onnx.ModelProto:
+def _token_model(hidden_layout: str = "3d", padding_output: float = 0.0) -> onnx.ModelProto:
     """x [N, S, 4] -> MatMul(4x6) -> Relu -> MatMul(6x3) -> times the mask: a per-token MLP, like a
-    transformer's feed-forward block; ``"2d"`` flattens the tokens to [N*S, 6] before the second layer."""
+    transformer's feed-forward block; ``"2d"`` flattens the tokens to [N*S, 6] before the second layer;
+    ``padding_output``: what y holds at padding positions."""
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((FEATURES, HIDDEN)).astype(np.float32)
     w2 = rng.standard_normal((HIDDEN, 3)).astype(np.float32)
@@ -38,14 +39,18 @@ def _token_model(hidden_layout: str = "3d") -> onnx.ModelProto:
     tokens (float[N, S, 4] x, int64[N, S] attention_mask) => (float[N, S, 3] y)
     <float[4, 6] w1 = {{{', '.join(map(str, w1.ravel()))}}},
      float[6, 3] w2 = {{{', '.join(map(str, w2.ravel()))}}},
-     int64[2] flat_shape = {{-1, 6}}, int64[1] three = {{3}}, int64[1] last = {{2}}>
+     int64[2] flat_shape = {{-1, 6}}, int64[1] three = {{3}}, int64[1] last = {{2}},
+     float one = {{1.0}}, float fill = {{{padding_output}}}>
     {{
         a = MatMul(x, w1)
         h = Relu(a)
         {flatten}
         m = Cast<to = 1>(attention_mask)
         m3 = Unsqueeze(m, last)
-        y = Mul(back, m3)
+        z = Mul(back, m3)
+        padding = Sub(one, m3)
+        filled = Mul(padding, fill)
+        y = Add(z, filled)
     }}
     """
     model = onnx.parser.parse_model(text)
@@ -195,3 +200,17 @@ def test_compress_on_batches_of_different_lengths():
     _, report = compress(model, data, rank=2, batch_size=4, progress=False, check_latency=False)
     assert report.fidelity.held_out and report.fidelity.samples == 8
     assert report.settings["row_mask"]["input"] == "attention_mask"
+
+
+def test_bench_leaves_padding_positions_out():
+    """`onnxcomp bench` of a model that differs from the original only at padding positions (it
+    writes 5 there instead of 0): no error with the mask (detected), an error without it."""
+    from onnxcomp.bench import bench
+
+    original, padded_fives = _token_model(), _token_model(padding_output=5.0)
+    data = _padded(_sentences())
+    masked = bench(original, padded_fives, data, batch_sizes=(1,), repeats=3, warmup=1, floor=False)
+    plain = bench(original, padded_fives, data, batch_sizes=(1,), repeats=3, warmup=1, floor=False, row_mask="none")
+    assert any("row mask attention_mask (detected)" in note for note in masked.notes)
+    assert masked.outputs["y"]["standardized"] == 0.0
+    assert plain.outputs["y"]["standardized"] > 0.5
