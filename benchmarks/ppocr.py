@@ -479,6 +479,8 @@ def main() -> None:
     parser.add_argument("--norms", nargs="+", default=["data", "frobenius"])
     parser.add_argument("--allocations", nargs="+", default=["keep", "target_macs"],
                         choices=["keep", "target_macs", "target_latency"])
+    parser.add_argument("--sensitivities", nargs="+", default=["auto"], choices=["auto", "on", "off", "measured"],
+                        help="budgets' --sensitivity modes to compare (data norm only; default auto)")
     parser.add_argument("--quick", action="store_true", help="smoke test: cls only, one budget, small sets")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for every session (default 1)")
     parser.add_argument("--repeats", type=int, default=30, help="timed A/B pairs per latency measurement")
@@ -536,9 +538,9 @@ def main() -> None:
         for method in args.methods:
             for budget in args.budgets:
                 for allocation in args.allocations:
-                    for norm in args.norms:
+                    for norm, sensitivity in runs(args):
                         shown = f"cp {args.cp_form}" if method == "cp" else method
-                        label = f"{task.name} {shown} {norm} {allocation}={budget}"
+                        label = f"{task.name} {shown} {norm} {allocation}={budget} sensitivity={sensitivity}"
                         t0 = time.perf_counter()
                         try:
                             # The data norm also gets the validation samples: they judge a budget's
@@ -548,6 +550,7 @@ def main() -> None:
                                 model, stats=stats, validation_data=judge, input_shapes={"x": task.shape},
                                 method=method, norm=norm, skip=task.skip, progress=False, cp_form=args.cp_form,
                                 **{allocation: budget},
+                                **({} if allocation == "keep" else {"sensitivity": sensitivity}),
                                 threads=args.threads, latency_cache=CACHE / "latency" / "latency.json",
                             )
                             t1 = time.perf_counter()
@@ -559,25 +562,27 @@ def main() -> None:
                                            repeats=args.repeats, warmup=args.warmup, eval_batch_size=8)
                             error = next(iter(result.outputs.values()))["relative_l2"]
                             latency = result.latency[0].ratio
-                            rows.append((task.name, shown, norm, f"{allocation}={budget}", f"{kept:.1%}",
+                            rows.append((task.name, shown, norm, f"{allocation}={budget}",
+                                         chosen_sensitivity(report, sensitivity, allocation), f"{kept:.1%}",
                                          f"{fmt_metric(task, base)} -> {fmt_metric(task, score)}",
                                          f"{error:.4f}", f"{latency:.2f}", f"{report.seconds['solve']:.0f}"))
-                            points.append((task.name, f"{shown}/{norm}/{allocation}", kept, score["value"]))
+                            points.append((task.name, f"{shown}/{norm}/{allocation}/{sensitivity}", kept,
+                                           score["value"]))
                         except Exception as exc:  # report and go on: the table shows what failed
                             text = f"{type(exc).__name__}: {first_line(exc)}"
                             problems.append(f"{label}: {text}")
-                            rows.append((task.name, shown, norm, f"{allocation}={budget}", "-", f"FAILED ({text[:80]})",
-                                         "-", "-", "-"))
+                            rows.append((task.name, shown, norm, f"{allocation}={budget}", sensitivity, "-",
+                                         f"FAILED ({text[:80]})", "-", "-", "-"))
                         spent = f"{time.perf_counter() - t0:.1f}s"
-                        if rows[-1][4] != "-":
+                        if rows[-1][5] != "-":
                             spent += (f": compress {t1 - t0:.1f}s, task metric {t2 - t1:.1f}s, "
                                       f"bench {time.perf_counter() - t2:.1f}s")
-                        print(f"  {label}: {' | '.join(rows[-1][4:])}  ({spent})", flush=True)
+                        print(f"  {label}: {' | '.join(rows[-1][5:])}  ({spent})", flush=True)
 
     out = ["", "Original models on the held-out rendered inputs:", "", *originals, "",
-           "| model | method | norm | allocation | MACs kept | task metric (original -> compressed) | output rel. L2 "
-           "| latency ratio | solve s |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| model | method | norm | allocation | sensitivity | MACs kept | task metric (original -> compressed) "
+           "| output rel. L2 | latency ratio | solve s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     out += ["", "allocation: keep=F keeps F of every compressed layer's MACs; target_macs=F is a whole-model budget "
             "(F of the model's MACs, allocated across layers); target_latency=F: F of the model's measured "
@@ -592,6 +597,21 @@ def main() -> None:
     print("\n".join(out))
     if args.plot:
         plot(points, args.plot)
+
+
+def runs(args) -> list[tuple[str, str]]:
+    """(norm, sensitivity) pairs: the sensitivity modes apply to the data norm; Frobenius runs once (auto)."""
+    return [(norm, mode) for norm in args.norms for mode in (args.sensitivities if norm == "data" else ["auto"])]
+
+
+def chosen_sensitivity(report, mode: str, allocation: str) -> str:
+    """The mode, and for auto what it chose on the validation samples."""
+    if allocation == "keep":
+        return "-"
+    note = (report.settings.get("target") or {}).get("sensitivity") or {}
+    if mode == "auto" and "weighted" in note:
+        return "auto: " + ("weighted" if note["weighted"] else "unweighted")
+    return mode
 
 
 def plot(points, path: str) -> None:
