@@ -182,7 +182,13 @@ class LatencyConfig:
 # "What a MAC budget reaches"): the ResNet-50-shaped model ran at 0.53x instead of 0.61x, PP-OCRv4
 # det 0.80x instead of 0.83x, rec 0.69x instead of 0.71x, the digits CNN 0.71x instead of 0.74x, at
 # equal or better task metrics.
-RANK_MULTIPLE = 8
+class DefaultMultiple(int):
+    """The rank multiple budgets round to when the user did not ask for one: unlike an asked
+    multiple, it gives way where a layer has too few multiples to choose from
+    (:data:`onnxcomp.budget.candidates.MIN_MULTIPLES`)."""
+
+
+RANK_MULTIPLE = DefaultMultiple(8)
 ROUNDED_BUDGETS = ("macs", "latency")  # params budgets buy size: their ranks stay free
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import CPForm, Method, SolveConfig
+from ..config import CPForm, DefaultMultiple, Method, SolveConfig
 from ..decompose.cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from ..decompose.solve import LayerProblem
 from ..decompose.tucker2 import search_ranks, tucker2_cost
@@ -49,14 +49,23 @@ def svd_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int 
 
 def candidate_ranks(largest: int, most: int, multiple: int | None = None) -> list[int]:
     """Up to ``most`` ranks in [1, largest], evenly spread; with ``multiple``, only its multiples
-    (all ranks when not even one multiple fits: a tiny layer has no fast rank to round to)."""
+    where at least one fits, else every rank. The default multiple (:class:`DefaultMultiple`)
+    needs ``MIN_MULTIPLES`` of them: a small layer has too few fast ranks to choose from (the
+    digits CNN's 32-channel conv: 8, 16 or 24), and that coarse choice cost more accuracy than the
+    rounding saved time."""
     if largest < 1:
         return []
-    if multiple and largest >= multiple:
+    needed = MIN_MULTIPLES if isinstance(multiple, DefaultMultiple) else 1
+    if multiple and largest // multiple >= needed:
         steps = np.arange(1, largest // multiple + 1)
         picked = np.unique(np.linspace(0, len(steps) - 1, num=min(most, len(steps))).round().astype(int))
         return [int(steps[i] * multiple) for i in picked]
     return [int(r) for r in np.unique(np.linspace(1, largest, num=min(most, largest)).round().astype(int))]
+
+
+# With fewer multiples of the default rank multiple than this below a layer's largest useful rank,
+# its candidates take every rank.
+MIN_MULTIPLES = 4
 
 
 TUCKER2_FRACTIONS = (0.08, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8)

@@ -235,7 +235,7 @@ def _close_latency_loop(planning: Planning, decide, first, fraction: float):
 
     The prediction (in-model dense times, isolated chain/dense ratios) misses what the
     rewritten model does by a few percent (its chains fuse and cache differently); one
-    re-allocation at ``fraction + (fraction - measured)`` corrects most of it. A chain that
+    re-allocation at ``fraction + (predicted - measured)`` corrects most of it. A chain that
     ran slower than priced re-prices its layer (``costs.measure``) and re-allocates too, the
     part of the miss it explains no longer aimed off. The round whose measurement is closer
     to the target is kept.
@@ -251,8 +251,10 @@ def _close_latency_loop(planning: Planning, decide, first, fraction: float):
         allocation.measured = measured
         if best is None or abs(measured - fraction) < abs(best[0].measured - fraction):
             best = (allocation, solved)
-        if abs(measured - fraction) <= LATENCY_RETRY * fraction and not repriced:
+        # What the loop corrects is the prediction's miss, not the grid's: an allocation predicted
+        # below the target (coarse candidates) that measures as predicted is not re-aimed upwards.
+        if abs(measured - allocation.predicted) <= LATENCY_RETRY * fraction and not repriced:
             break
-        aim = min(1.0, max(0.01, aim + fraction - measured + planning.costs.explained))
+        aim = min(1.0, max(0.01, aim + allocation.predicted - measured + planning.costs.explained))
     best[0].rounds = rounds
     return best

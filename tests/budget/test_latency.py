@@ -104,8 +104,10 @@ def test_latency_budget_accounting_is_exact_on_an_additive_machine(mac_machine, 
     assert target["predicted"] == pytest.approx(target["achieved"], rel=1e-9)
     assert target["achieved"] <= fraction + 1e-9
     assert target["achieved"] >= fraction - 0.1  # ranks are multiples of 8: a coarse grid on this small model
-    ranks = [row.rank[0] for row in report.layers if row.method]
-    assert ranks and all(r % 8 == 0 for r in ranks)
+    # Ranks are multiples of 8, except in conv2 (32 x 288: its largest useful rank 28 holds fewer than
+    # MIN_MULTIPLES multiples of 8, so it takes every rank).
+    ranks = {row.name: row.rank[0] for row in report.layers if row.method}
+    assert ranks and all(r % 8 == 0 for name, r in ranks.items() if name != "/conv2/Conv")
     rows = [row for row in report.layers if row.latency_before is not None]
     assert len(rows) == 6 and all(row.latency_after <= row.latency_before for row in rows)
 

@@ -24,8 +24,9 @@ def held_out_error(model, images, reference):
     return np.linalg.norm(logits - reference) / np.linalg.norm(reference)
 
 
-# Free ranks meet a MAC budget within 1%; the default ranks (multiples of 8) are a coarse grid on this
-# small model's 32-channel convs (ranks 8, 16, 24), so the budget can stop a grid step short of it.
+# Free ranks meet a MAC budget within 1%; the default ranks (multiples of 8, except conv2: 32 x 288 has
+# fewer than MIN_MULTIPLES of them, 8, 16, 24, so it takes every rank) are a coarser grid, so the budget
+# can stop a grid step short of it.
 @pytest.mark.parametrize("fraction, multiple, tolerance", [(0.5, 1, 0.01), (0.75, 1, 0.01), (0.5, None, 0.03),
                                                             (0.75, None, 0.03)])
 def test_macs_budget_is_met_and_beats_uniform(digits, fraction, multiple, tolerance):
@@ -35,8 +36,8 @@ def test_macs_budget_is_met_and_beats_uniform(digits, fraction, multiple, tolera
     target = report.settings["target"]
     assert fraction - tolerance <= target["achieved"] <= fraction + 1e-9
     assert target["achieved"] == pytest.approx(report.totals["macs_after"] / report.totals["macs_before"])
-    ranks = [row.rank[0] for row in report.layers if row.method]
-    assert ranks and (multiple == 1 or all(r % 8 == 0 for r in ranks))
+    ranks = {row.name: row.rank[0] for row in report.layers if row.method}
+    assert ranks and (multiple == 1 or all(r % 8 == 0 for name, r in ranks.items() if name != "/conv2/Conv"))
     assert report.settings["rank_multiple"] == (multiple or 8)
     uniform, uniform_report = onnxcomp.compress(model, stats=stats, keep=fraction, progress=False)
     # Uniform rates at the same per-layer fraction cost about as much (the budget may not be spent above it)...
@@ -46,12 +47,12 @@ def test_macs_budget_is_met_and_beats_uniform(digits, fraction, multiple, tolera
 
 
 def test_rounded_ranks_that_cannot_meet_a_macs_budget_fall_back_to_any_rank(digits):
-    """At 20% of the MACs, multiples of 8 cannot meet the budget on this model: the default rounding
+    """At 8% of the MACs, multiples of 8 cannot meet the budget on this model: the default rounding
     gives way to any rank (as before it was the default); a multiple the user asked for does not."""
     model, stats, _, _ = digits
-    _, report = onnxcomp.compress(model, stats=stats, target_macs=0.2, progress=False)
+    _, report = onnxcomp.compress(model, stats=stats, target_macs=0.08, progress=False)
     target = report.settings["target"]
-    assert target["feasible"] and 0.19 <= target["achieved"] <= 0.2 + 1e-9 and target["rank_multiple"] is None
+    assert target["feasible"] and 0.075 <= target["achieved"] <= 0.08 + 1e-9 and target["rank_multiple"] is None
     assert any(row.rank[0] % 8 for row in report.layers if row.method)
     assert "(ranks at any value: multiples of 8 could not meet it)" in report.table()
     _, asked = onnxcomp.compress(model, stats=stats, target_macs=0.2, rank_multiple=8, progress=False)
