@@ -240,7 +240,8 @@ class CompressConfig:
     metric: object = "fidelity"  # what judges candidates: "fidelity", "top1", "cosine" or fn(session) -> float
     flush_denormals: bool = False  # also set the subnormal weights of the layers left alone to 0
     check_latency: bool = True  # profile the result: time shares, Amdahl floors, the latency guard
-    row_mask: str | None = "auto"  # input masking padding rows out of the statistics; "auto": a common name; None
+    row_mask: str | None = "auto"  # the [batch, seq] padding mask input; "auto": a common name; None: none
+    drop_padding_rows: bool = False  # leave the mask's padding rows out of the statistics too
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
@@ -265,7 +266,7 @@ class CompressConfig:
                      provider="cpu", threads=None, latency_cache=None, skip=(), input_shapes=None,
                      batch_size=32, device="cpu", progress=True, outputs=(), metric="fidelity", max_drop=None,
                      minimize="macs", flush_denormals=False, check_latency=True,
-                     row_mask="auto") -> "CompressConfig":
+                     row_mask="auto", drop_padding_rows=False) -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
@@ -283,7 +284,7 @@ class CompressConfig:
         ranks = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
         return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
                    _input_shapes(input_shapes), batch_size, device, progress, tuple(outputs or ()), metric,
-                   bool(flush_denormals), bool(check_latency), row_mask)
+                   bool(flush_denormals), bool(check_latency), row_mask, bool(drop_padding_rows))
 
     @property
     def threads(self) -> int:

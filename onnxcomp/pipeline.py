@@ -59,7 +59,8 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         execution_providers(latency.provider.value)  # fail before calibrating if the provider is missing
     model = as_model(model)
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
-               validation_data, row_mask=config.row_mask, threads=config.threads)
+               validation_data, row_mask=config.row_mask, threads=config.threads,
+               drop_padding_rows=config.drop_padding_rows)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     clock.lap("calibration")
@@ -77,7 +78,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     totals = model_totals(model, compressed, run.shapes, run.sample, compressed_layers, len(run.layers))
     totals["denormals"] = denormals
     settings = {**config.settings(), "calibration_samples": _samples(statistics),
-                "row_mask": statistics.row_mask if statistics else None}
+                "row_mask": _mask_settings(run.row_mask, statistics)}
     if judge is not None and (judge.metric.name != "fidelity" or allocation is not None and allocation.search):
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
@@ -97,14 +98,15 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
 
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True,
-              row_mask: str | None = "auto", threads: int | None = None) -> Statistics:
+              row_mask: str | None = "auto", threads: int | None = None, drop_padding_rows: bool = False
+              ) -> Statistics:
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
-    and reuse with ``stats=``. ``row_mask``, ``threads``: as :func:`compress`'s."""
+    and reuse with ``stats=``. ``row_mask``, ``threads``, ``drop_padding_rows``: as :func:`compress`'s."""
     config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask,
                                          threads=threads)
     with blas_threads(config.threads):
         run = _Run(as_model(model), data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
-                   row_mask=row_mask, threads=config.threads)
+                   row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows)
         return run.statistics(Norm.DATA)
 
 
@@ -113,9 +115,10 @@ class _Run:
 
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
                  progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, drop_padding_rows: bool = False):
         self.model, self.data, self.stats, self.threads = model, data, stats, threads
         self.row_mask = resolve_row_mask(model, row_mask)
+        self.drop_padding_rows = drop_padding_rows
         self.input_shapes, self.batch_size, self.progress = input_shapes, batch_size, progress
         self.feeds = self.first_batch = None
         if data is not None:
@@ -172,7 +175,7 @@ class _Run:
             total -= held_out_count(total)
         return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
                                   batch_size=self.batch_size, progress=self.progress, total=total,
-                                  row_mask=self.row_mask, threads=self.threads)
+                                  row_mask=self.row_mask if self.drop_padding_rows else None, threads=self.threads)
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):
@@ -198,6 +201,13 @@ class _Clock:
         now = time.perf_counter()
         self.seconds[stage] = round(now - self._last, 3)
         self._last = now
+
+
+def _mask_settings(row_mask, statistics) -> dict | None:
+    """The report's ``row_mask``: the mask, and what the statistics did with its padding rows."""
+    if statistics is not None and statistics.row_mask:
+        return {**statistics.row_mask, "padding_rows": "dropped"}
+    return None if row_mask is None else {"input": row_mask.input, "how": row_mask.how, "padding_rows": "kept"}
 
 
 def _samples(statistics) -> int | None:

@@ -186,6 +186,9 @@ def _block_lines(blocks: dict | None) -> list[str]:
 def _row_mask_lines(mask: dict | None) -> list[str]:
     if not mask:
         return []
+    if mask["padding_rows"] == "kept":
+        return [f"row mask: {mask['input']} ({mask['how']}): padding rows kept in the statistics "
+                "(--drop-padding-rows leaves them out), left out of the comparisons"]
     kept = mask["rows_kept"] / mask["rows_seen"] if mask["rows_seen"] else 0.0
     return [f"row mask: {mask['input']} ({mask['how']}): statistics of {mask['layer_inputs']} token-layout layer "
             f"input(s) from {kept:.1%} of their rows (padding left out)"]

@@ -136,13 +136,13 @@ def test_a_mask_of_other_values_is_refused():
 def test_shards_merge_only_when_collected_alike(tmp_path):
     model = _token_model()
     batches = [_padded(_sentences(seed)) for seed in (1, 2)]
-    masked = [calibrate(model, [b], progress=False) for b in batches]
+    masked = [calibrate(model, [b], progress=False, drop_padding_rows=True) for b in batches]
     merged = masked[0].merged(masked[1])
     assert merged.row_mask["rows_kept"] == 2 * 2 * sum(LENGTHS)
     path = tmp_path / "stats.npz"
     merged.save(path)
     assert Statistics.load(path).row_mask == merged.row_mask
-    plain = calibrate(model, [batches[0]], progress=False, row_mask="none")
+    plain = calibrate(model, [batches[0]], progress=False)  # padding rows kept (the default)
     with pytest.raises(OnnxcompError, match="with row mask 'attention_mask' and with no row mask"):
         masked[0].merged(plain)
 
@@ -151,8 +151,12 @@ def test_compress_detects_and_reports_the_mask():
     model = _token_model()
     data = [_padded(_sentences(seed)) for seed in range(12)]
     _, report = compress(model, data, rank=2, progress=False, check_latency=False)
+    assert report.settings["row_mask"] == {"input": "attention_mask", "how": "detected", "padding_rows": "kept"}
+    assert any(line.startswith("row mask: attention_mask (detected): padding rows kept in the statistics")
+               for line in report.summary_lines())
+    _, report = compress(model, data, rank=2, progress=False, check_latency=False, drop_padding_rows=True)
     mask = report.settings["row_mask"]
-    assert mask["how"] == "detected" and mask["layer_inputs"] == 2
+    assert mask["how"] == "detected" and mask["layer_inputs"] == 2 and mask["padding_rows"] == "dropped"
     kept = mask["rows_kept"] / mask["rows_seen"]
     assert 0.4 < kept < 0.7  # 61% of the padded positions are tokens; some sentences are held out
     line = next(line for line in report.summary_lines() if line.startswith("row mask"))
