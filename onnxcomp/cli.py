@@ -179,6 +179,10 @@ def _data_arguments(parser: argparse.ArgumentParser, data_required: bool = False
     _input_shape_argument(parser)
     parser.add_argument("--skip", nargs="+", default=[], metavar="NAME_OR_OPTYPE",
                         help="layers to leave alone, by node name or op type (e.g. Gemm)")
+    parser.add_argument("--row-mask", metavar="INPUT|auto|none", default="auto",
+                        help="a [batch, seq] 0/1 input (e.g. attention_mask) whose zeros mark padding: those token "
+                             "rows are left out of the statistics (default auto: attention_mask or input_mask if "
+                             "the model has one; none: every row counts)")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -215,7 +219,8 @@ def _calibrate(args) -> int:
 
     check_writable(args.output, "statistics")
     statistics = calibrate(load_model(args.input), args.data, input_shapes=args.input_shapes,
-                           skip=args.skip, batch_size=args.batch_size, progress=args.progress)
+                           skip=args.skip, batch_size=args.batch_size, progress=args.progress,
+                           row_mask=args.row_mask)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
     statistics.save(args.output)

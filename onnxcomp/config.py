@@ -234,6 +234,7 @@ class CompressConfig:
     metric: object = "fidelity"  # what judges candidates: "fidelity", "top1", "cosine" or fn(session) -> float
     flush_denormals: bool = False  # also set the subnormal weights of the layers left alone to 0
     check_latency: bool = True  # profile the result: time shares, Amdahl floors, the latency guard
+    row_mask: str | None = "auto"  # input masking padding rows out of the statistics; "auto": a common name; None
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
@@ -242,6 +243,8 @@ class CompressConfig:
         object.__setattr__(self, "outputs", specs)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise OnnxcompError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        if self.row_mask is not None and (not isinstance(self.row_mask, str) or not self.row_mask):
+            raise OnnxcompError(f"--row-mask must be an input name, 'auto' or 'none', got {self.row_mask!r}")
         given = self.solve.ranks.given + (["target"] if self.budget else [])
         if len(given) != 1:
             raise OnnxcompError(
@@ -255,7 +258,8 @@ class CompressConfig:
                      target_params=None, target_latency=None, sensitivity="auto", rank_multiple=None,
                      provider="cpu", threads=None, latency_cache=None, skip=(), input_shapes=None,
                      batch_size=32, device="cpu", progress=True, outputs=(), metric="fidelity", max_drop=None,
-                     minimize="macs", flush_denormals=False, check_latency=True) -> "CompressConfig":
+                     minimize="macs", flush_denormals=False, check_latency=True,
+                     row_mask="auto") -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
@@ -273,7 +277,7 @@ class CompressConfig:
         ranks = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
         return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
                    _input_shapes(input_shapes), batch_size, device, progress, tuple(outputs or ()), metric,
-                   bool(flush_denormals), bool(check_latency))
+                   bool(flush_denormals), bool(check_latency), row_mask)
 
     def settings(self) -> dict:
         """The report's ``settings``: the fit as plain JSON values."""

@@ -78,8 +78,8 @@ class CosineMetric(Metric):
     name = "cosine"
 
     def score(self, judge, model):
-        ref = judge.reference[0].reshape(judge.samples, -1).astype(np.float64)
-        new = judge.run(model)[0].reshape(judge.samples, -1).astype(np.float64)
+        ref, new = (judge.masked(output).reshape(judge.samples, -1).astype(np.float64)
+                    for output in (judge.reference[0], judge.run(model)[0]))
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1)
         return float(np.mean(np.where(norms > 0, np.sum(ref * new, axis=1) / np.maximum(norms, 1e-300), 1.0)))
 
@@ -113,9 +113,11 @@ class Judge:
     """The validation samples, the original model's outputs on them, and the metric that judges."""
 
     def __init__(self, model: onnx.ModelProto, feed: dict, source: str, held_out: bool,
-                 outputs: list[OutputSpec] | None = None, batch: int = 32, metric="fidelity"):
+                 outputs: list[OutputSpec] | None = None, batch: int = 32, metric="fidelity",
+                 row_mask: str | None = None):
         self.model, self.feed, self.source, self.held_out = model, feed, source, held_out
-        self.batch = batch
+        self.batch, self.row_mask = batch, row_mask
+        self.keep = self.keep_of(feed)
         self.names = [o.name for o in model.graph.output]
         self.specs = _check_specs(outputs, self.names)
         self.reference = self.run(model)
@@ -128,7 +130,18 @@ class Judge:
             return self
         feed = {name: value[:count] for name, value in self.feed.items()}
         return Judge(self.model, feed, self.source, self.held_out, list((self.specs or {}).values()), self.batch,
-                     self.metric)
+                     self.metric, self.row_mask)
+
+    def keep_of(self, feed: dict) -> np.ndarray | None:
+        """Which token positions of ``feed`` are real (the row mask's ones); None: no row mask."""
+        return None if self.row_mask is None or self.row_mask not in feed else feed[self.row_mask] != 0
+
+    def masked(self, output: np.ndarray) -> np.ndarray:
+        """A token-layout output [N, seq, F] with its padding positions set to 0 (the same for both
+        models, so padding adds nothing to a comparison)."""
+        if self.keep is None or output.ndim != 3 or output.shape[:2] != self.keep.shape:
+            return output
+        return np.where(self.keep[..., None], output, 0)
 
     @property
     def original_score(self) -> float:
@@ -160,15 +173,15 @@ class Judge:
         return Fidelity(standardized_error(by_output, self.specs), per_output, self.samples, self.source,
                         self.held_out, top1.agreement())
 
-    def standardized(self, reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    def standardized(self, reference: list[np.ndarray], outputs: list[np.ndarray], feed: dict | None = None) -> float:
         """The combined standardised error of ``outputs`` against any ``reference`` outputs (the
-        sensitivity probe compares perturbed runs with its own clean run)."""
-        per_output = self._errors(reference, outputs)
+        sensitivity probe compares perturbed runs with its own clean run on its ``feed``)."""
+        per_output = self._errors(reference, outputs, self.keep if feed is None else self.keep_of(feed))
         return standardized_error({name: e["standardized"] for name, e in per_output.items()}, self.specs)
 
-    def _errors(self, reference, outputs) -> dict:
+    def _errors(self, reference, outputs, keep: np.ndarray | None = None) -> dict:
         errors = OutputErrors(self.names, {s.name: s.axis for s in (self.specs or {}).values()})
-        errors.add(reference, outputs)
+        errors.add(reference, outputs, self.keep if keep is None else keep)
         return errors.result()
 
 

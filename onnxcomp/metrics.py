@@ -70,14 +70,18 @@ class OutputErrors:
 
     def __init__(self, names: list[str], axes: dict[str, int | None] | None = None):
         self.sums = {name: ErrorSums() for name in names}
-        self.channels = {name: ChannelErrors((axes or {}).get(name)) for name in names}
+        self.axes = {name: (axes or {}).get(name) for name in names}
+        self.channels = {name: ChannelErrors(self.axes[name]) for name in names}
 
-    def add(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> None:
-        """One batch of both models' outputs, in the order of ``names``."""
+    def add(self, reference: list[np.ndarray], candidate: list[np.ndarray], keep: np.ndarray | None = None) -> None:
+        """One batch of both models' outputs, in the order of ``names``; ``keep``: the real token
+        positions [N, seq] of the batch (a row mask), whose padding is left out of token-layout outputs."""
         for (name, sums), ref, new in zip(self.sums.items(), reference, candidate, strict=True):
             if np.shape(ref) != np.shape(new):
                 raise OnnxcompError(f"output {name!r} has shape {list(np.shape(ref))} in the original "
                                     f"but {list(np.shape(new))} in the compressed model")
+            if _token_layout(ref, keep, self.axes[name]):
+                ref, new = ref[keep], new[keep]  # [tokens, F]: the channels stay on the last axis
             sums.add(ref, new)
             self.channels[name].add(ref, new)
 
@@ -85,6 +89,12 @@ class OutputErrors:
         """Per output name: standardised per-channel error, relative L2 error, cosine, max abs, non-finite count."""
         return {name: {"standardized": self.channels[name].result(), **sums.result()}
                 for name, sums in self.sums.items()}
+
+
+def _token_layout(output: np.ndarray, keep: np.ndarray | None, axis: int | None) -> bool:
+    """Whether ``output`` is [N, seq, F] with ``keep``'s leading dims and its channels on the last axis."""
+    return (keep is not None and np.ndim(output) == 3 and np.shape(output)[:2] == keep.shape
+            and (axis is None or axis % 3 == 2))
 
 
 def output_errors(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str]) -> dict:

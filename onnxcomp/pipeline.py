@@ -15,6 +15,7 @@ from .budget import Planning, make_costs, plan_budget
 from .calibration.collect import collect_statistics
 from .calibration.holdout import held_out_count, split_validation, validation_besides_stats, validation_from
 from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs
+from .calibration.rowmask import resolve_row_mask
 from .calibration.stats import Statistics
 from .config import BudgetKind, CompressConfig, Norm
 from .decompose.backend import get_backend
@@ -52,7 +53,7 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
         execution_providers(latency.provider.value)  # fail before calibrating if the provider is missing
     model = as_model(model)
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
-               validation_data)
+               validation_data, row_mask=config.row_mask)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     clock.lap("calibration")
@@ -69,7 +70,8 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     compressed_layers = sum(not isinstance(result, str) for result in solved.values())
     totals = model_totals(model, compressed, run.shapes, run.sample, compressed_layers, len(run.layers))
     totals["denormals"] = denormals
-    settings = {**config.settings(), "calibration_samples": _samples(statistics)}
+    settings = {**config.settings(), "calibration_samples": _samples(statistics),
+                "row_mask": statistics.row_mask if statistics else None}
     if judge is not None and (judge.metric.name != "fidelity" or allocation is not None and allocation.search):
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
@@ -88,11 +90,13 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     return compressed, Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
 
-def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True) -> Statistics:
+def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True,
+              row_mask: str | None = "auto") -> Statistics:
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
-    and reuse with ``stats=``."""
-    shapes = CompressConfig.from_options(input_shapes=input_shapes, rank=1).input_shapes
-    run = _Run(as_model(model), data, None, shapes, skip, batch_size, progress, hold_out=False)
+    and reuse with ``stats=``. ``row_mask``: as :func:`compress`'s."""
+    config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask)
+    run = _Run(as_model(model), data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
+               row_mask=row_mask)
     return run.statistics(Norm.DATA)
 
 
@@ -100,8 +104,9 @@ class _Run:
     """The model's layers and the calibration data, read once: what every stage starts from."""
 
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
-                 progress: bool, validation_data=None, hold_out: bool = True):
+                 progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None):
         self.model, self.data, self.stats = model, data, stats
+        self.row_mask = resolve_row_mask(model, row_mask)
         self.input_shapes, self.batch_size, self.progress = input_shapes, batch_size, progress
         self.feeds = self.first_batch = None
         if data is not None:
@@ -134,8 +139,10 @@ class _Run:
         validation = self.validation
         if validation is None or not validation.samples:
             return None
+        mask = self.row_mask.input if self.row_mask else None
+        validation.row_mask = mask
         return Judge(self.model, validation.feed, validation.source, validation.held_out, list(outputs),
-                     self.batch_size, metric)
+                     self.batch_size, metric, mask)
 
     def statistics(self, norm: Norm) -> Statistics | None:
         if self.stats is not None:
@@ -155,7 +162,8 @@ class _Run:
         if total and self.validation is not None and self.validation.held_out:
             total -= held_out_count(total)
         return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
-                                  batch_size=self.batch_size, progress=self.progress, total=total)
+                                  batch_size=self.batch_size, progress=self.progress, total=total,
+                                  row_mask=self.row_mask)
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):

@@ -106,6 +106,7 @@ class Report:
                 f"({t['latency_ratio']:.1%}); whole runs, interleaved: {t['latency_wall_before'] * 1e3:.3g} ms -> "
                 f"{t['latency_wall_after'] * 1e3:.3g} ms ({t['latency_wall_ratio']:.1%})"
             )
+        lines += _row_mask_lines(self.settings.get("row_mask"))
         lines += _denormal_lines(t.get("denormals"))
         lines += _reach_lines(self.latency)
         target = self.settings.get("target")
@@ -132,6 +133,14 @@ class Report:
                          f"(drop {original - compressed:.4g})")
         lines += [f"warning: {warning}" for warning in self.warnings]
         return lines
+
+
+def _row_mask_lines(mask: dict | None) -> list[str]:
+    if not mask:
+        return []
+    kept = mask["rows_kept"] / mask["rows_seen"] if mask["rows_seen"] else 0.0
+    return [f"row mask: {mask['input']} ({mask['how']}): statistics of {mask['layer_inputs']} token-layout layer "
+            f"input(s) from {kept:.1%} of their rows (padding left out)"]
 
 
 def _denormal_lines(denormals: dict | None) -> list[str]:

@@ -43,7 +43,7 @@ def layer_sensitivities(model: onnx.ModelProto, layers: list[TargetLayer], judge
     for layer, activation in zip(layers, clean):
         noise = _relative_noise(activation, epsilon, rng)
         perturbed = session.run(outputs, {**feed, **zeros, f"noise/{layer.output}": noise})
-        gains[layer.name] = (judge.standardized(reference, perturbed) / epsilon) ** 2
+        gains[layer.name] = (judge.standardized(reference, perturbed, feed) / epsilon) ** 2
     return gains
 
 

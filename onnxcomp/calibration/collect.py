@@ -37,6 +37,7 @@ from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input
 from ..runtime import feed_size, open_session, repeated
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
+from .rowmask import RowMask, check_mask, kept_rows
 from .stats import InputStats, Statistics
 
 # Bytes of one float64 row block in the "outputs" reduction: what memory the
@@ -55,6 +56,7 @@ def collect_statistics(
     progress: bool = True,
     total: int | None = None,
     block_bytes: int = BLOCK_BYTES,
+    row_mask: RowMask | None = None,
 ) -> Statistics:
     """Input statistics of ``layers`` on calibration ``data``, keyed by ``layer.stats_key``.
 
@@ -63,7 +65,9 @@ def collect_statistics(
     fixes dynamic input dims (the data is checked against them);
     ``providers`` are onnxruntime execution providers (CPU by default);
     ``total``: samples expected, for the progress bar, when ``data`` cannot tell (an iterator);
-    ``block_bytes``: the size of one float64 row block of the reduction.
+    ``block_bytes``: the size of one float64 row block of the reduction;
+    ``row_mask``: the model input whose zeros mark token rows to leave out (padding), see
+    :mod:`onnxcomp.calibration.rowmask`.
     """
     model = as_model(model)
     targets = _targets(layers)
@@ -72,7 +76,7 @@ def collect_statistics(
     model = with_input_shapes(model, input_shapes or {})
     if not targets:
         return Statistics(model=identity)
-    collector = _Collector(model, targets, providers, block_bytes)
+    collector = _Collector(model, targets, providers, block_bytes, row_mask)
     input_names = [i.name for i in model_inputs(model)]
     total = total if total is not None else count_samples(data, model)
     with tqdm(total=total, unit="sample", desc="calibration", disable=not progress) as bar:
@@ -169,8 +173,11 @@ class _Session:
 class _Collector:
     """Layer inputs leave the session as extra outputs; NumPy/BLAS reduce them."""
 
-    def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers, block_bytes: int):
+    def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers, block_bytes: int,
+                 row_mask: RowMask | None = None):
         inputs = model_inputs(model)
+        self.row_mask = row_mask
+        self.masked = _MaskedRows()
         fed = {i.name for i in inputs}
         self.fixed = fixed_batch(inputs)
         self.targets = targets
@@ -191,15 +198,42 @@ class _Collector:
                 fetched = [t[:real] if t.ndim and t.shape[0] == self.fixed else t for t in fetched]
             _check_finite(self.fetch, fetched, index)
             values.update(zip(self.fetch, fetched))
+        mask = check_mask(feed[self.row_mask.input], self.row_mask.input, index) if self.row_mask else None
         for target in self.targets:
             tensor = values[target.tensor]
             target.check_shape(tensor.shape)
             rows, samples = target.rows_and_samples(tensor.shape)
-            self.sums[target.key].add(_row_blocks(target, tensor, self.buffer.rows(target.dim)), rows, samples)
+            keep = None if target.conv is not None or target.trans_a else kept_rows(tensor.shape, mask)
+            if keep is not None:
+                rows = int(np.count_nonzero(keep))
+                self.masked.add(target.key, rows, keep.size)
+            blocks = _row_blocks(target, tensor, self.buffer.rows(target.dim), keep)
+            self.sums[target.key].add(blocks, rows, samples)
 
     def statistics(self) -> Statistics:
         # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
-        return Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.targets})
+        statistics = Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.targets})
+        statistics.row_mask = self.masked.summary(self.row_mask)
+        return statistics
+
+
+class _MaskedRows:
+    """How many token rows the row mask kept, over the layer inputs it applied to."""
+
+    def __init__(self):
+        self.keys: set[str] = set()
+        self.kept = self.total = 0
+
+    def add(self, key: str, kept: int, total: int) -> None:
+        self.keys.add(key)
+        self.kept += kept
+        self.total += total
+
+    def summary(self, row_mask: RowMask | None) -> dict | None:
+        if row_mask is None:
+            return None
+        return {"input": row_mask.input, "how": row_mask.how, "layer_inputs": len(self.keys),
+                "rows_kept": self.kept, "rows_seen": self.total}
 
 
 def _check_finite(names: list[str], tensors: list[np.ndarray], index: int) -> None:
@@ -241,13 +275,16 @@ class _BlockBuffer:
         return view
 
 
-def _row_blocks(target: _Target, tensor: np.ndarray, buffer: np.ndarray) -> Iterator[np.ndarray]:
-    """Blocks ``[x, 1]`` of the rows of ``tensor``, written into ``buffer``."""
+def _row_blocks(target: _Target, tensor: np.ndarray, buffer: np.ndarray,
+                keep: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Blocks ``[x, 1]`` of the rows of ``tensor`` (those where ``keep``, if given), written into ``buffer``."""
     if target.conv is not None:
         for block in iter_patch_blocks(tensor, target.conv, len(buffer), out=buffer):
             yield buffer[: len(block)]
         return
     rows = tensor.T if target.trans_a else tensor.reshape(-1, target.dim)
+    if keep is not None:
+        rows = rows[keep]
     for start in range(0, len(rows), len(buffer)):
         count = min(len(buffer), len(rows) - start)
         buffer[:count, :-1] = rows[start : start + count]

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..runtime import feed_size
 from .readers import iter_feeds
+from .rowmask import joined_feeds
 
 VALIDATION_SHARE = 0.1
 VALIDATION_MIN = 8
@@ -31,12 +32,13 @@ class Validation:
     source: str
     held_out: bool
     parts: list[dict] = field(default_factory=list)  # filled while the calibration data streams past
+    row_mask: str | None = None  # the input masking padded token rows: batches of other lengths are padded
 
     @property
     def feed(self) -> dict | None:
         if not self.parts:
             return None
-        return {name: np.concatenate([part[name] for part in self.parts]) for name in self.parts[0]}
+        return joined_feeds(self.parts, self.row_mask)
 
     @property
     def samples(self) -> int:

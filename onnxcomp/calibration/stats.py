@@ -86,11 +86,13 @@ class InputStats:
 
 class Statistics(dict):
     """Statistic key (``TargetLayer.stats_key``) -> :class:`InputStats`, and the fingerprint of the
-    model they were collected on (:func:`onnxcomp.model.fingerprint`; None in files from before it)."""
+    model they were collected on (:func:`onnxcomp.model.fingerprint`; None in files from before it);
+    ``row_mask``: the padding mask they were collected with and the token rows it kept (None: none)."""
 
-    def __init__(self, *args, model: str | None = None, **kwargs):
+    def __init__(self, *args, model: str | None = None, row_mask: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.model = model
+        self.row_mask = row_mask
 
     def check_model(self, model_fingerprint: str, what: str = "the statistics") -> None:
         """A one-line error when these statistics were collected on another model."""
@@ -103,13 +105,13 @@ class Statistics(dict):
             self.check_model(other.model, "the statistics to merge")
         # Fresh sums throughout: the result must not share arrays with either input.
         out = Statistics({key: stats.merged(InputStats.empty(stats.dim)) for key, stats in self.items()},
-                         model=self.model or other.model)
+                         model=self.model or other.model, row_mask=_merged_masks(self.row_mask, other.row_mask))
         for key, stats in other.items():
             out[key] = out[key].merged(stats) if key in out else stats.merged(InputStats.empty(stats.dim))
         return out
 
     def save(self, path: str | Path) -> None:
-        index = {"version": FORMAT_VERSION, "keys": list(self), "model": self.model}
+        index = {"version": FORMAT_VERSION, "keys": list(self), "model": self.model, "row_mask": self.row_mask}
         arrays = {"index": np.array(json.dumps(index))}
         for i, s in enumerate(self.values()):
             arrays[f"counts_{i}"] = np.array([s.rows, s.samples], dtype=np.int64)
@@ -126,7 +128,7 @@ class Statistics(dict):
         arrays = read_arrays(path, "statistics", archive=True)
         try:
             index = json.loads(str(arrays["index"]))
-            out = cls(model=index.get("model"))
+            out = cls(model=index.get("model"), row_mask=index.get("row_mask"))
             for i, key in enumerate(index["keys"]):
                 rows, samples = (int(v) for v in arrays[f"counts_{i}"])
                 total = arrays[f"total_{i}"]
@@ -134,6 +136,19 @@ class Statistics(dict):
         except Exception as exc:
             raise OnnxcompError(f"cannot read statistics file {path}: not an onnxcomp stats file ({exc})") from None
         return out
+
+
+def _merged_masks(first: dict | None, second: dict | None) -> dict | None:
+    """Shards merge when collected alike (padding rows in or out of both); the mask's counts add up."""
+    if first is None and second is None:
+        return None
+    if first is None or second is None or first["input"] != second["input"]:
+        def name(mask):
+            return "no row mask" if mask is None else f"row mask {mask['input']!r}"
+        raise OnnxcompError(f"cannot merge statistics collected with {name(first)} and with {name(second)}: "
+                            "collect every shard with the same --row-mask")
+    return {**first, "rows_kept": first["rows_kept"] + second["rows_kept"],
+            "rows_seen": first["rows_seen"] + second["rows_seen"]}
 
 
 def _unpack_symmetric(upper: np.ndarray, dim: int) -> np.ndarray:
