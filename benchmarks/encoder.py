@@ -103,7 +103,7 @@ def main(argv=None) -> None:
             totals, target = report.totals, report.settings.get("target") or {}
             row["macs_kept"] = totals["macs_after"] / totals["macs_before"]
             row["params_kept"] = totals["params_after"] / totals["params_before"]
-            row["sensitivity"] = describe_sensitivity(target.get("sensitivity"))
+            row["sensitivity"] = describe_sensitivity(target.get("sensitivity"), report.settings.get("row_mask"))
             row["compress_s"] = sum(report.seconds.values()) if report.seconds else None
         if timed:
             row["latency"] = {f"s{length}b{batch}": time_pair([original, session], timing_feeds[length], 32, batch,
@@ -214,11 +214,14 @@ def quantize(source: Path, target: Path) -> None:
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
 
 
-def describe_sensitivity(sensitivity: dict | None) -> str | None:
-    if not sensitivity:
-        return None
-    picked = "weighted" if sensitivity.get("weighted") else "unweighted"
-    return f"{sensitivity.get('mode')}: {picked}"
+def describe_sensitivity(sensitivity: dict | None, mask: dict | None) -> str | None:
+    """What the budget's sensitivity mode picked, and the share of token rows the row mask kept."""
+    text = None
+    if sensitivity:
+        text = f"{sensitivity.get('mode')}: {'weighted' if sensitivity.get('weighted') else 'unweighted'}"
+    if mask and mask.get("rows_seen"):
+        text = f"{text or '-'}; mask kept {mask['rows_kept'] / mask['rows_seen']:.0%} of rows"
+    return text
 
 
 def best_overall(rows: list[dict]) -> str:
@@ -234,7 +237,7 @@ def best_overall(rows: list[dict]) -> str:
 
 def header(shapes) -> str:
     cols = ["budget", "row", "MACs kept", "params kept", "cos (min)", "NN", "NN in top 5", "rho"]
-    cols += [f"latency s{length} b{batch}" for length, batch in shapes] + ["sensitivity"]
+    cols += [f"latency s{length} b{batch}" for length, batch in shapes] + ["sensitivity; row mask"]
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
@@ -293,7 +296,8 @@ def results_markdown(rows, reports, shapes, sets, padding, seconds, quick, argv)
              f"- Machine: {platform.processor() or platform.machine()}, 2 cores shared with other sessions; "
              "onnxruntime CPU with 1 thread for compression and timing; OPENBLAS_NUM_THREADS=1.",
              "- Budget: a fraction of the model's MACs (its MatMuls'), ranks at multiples of 8 (the default); "
-             "sensitivity: the default `auto` (the last column says what it picked).",
+             "sensitivity: the default `auto` (the last column says what it picked, and the share of token rows "
+             "the row mask kept in the statistics).",
              "- Metrics against the original float model's embeddings: cos = mean cosine (min in brackets), "
              "NN = nearest-neighbour agreement (NN in top 5: the compressed model's nearest neighbour is among the "
              "original's five nearest), rho = Spearman correlation of the pairwise cosines; latency = "
