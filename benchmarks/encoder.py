@@ -26,7 +26,6 @@ so is the original: those rows are measured against the float original too.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -46,18 +45,22 @@ import encoder_data as data  # noqa: E402
 
 import onnxcomp  # noqa: E402
 from onnxcomp.bench.timing import time_pair  # noqa: E402
-from onnxcomp.config import CompressConfig  # noqa: E402
 from onnxcomp.runtime import make_session  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "ENCODER_RESULTS.md"
+ANALYSIS = "<!-- hand-written below: kept when the script rewrites the file above -->"
 TARGETS = {0.75: (0.95, 0.90), 0.5: (0.85, 0.75)}  # issue 15: held-out cosine, NN agreement
 MASK_INPUT = "attention_mask"
-HAS_ROW_MASK = "row_mask" in inspect.signature(CompressConfig.from_options).parameters
 METHODS = {  # row name -> compress keywords
     "Frobenius": {"norm": "frobenius"},
     "data-aware": {"norm": "data"},
     "data + mask": {"norm": "data", "row_mask": MASK_INPUT},
+}
+VARIANTS = {  # --variants: the data-aware row with one setting changed, metrics only
+    "data-aware, sensitivity off": {"norm": "data", "sensitivity": "off"},
+    "data-aware, sensitivity measured": {"norm": "data", "sensitivity": "measured"},
+    "data-aware, any rank": {"norm": "data", "rank_multiple": 1},
 }
 SHAPES = [(64, 1), (64, 32), (256, 1), (256, 32)]  # (sequence length, batch)
 
@@ -68,6 +71,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", type=float, nargs="+", help="MAC fractions (default 0.75 0.5; quick 0.5)")
     parser.add_argument("--curve", type=float, nargs="*", default=None,
                         help="extra fractions for the best method, metrics only (default 0.9 0.6; quick none)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also the data-aware row with sensitivity off / measured and any rank, metrics only")
     parser.add_argument("--out", type=Path, help=f"the markdown results (default {RESULTS.name}; quick: none)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -106,34 +111,29 @@ def main(argv=None) -> None:
             row["sensitivity"] = describe_sensitivity(target.get("sensitivity"), report.settings.get("row_mask"))
             row["compress_s"] = sum(report.seconds.values()) if report.seconds else None
         if timed:
-            row["latency"] = {f"s{length}b{batch}": time_pair([original, session], timing_feeds[length], 32, batch,
-                                                               repeats=repeats).ratio
-                              for length, batch in shapes}
+            row["latency"], row["original_ms"] = {}, {}
+            for length, batch in shapes:
+                pair = time_pair([original, session], timing_feeds[length], 32, batch, repeats=repeats)
+                row["latency"][f"s{length}b{batch}"] = pair.ratio
+                row["original_ms"][f"s{length}b{batch}"] = pair.original.median_ms
         rows.append(row)
         print(format_row(row, shapes), flush=True)
         return row
 
     def compress(budget, method):
-        options = dict(METHODS[method])
-        if HAS_ROW_MASK:
-            options.setdefault("row_mask", None)  # the data-aware row: every row counts
-        elif "row_mask" in options:
-            return None  # TODO(issue 15): needs onnxcomp's row_mask (compress(..., row_mask=...)), not yet on main
+        options = {"row_mask": None, **(METHODS.get(method) or VARIANTS[method])}  # None: every row counts
         model, report = onnxcomp.compress(str(model_path), calib, validation_data=validation, target_macs=budget,
                                           threads=1, batch_size=32, outputs=[data.EMBEDDING_OUTPUT],
                                           progress=False, check_latency=not quick, **options)
         reports[(budget, method)] = report
+        report.save(work / f"report_{method.replace(' ', '_').replace(',', '')}_{budget}.json")
         return model, report
 
     print(header(shapes), flush=True)
     for budget in budgets:
         best = None
         for method in METHODS:
-            done = compress(budget, method)
-            if done is None:
-                print(f"| {budget:.2f} {method} | not run: this onnxcomp has no row_mask option |", flush=True)
-                continue
-            model, report = done
+            model, report = compress(budget, method)
             path = work / f"{method.replace(' ', '').replace('+', '_')}_{budget}.onnx"
             onnxcomp.save_model(model, path)
             row = measure(method, budget, path, report)
@@ -152,12 +152,19 @@ def main(argv=None) -> None:
         model_file = work / f"curve_{budget}.onnx"
         onnxcomp.save_model(model, model_file)
         measure(best_method, budget, model_file, report, timed=False)
+    for budget in budgets if args.variants else ():
+        for method in VARIANTS:
+            model, report = compress(budget, method)
+            model_file = work / f"variant_{len(rows)}.onnx"
+            onnxcomp.save_model(model, model_file)
+            measure(method, budget, model_file, report, timed=False)
 
     seconds = time.perf_counter() - begin
     markdown = results_markdown(rows, reports, shapes, sets, padding, seconds, quick, argv)
     out = args.out or (None if quick else RESULTS)
     if out:
-        out.write_text(markdown)
+        kept = out.read_text().split(ANALYSIS, 1)[1] if out.exists() and ANALYSIS in out.read_text() else "\n"
+        out.write_text(markdown + "\n" + ANALYSIS + kept)
         print(f"wrote {out}")
     (work / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
     print(f"models and rows.json in {work}; {seconds:.0f} s")
@@ -178,10 +185,15 @@ def cosine_matrix(embeddings: np.ndarray) -> np.ndarray:
     return unit @ unit.T
 
 
+CLEAR_GAP = 0.02  # a sentence's nearest neighbour is "clear" when the second is this much less similar
+
+
 def embedding_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """Mean cosine to the reference embedding, nearest-neighbour agreement among the set, and the
     Spearman correlation of the pairwise cosine similarities (upper triangle); nn5: the compressed
-    model's nearest neighbour is among the original's five nearest."""
+    model's nearest neighbour is among the original's five nearest; nn_clear: NN agreement on the
+    sentences whose nearest neighbour is clear (the original's second nearest is at least CLEAR_GAP
+    less similar), clear_share: their share."""
     unit_r = reference / np.linalg.norm(reference, axis=1, keepdims=True)
     unit_c = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
     sim_r, sim_c = cosine_matrix(reference), cosine_matrix(candidate)
@@ -190,9 +202,14 @@ def embedding_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict:
     upper = np.triu_indices(len(reference), 1)
     nearest = sim_c.argmax(axis=1)
     top5 = np.argsort(-sim_r, axis=1)[:, :5]
+    ordered = np.sort(sim_r, axis=1)
+    clear = ordered[:, -1] - ordered[:, -2] >= CLEAR_GAP
+    agree = sim_r.argmax(axis=1) == nearest
     return {"cos": float(np.mean(np.sum(unit_r * unit_c, axis=1))),
             "cos_min": float(np.min(np.sum(unit_r * unit_c, axis=1))),
-            "nn": float(np.mean(sim_r.argmax(axis=1) == nearest)),
+            "nn": float(np.mean(agree)),
+            "nn_clear": float(np.mean(agree[clear])) if clear.any() else float("nan"),
+            "clear_share": float(np.mean(clear)),
             "nn5": float(np.mean(np.any(top5 == nearest[:, None], axis=1))),
             "rho": float(spearmanr(sim_r[upper], sim_c[upper]).statistic)}
 
@@ -236,7 +253,7 @@ def best_overall(rows: list[dict]) -> str:
 # --- output ----------------------------------------------------------------------------------------
 
 def header(shapes) -> str:
-    cols = ["budget", "row", "MACs kept", "params kept", "cos (min)", "NN", "NN in top 5", "rho"]
+    cols = ["budget", "row", "MACs kept", "params kept", "cos (min)", "NN", "NN, clear", "NN in top 5", "rho"]
     cols += [f"latency s{length} b{batch}" for length, batch in shapes] + ["sensitivity; row mask"]
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
@@ -246,7 +263,8 @@ def format_row(row: dict, shapes) -> str:
         return f"{row[key]:.1%}" if row.get(key) is not None else "-"
 
     cells = [f"{row['budget']:.2f}" if row["budget"] < 1 else "-", row["name"], pct("macs_kept"), pct("params_kept"),
-             f"{row['cos']:.4f} ({row['cos_min']:.3f})", f"{row['nn']:.3f}", f"{row['nn5']:.3f}", f"{row['rho']:.4f}"]
+             f"{row['cos']:.4f} ({row['cos_min']:.3f})", f"{row['nn']:.3f}", f"{row['nn_clear']:.3f}",
+             f"{row['nn5']:.3f}", f"{row['rho']:.4f}"]
     latency = row.get("latency") or {}
     cells += [f"{latency[f's{length}b{batch}']:.3f}" if f"s{length}b{batch}" in latency else "-"
               for length, batch in shapes]
@@ -299,12 +317,17 @@ def results_markdown(rows, reports, shapes, sets, padding, seconds, quick, argv)
              "sensitivity: the default `auto` (the last column says what it picked, and the share of token rows "
              "the row mask kept in the statistics).",
              "- Metrics against the original float model's embeddings: cos = mean cosine (min in brackets), "
-             "NN = nearest-neighbour agreement (NN in top 5: the compressed model's nearest neighbour is among the "
+             f"NN = nearest-neighbour agreement (NN, clear: the same on the {rows[0]['clear_share']:.0%} of held-out "
+             f"sentences whose nearest neighbour is clear, the second nearest at least {CLEAR_GAP} less similar "
+             "under the original; NN in top 5: the compressed model's nearest neighbour is among the "
              "original's five nearest), rho = Spearman correlation of the pairwise cosines; latency = "
              "compressed / original time (median of interleaved per-pair ratios, onnxcomp.bench.timing), "
              "at sequence length s and batch b, unpadded.", ""]
-    if not HAS_ROW_MASK:
-        lines += ["**TODO**: the mask-aware rows need onnxcomp's `row_mask` option, not on main when this ran.", ""]
+    timed = next((r for r in rows if r.get("original_ms")), None)
+    if timed:
+        lines += ["The original's median time per run (ms; its runs interleaved with the first row's): "
+                  + ", ".join(f"s{k[1:].replace('b', ' b')}: {v:.1f}" for k, v in timed["original_ms"].items()) + ".",
+                  ""]
     lines += [header(shapes)] + [format_row(r, shapes) for r in rows] + [""]
     lines += ["Issue 15's targets: " + "; ".join(f"at {b:.0%}: cos >= {c}, NN >= {n}" for b, (c, n) in TARGETS.items())
               + ".", ""]
@@ -316,9 +339,8 @@ def results_markdown(rows, reports, shapes, sets, padding, seconds, quick, argv)
             lines.append(f"- {budget:.0%}: best {best['name']} cos {best['cos']:.4f}, NN {best['nn']:.3f}: "
                          f"{'met' if met else 'missed'}.")
     lines.append("")
-    best_method = best_overall(rows)
-    for (budget, method), report in sorted(reports.items(), reverse=True):
-        if method != best_method:
+    for (budget, method), report in sorted(reports.items(), key=lambda item: -item[0][0]):
+        if method not in METHODS:
             continue
         lines += [f"Where the budget went, {method} at {budget:.0%} (rank, MACs kept, relative error in the data "
                   "norm; dense: kept whole):", "", block_table(report), ""]
