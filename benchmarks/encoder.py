@@ -73,6 +73,8 @@ def main(argv=None) -> None:
                         help="extra fractions for the best method, metrics only (default 0.9 0.6; quick none)")
     parser.add_argument("--variants", action="store_true",
                         help="also the data-aware row with sensitivity off / measured and any rank, metrics only")
+    parser.add_argument("--keep-models", action="store_true",
+                        help="keep the compressed and quantized models (about 70 MB each) in the work folder")
     parser.add_argument("--out", type=Path, help=f"the markdown results (default {RESULTS.name}; quick: none)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -160,14 +162,18 @@ def main(argv=None) -> None:
             measure(method, budget, model_file, report, timed=False)
 
     seconds = time.perf_counter() - begin
-    markdown = results_markdown(rows, reports, shapes, sets, padding, seconds, quick, argv)
+    markdown = results_markdown(rows, reports, shapes, sets, padding, seconds, quick, argv,
+                                calib[0]["input_ids"].shape[1])
     out = args.out or (None if quick else RESULTS)
     if out:
         kept = out.read_text().split(ANALYSIS, 1)[1] if out.exists() and ANALYSIS in out.read_text() else "\n"
         out.write_text(markdown + "\n" + ANALYSIS + kept)
         print(f"wrote {out}")
     (work / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
-    print(f"models and rows.json in {work}; {seconds:.0f} s")
+    if not args.keep_models:
+        for path in work.glob("*.onnx"):
+            path.unlink()
+    print(f"{'models, ' if args.keep_models else ''}reports and rows.json in {work}; {seconds:.0f} s")
 
 
 # --- embeddings and metrics ------------------------------------------------------------------------
@@ -294,7 +300,7 @@ def block_table(report) -> str:
     return "\n".join(lines)
 
 
-def results_markdown(rows, reports, shapes, sets, padding, seconds, quick, argv) -> str:
+def results_markdown(rows, reports, shapes, sets, padding, seconds, quick, argv, calib_length) -> str:
     command = "OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python benchmarks/encoder.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     src = sets["sources"]
@@ -313,7 +319,9 @@ def results_markdown(rows, reports, shapes, sets, padding, seconds, quick, argv)
              f"prose sentences of the {src['held_out']}, none of which occurs in the calibration source.",
              f"- Machine: {platform.processor() or platform.machine()}, 2 cores shared with other sessions; "
              "onnxruntime CPU with 1 thread for compression and timing; OPENBLAS_NUM_THREADS=1.",
-             "- Budget: a fraction of the model's MACs (its MatMuls'), ranks at multiples of 8 (the default); "
+             "- Budget: a fraction of the model's MACs (its MatMuls'; onnxcomp counts them per sample at the first "
+             f"calibration batch's length, {calib_length} tokens, the attention's activation products included), "
+             "ranks at multiples of 8 (the default); "
              "sensitivity: the default `auto` (the last column says what it picked, and the share of token rows "
              "the row mask kept in the statistics).",
              "- Metrics against the original float model's embeddings: cos = mean cosine (min in brackets), "
