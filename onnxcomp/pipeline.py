@@ -17,13 +17,14 @@ from .calibration.holdout import held_out_count, split_validation, validation_be
 from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs
 from .calibration.rowmask import resolve_row_mask
 from .calibration.stats import Statistics
-from .config import BudgetKind, CompressConfig, Norm
+from .config import BudgetKind, CompressConfig, Norm, OutputSpec
 from .decompose.backend import get_backend
 from .decompose.solve import layer_problem, solve_layers
 from .errors import OnnxcompError
 from .judge import Judge
 from .model import as_model, find_layers, fingerprint, select_layers
 from .model.denormals import flush_written
+from .model.downstream import outputs_reached
 from .passes import apply_solved
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
@@ -153,8 +154,17 @@ class _Run:
             return None
         mask = self.row_mask.input if self.row_mask else None
         validation.row_mask = mask
-        return Judge(self.model, validation.feed, validation.source, validation.held_out, list(outputs),
-                     self.batch_size, metric, mask, self.threads)
+        return Judge(self.model, validation.feed, validation.source, validation.held_out,
+                     list(outputs) or self._changing_outputs(), self.batch_size, metric, mask, self.threads)
+
+    def _changing_outputs(self) -> list[OutputSpec]:
+        """Without ``--outputs``: the outputs a compressed layer can change, each weighing 1 (the
+        others, which stay exact, weigh 0); empty when that is every output."""
+        names = [o.name for o in self.model.graph.output]
+        changing = outputs_reached(self.model, [layer.output for layer in self.chosen])
+        if not changing or len(changing) == len(names):
+            return []
+        return [OutputSpec(name, 1.0 if name in changing else 0.0) for name in names]
 
     def statistics(self, norm: Norm) -> Statistics | None:
         if self.stats is not None:
