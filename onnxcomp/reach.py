@@ -193,12 +193,29 @@ def guard_warnings(check: LatencyCheck | None) -> list[str]:
     """The report's warning about chains that run slower than they should (or that nothing was timed)."""
     if check is not None and check.error:
         return [f"the latency check measured nothing: {check.error}"]
+    warnings = _below_floor(check)
     flagged = check.flagged if check is not None else []
     if not flagged:
-        return []
+        return warnings
     names = ", ".join(f"{c.name!r} ({c.flag})" for c in flagged[:3]) + (", ..." if len(flagged) > 3 else "")
-    return [f"{len(flagged)} rewritten layer(s) run slower than they should in the compressed model: {names}; "
-            "keep them dense (--skip NAME) or budget in measured time (--target-latency)"]
+    return warnings + [
+        f"{len(flagged)} rewritten layer(s) run slower than they should in the compressed model: {names}; "
+        "keep them dense (--skip NAME) or budget in measured time (--target-latency)"]
+
+
+# A whole-run ratio this far below its own Amdahl floor was disturbed, not fast: the floor assumes
+# each rewritten layer runs in its MACs' share of its dense time, which thin chains never beat by much.
+BELOW_FLOOR = 0.9
+
+
+def _below_floor(check: LatencyCheck | None) -> list[str]:
+    if check is None or check.ratio is None or not check.shares:
+        return []
+    floor = check.shares[0].floor(check.kept)
+    if floor is None or check.ratio >= BELOW_FLOOR * floor:
+        return []
+    return [f"the measured latency ratio {check.ratio:.2f} is below its Amdahl floor {floor:.2f}: other work "
+            "disturbed the timing (a busy machine); measure again with `onnxcomp bench`"]
 
 
 def predicted_chains(allocation) -> dict[str, float] | None:

@@ -13,7 +13,7 @@ import pytest
 import onnxcomp
 from onnxcomp.cli import main
 from onnxcomp.model import find_layers, layer_macs
-from onnxcomp.reach import GUARD_MARGIN, MIN_DIFFERENCE, TimeShare, guard, uniform_floor
+from onnxcomp.reach import GUARD_MARGIN, MIN_DIFFERENCE, LatencyCheck, TimeShare, guard, guard_warnings, uniform_floor
 from onnxcomp.runtime import Timer
 
 from models import EXAMPLE
@@ -152,3 +152,16 @@ def test_inspect_says_what_is_reachable(capsys):
     # dynamic shapes cannot be timed without --input-shape or --data; --no-timing times nothing
     assert main(["inspect", str(EXAMPLE / "digits_cnn.onnx"), "--no-timing"]) == 0
     assert "Amdahl" not in capsys.readouterr().out
+
+
+def test_a_ratio_below_its_floor_is_reported_as_disturbed():
+    """A whole-run ratio well below the Amdahl floor cannot be the model's: say so, and only then."""
+    share = TimeShare(1, 1.0, {"a": 0.5, "b": 0.3})  # 80% of the time in rewritable layers
+    kept = {"a": 0.5}  # the floor: 1 - 0.25 = 0.75
+    disturbed = LatencyCheck("cpu", 1, [share], kept, ratio=0.5)
+    assert share.floor(kept) == pytest.approx(0.75)
+    assert guard_warnings(disturbed) == [
+        "the measured latency ratio 0.50 is below its Amdahl floor 0.75: other work disturbed the timing "
+        "(a busy machine); measure again with `onnxcomp bench`"]
+    assert guard_warnings(LatencyCheck("cpu", 1, [share], kept, ratio=0.70)) == []  # within 10% of it
+    assert guard_warnings(LatencyCheck("cpu", 1, [share], kept, ratio=0.90)) == []
