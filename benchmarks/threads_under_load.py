@@ -86,21 +86,25 @@ def main() -> None:
           f"{os.cpu_count()} cpus, BLAS default threads {blas}, load before {os.getloadavg()[0]:.1f}")
     settings = {"before (sequential, BLAS default threads)": (1, True),
                 "now (2 workers, 1 BLAS thread each)": (2, False)}
-    times, reference = {}, None
+    times, reference, differences = {}, None, []
     for loaded in (False, True):
         for label, (workers, default_blas) in settings.items():
             with competing_process(loaded):
                 seconds, errors = timed_solve(layers, stats, plan, workers, default_blas)
             reference = reference or errors
             # Multithreaded BLAS sums in another order: equal to rounding, not bit for bit.
-            assert all(abs(errors[n] - reference[n]) <= 1e-8 * abs(reference[n]) + 1e-12 for n in reference), \
-                "a thread setting changed the solution"
+            worst = max(reference, key=lambda n: abs(errors[n] - reference[n]) / max(abs(reference[n]), 1e-12))
+            differences.append((abs(errors[worst] - reference[worst]) / max(abs(reference[worst]), 1e-12), worst,
+                                reference[worst], errors[worst]))
             times[label, loaded] = seconds
     print("| setting | quiet s | one core busy s | busy / quiet |")
     print("| --- | --- | --- | --- |")
     for label in settings:
         quiet, busy = times[label, False], times[label, True]
         print(f"| {label} | {quiet:.1f} | {busy:.1f} | {busy / quiet:.2f} |")
+    difference, name, first, other = max(differences)
+    print(f"largest relative difference of a layer's error between settings: {difference:.1e} ({name}: "
+          f"{first:.6g} vs {other:.6g})")
 
 
 if __name__ == "__main__":
