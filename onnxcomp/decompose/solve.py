@@ -20,6 +20,7 @@ from . import objective, ranks
 from .cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from .svd import Spectrum, output_spectrum, truncate
 from .tucker2 import energy_ranks, evbmf_ranks, search_ranks, tucker2, tucker2_cost
+from .tucker2.surface import ProxySurface
 
 
 @dataclass
@@ -34,6 +35,7 @@ class LayerProblem:
     input_ratio: float = 1.0  # input positions per output position (stride_h * stride_w for a conv)
     positions: int | None = None  # output rows per sample (pixels, tokens); None: unknown
     _spectra: dict = field(default_factory=dict, repr=False)  # (norm, centered) -> Spectrum
+    _surfaces: dict = field(default_factory=dict, repr=False)  # (norm, centered) -> Tucker-2 ProxySurface
 
     def conv_weight(self) -> np.ndarray:
         """W as (C_out, C_in, kh, kw)."""
@@ -53,6 +55,14 @@ class LayerProblem:
         if key not in self._spectra:
             self._spectra[key] = output_spectrum(self.weight, self.fit_matrix(solve), xp)
         return self._spectra[key]
+
+    def tucker2_surface(self, solve: SolveConfig, xp) -> ProxySurface:
+        """The proxy errors of every Tucker-2 rank pair under the fitted norm, computed once: a
+        budget's Tucker-2 curve and its refinements read them."""
+        key = (solve.norm, solve.centered)
+        if key not in self._surfaces:
+            self._surfaces[key] = ProxySurface(self.conv_weight(), self.fit_matrix(solve), xp=xp)
+        return self._surfaces[key]
 
 
 @dataclass
@@ -192,8 +202,19 @@ def solve_tucker2(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> 
     chain = tucker2_cost(c_out, c_in, kh, kw, r_out, r_in, in_positions=problem.input_ratio)
     if chain.macs >= problem.weight.size:
         return f"ranks ({r_out}, {r_in}) are not cheaper than the dense {c_out}x{c_in}x{kh}x{kw} conv"
-    result = tucker2(W, S, (r_out, r_in), norm=solve.norm, xp=xp)
+    init = _tucker2_start(start, c_in, r_in) if solve.norm is Norm.DATA else "auto"
+    result = tucker2(W, S, (r_out, r_in), norm=solve.norm, init=init, xp=xp)
     return _als_decomposition(problem, solve, Method.TUCKER2, result, (r_out, r_in), chain)
+
+
+def _tucker2_start(start, c_in: int, r_in: int):
+    """The input basis a budget's candidate left at these ranks (its proxy's basis, or the factors
+    of a few sweeps from it), for the ALS to continue from: its final error is then at most the
+    candidate's score. "auto" (the solver's own initialisation) without one."""
+    if start is None:
+        return "auto"
+    u_in = getattr(getattr(start, "factors", None), "u_in", start)
+    return u_in if getattr(u_in, "shape", None) == (c_in, r_in) else "auto"
 
 
 def solve_cp(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> Decomposition | str:
