@@ -71,6 +71,9 @@ class Planning:
     xp: object
     progress: bool = False
     judge: Judge | None = None  # None: no data to judge by (no sensitivity weighting)
+    # (layer name, method, rank, CP form) -> its solve: allocations that share a choice (weighted and
+    # unweighted, the fractions of --max-drop, latency rounds) solve it once.
+    solved: dict = field(default_factory=dict, repr=False)
 
 
 def plan_budget(budget: BudgetConfig, planning: Planning) -> tuple[Allocation, Solved]:
@@ -192,7 +195,14 @@ def _weight(gains, name: str, candidate: Candidate) -> float:
 
 
 def _solve(planning: Planning, allocation: Allocation) -> Solved:
-    return solve_layers(planning.problems, allocation.solve_plan(planning.solve), planning.xp, planning.progress)
+    """Each layer solved at its chosen point; points an earlier allocation solved are reused."""
+    keys = {name: None if choice is None else (name, choice.method, choice.rank, choice.form)
+            for name, choice in allocation.choices.items()}
+    plan = allocation.solve_plan(planning.solve)
+    todo = {name: entry for name, entry in plan.items() if keys[name] not in planning.solved}
+    solved = solve_layers(planning.problems, todo, planning.xp, planning.progress)
+    planning.solved.update({keys[name]: result for name, result in solved.items() if keys[name] is not None})
+    return {name: solved[name] if name in solved else planning.solved[keys[name]] for name in plan}
 
 
 def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, fraction: float, gains_of):
