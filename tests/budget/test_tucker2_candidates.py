@@ -129,3 +129,13 @@ def test_tucker2_curves_cost_a_few_factorisations(monkeypatch):
     monkeypatch.setattr(Tucker2Problem, "output_step", output_step)
     points = tucker2_candidates(problem, SOLVE, np)
     assert len(calls) == (1 + candidates.TUCKER2_CANDIDATE_SWEEPS) * len(points)
+
+
+def test_without_sweeps_the_scores_are_the_proxies(monkeypatch):
+    monkeypatch.setattr(candidates, "TUCKER2_CANDIDATE_SWEEPS", 0)
+    problem = conv_problem((24, 16, 3, 3), 0)
+    points = tucker2_candidates(problem, SOLVE, np)
+    surface = next(iter(problem._surfaces.values()))
+    for point in points:
+        assert point.error * surface.reference == pytest.approx(surface.error(*point.rank), rel=1e-12)
+        assert np.array_equal(point.start, surface.start(*point.rank))
