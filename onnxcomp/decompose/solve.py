@@ -97,7 +97,8 @@ def layer_problem(layer, stats: InputStats | None) -> LayerProblem:
 Solved = dict
 
 
-def solve_layers(problems: dict[str, LayerProblem], plan: dict, xp=np, progress: bool = False) -> Solved:
+def solve_layers(problems: dict[str, LayerProblem], plan: dict, xp=np, progress: bool = False,
+                 sweeps: int | None = None) -> Solved:
     """Every layer of ``plan`` (name -> (SolveConfig, start), or the reason it is not solved)."""
     solved = {}
     for name, entry in tqdm(plan.items(), desc="solve", unit="layer", disable=not progress):
@@ -105,21 +106,27 @@ def solve_layers(problems: dict[str, LayerProblem], plan: dict, xp=np, progress:
             solved[name] = entry
         else:
             solve, start = entry
-            solved[name] = solve_layer(problems[name], solve, xp, start)
+            solved[name] = solve_layer(problems[name], solve, xp, start, sweeps)
     return solved
 
 
-def solve_layer(problem: LayerProblem, solve: SolveConfig, xp=np, start=None) -> Decomposition | str:
+def solve_layer(problem: LayerProblem, solve: SolveConfig, xp=np, start=None,
+                sweeps: int | None = None) -> Decomposition | str:
     """A decomposition of the layer, or the reason (a string) why it stays dense.
 
-    ``start``: factors a budget's candidate left at this rank (CP continues from them).
+    ``start``: factors a budget's candidate left at this rank (CP and Tucker-2 continue from them).
+    ``sweeps``: Tucker-2 stops after at most this many ALS sweeps (a budget judging an allocation it
+    may not keep; a later solve continues from the result); the other methods solve in full.
     """
     if solve.ranks.keep is not None and solve.ranks.keep >= 1:
         return "--keep 1.0 keeps every layer as it is"
     if solve.norm is Norm.DATA and problem.stats is None:
         raise OnnxcompError("the data norm needs calibration data or a statistics file (or use --norm frobenius)")
     began = time.perf_counter()
-    result = SOLVERS[solve.method](problem, solve, xp, start)
+    if sweeps is not None and solve.method is Method.TUCKER2:
+        result = solve_tucker2(problem, solve, xp, start, sweeps=sweeps)
+    else:
+        result = SOLVERS[solve.method](problem, solve, xp, start)
     if isinstance(result, Decomposition):
         result.info["seconds"] = time.perf_counter() - began
     return result
@@ -191,8 +198,10 @@ def _svd_rank(problem: LayerProblem, solve: SolveConfig, spectrum, xp) -> int:
     raise OnnxcompError("no rank rule given: use --rank, --keep or --energy")
 
 
-def solve_tucker2(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> Decomposition | str:
-    """Tucker-2 for kxk convolutions; 1x1 convs and Gemm/MatMul are matrices: SVD is their Tucker-2."""
+def solve_tucker2(problem: LayerProblem, solve: SolveConfig, xp, start=None,
+                  sweeps: int | None = None) -> Decomposition | str:
+    """Tucker-2 for kxk convolutions; 1x1 convs and Gemm/MatMul are matrices: SVD is their Tucker-2.
+    ``sweeps``: at most this many ALS sweeps (default: to convergence)."""
     if problem.kernel == (1, 1):
         return solve_svd(problem, solve, xp)
     W = problem.conv_weight()
@@ -203,14 +212,15 @@ def solve_tucker2(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> 
     if chain.macs >= problem.weight.size:
         return f"ranks ({r_out}, {r_in}) are not cheaper than the dense {c_out}x{c_in}x{kh}x{kw} conv"
     init = _tucker2_start(start, c_in, r_in) if solve.norm is Norm.DATA else "auto"
-    result = tucker2(W, S, (r_out, r_in), norm=solve.norm, init=init, xp=xp)
+    limit = {} if sweeps is None else {"max_iter": int(sweeps)}
+    result = tucker2(W, S, (r_out, r_in), norm=solve.norm, init=init, xp=xp, **limit)
     return _als_decomposition(problem, solve, Method.TUCKER2, result, (r_out, r_in), chain)
 
 
 def _tucker2_start(start, c_in: int, r_in: int):
-    """The input basis a budget's candidate left at these ranks (its proxy's basis, or the factors
-    of a few sweeps from it), for the ALS to continue from: its final error is then at most the
-    candidate's score. "auto" (the solver's own initialisation) without one."""
+    """The input basis a budget left at these ranks (its candidate's, after a sweep from the proxy's
+    basis, or a judged allocation's partial solve), for the ALS to continue from: its final error is
+    then at most that score. "auto" (the solver's own initialisation) without one."""
     if start is None:
         return "auto"
     u_in = getattr(getattr(start, "factors", None), "u_in", start)

@@ -94,25 +94,38 @@ def test_refinement_reads_the_same_surface(monkeypatch):
     assert surface.error(*extra.rank) >= extra.error * surface.reference * (1 - 1e-9)
 
 
-def test_allocations_that_share_a_choice_solve_it_once(monkeypatch):
-    """--sensitivity on: the unweighted and the weighted allocations are both solved; the layers they
-    agree on are solved once."""
+def test_only_the_allocation_kept_is_solved_in_full(monkeypatch):
+    """--sensitivity on: the unweighted and the weighted allocations are both judged, their Tucker-2
+    layers after a few sweeps; only the kept one's are solved to convergence, each once (continuing
+    from its judged factors), and shared choices are solved once."""
     model = onnxcomp.load_model(EXAMPLE / "digits_cnn.onnx")
     stats = onnxcomp.calibrate(model, EXAMPLE / "calib.npz", progress=False)
-    seen = []
-    solvers = dict(solve_module.SOLVERS)
+    full, partial = [], []
+    solvers, tucker2_solver = dict(solve_module.SOLVERS), solve_module.solve_tucker2
 
     def counted(method):
         def solver(problem, solve, xp, start=None):
-            seen.append((problem.name, solve.method, solve.ranks.rank))
+            full.append((problem.name, solve.method, solve.ranks.rank))
             return solvers[method](problem, solve, xp, start)
         return solver
 
+    def tucker2_counted(problem, solve, xp, start=None, sweeps=None):
+        partial.append((problem.name, solve.ranks.rank, sweeps, start is not None))
+        return tucker2_solver(problem, solve, xp, start, sweeps=sweeps)
+
     monkeypatch.setattr(solve_module, "SOLVERS", {method: counted(method) for method in solvers})
+    monkeypatch.setattr(solve_module, "solve_tucker2", tucker2_counted)
     _, report = onnxcomp.compress(model, EXAMPLE / "calib.npz", stats=stats, method="auto", target_macs=0.4,
                                   sensitivity="on", progress=False)
-    assert report.settings["target"]["feasible"] and "unweighted_loss" in report.settings["target"]["sensitivity"]
-    assert len(seen) == len(set(seen)), seen
+    note = report.settings["target"]["sensitivity"]
+    assert report.settings["target"]["feasible"] and "unweighted_loss" in note and note["weighted"]
+    assert len(full) == len(set(full)), full
+    kept = {(row.name, tuple(row.rank)) for row in report.layers if row.method == "tucker2"}
+    assert kept and all(row.info["converged"] for row in report.layers if row.method == "tucker2")
+    assert {(name, tuple(rank)) for name, method, rank in full if method is Method.TUCKER2} <= kept
+    judged = {(name, tuple(rank)) for name, rank, sweeps, _ in partial if sweeps is not None}
+    assert judged and judged - kept  # the allocation not kept was judged, never solved in full
+    assert all(sweeps <= 4 and start for _, _, sweeps, start in partial if sweeps is not None)
 
 
 def test_tucker2_curves_cost_a_few_factorisations(monkeypatch):
