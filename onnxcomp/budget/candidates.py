@@ -8,7 +8,6 @@ budget asks them for more points where its spare cost reaches (``REFINABLE``).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +15,7 @@ import numpy as np
 from ..config import CPForm, DefaultMultiple, Method, SolveConfig
 from ..decompose.cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from ..decompose.solve import LayerProblem
-from ..decompose.tucker2 import search_ranks, tucker2_cost
-from ..errors import OnnxcompError
+from ..decompose.tucker2 import tucker2_cost
 
 
 @dataclass(frozen=True)
@@ -69,29 +67,41 @@ MIN_MULTIPLES = 4
 
 
 TUCKER2_FRACTIONS = (0.08, 0.15, 0.25, 0.35, 0.5, 0.65, 0.8)
+# ALS sweeps each Tucker-2 candidate gets from its proxy's basis (benchmarks/tucker2_curve.py: the
+# proxy alone is 15% above the converged error in the median on the YOLOv8n-shaped model, up to 2x;
+# after one sweep 4%, and the allocations match those of converged curves).
+TUCKER2_CANDIDATE_SWEEPS = 1
 
 
 def tucker2_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int | None = None,
-                       fractions=TUCKER2_FRACTIONS, refine: int = 0) -> list[Candidate]:
-    """A coarse curve: the best pair at a few MAC fractions, each scored by the solver's cheap proxy
-    (its initialisation and one exact output step: an upper bound of the ALS error). ``refine``:
-    input ranks scored around the best grid point (see :func:`search_ranks`)."""
+                       fractions=TUCKER2_FRACTIONS) -> list[Candidate]:
+    """A coarse curve: at each of a few MAC fractions the pair with the smallest proxy error out of
+    every pair on the rank grid that fits, scored after ``TUCKER2_CANDIDATE_SWEEPS`` ALS sweeps.
+
+    The proxy (:class:`~..decompose.tucker2.surface.ProxySurface`) is the error of the solver's
+    data-aware initial bases after one exact output step, for all pairs at once from two
+    factorisations. The sweeps start from the proxy's basis; the candidate's ``start`` is the basis
+    they reach, and the final solve at a chosen pair continues from it, so the score is an upper
+    bound of the final error (under the data norm) and no sweep is spent twice.
+    """
     if problem.kernel == (1, 1):
         return svd_candidates(problem, solve, xp, multiple)
     W = problem.conv_weight()
-    S = problem.fit_matrix(solve)
-    out = []
+    surface = problem.tucker2_surface(solve, xp)
+    dense = float(W.size)
+    pairs = []
     for fraction in fractions:
-        try:
-            search = search_ranks(W, S, fraction, measure="macs", in_positions=problem.input_ratio, grid=4,
-                                  refine=refine, multiple=multiple or 1, xp=xp)
-        except OnnxcompError:  # no pair fits this fraction
-            continue
-        if search.ranks in {c.rank for c in out}:
-            continue
-        cost = tucker2_cost(*W.shape, *search.ranks, in_positions=problem.input_ratio)
-        error = search.proxy_error / search.reference if search.reference > 0 else 0.0
-        out.append(Candidate(Method.TUCKER2, search.ranks, cost.params, cost.macs, error))
+        best = surface.best(fraction * dense, measure="macs", in_positions=problem.input_ratio,
+                            multiple=multiple or 1)
+        if best is not None and best[2] < dense and best[:2] not in pairs:
+            pairs.append(best[:2])
+    scores = surface.swept(pairs, TUCKER2_CANDIDATE_SWEEPS, fit=lambda: problem.fit_matrix(solve))
+    surface.release()
+    out = []
+    for (r_out, r_in), (start, error) in zip(pairs, scores):
+        cost = tucker2_cost(*W.shape, r_out, r_in, in_positions=problem.input_ratio)
+        relative = error / surface.reference if surface.reference > 0 else 0.0
+        out.append(Candidate(Method.TUCKER2, (r_out, r_in), cost.params, cost.macs, relative, start=start))
     return out
 
 
@@ -146,4 +156,4 @@ def best_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int
 CURVES = {Method.SVD: svd_candidates, Method.TUCKER2: tucker2_candidates, Method.CP: cp_candidates,
           Method.AUTO: best_candidates}
 # Curves sampled at a few fractions; the budget asks them for more points where its spare cost reaches.
-REFINABLE = {Method.TUCKER2: functools.partial(tucker2_candidates, refine=4), Method.CP: cp_candidates}
+REFINABLE = {Method.TUCKER2: tucker2_candidates, Method.CP: cp_candidates}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..config import BudgetConfig, BudgetKind, Sensitivity, SolveConfig
+from ..config import BudgetConfig, BudgetKind, Method, Sensitivity, SolveConfig
 from ..decompose.solve import LayerProblem, Solved, layer_workers, solve_layers
 from ..judge import Judge
 from ..passes import apply_solved
@@ -34,6 +34,9 @@ from .sensitivity import layer_sensitivities
 SPARE_TOLERANCE = 0.002
 # A measured latency further than this (relative to the target) from the target gets one correction round.
 LATENCY_RETRY = 0.03
+# ALS sweeps of the Tucker-2 layers of an allocation that is only judged against another (after the one
+# its candidate had): within about 1% of the converged errors; only the allocation kept is solved in full.
+JUDGE_SWEEPS = 4
 
 
 @dataclass
@@ -73,6 +76,10 @@ class Planning:
     progress: bool = False
     judge: Judge | None = None  # None: no data to judge by (no sensitivity weighting)
     workers: int = 1  # threads the layers' curves and solves are spread over (onnxcomp.threads)
+    # (layer name, method, rank, CP form) -> its solve: allocations that share a choice (weighted and
+    # unweighted, the fractions of --max-drop, latency rounds) solve it once.
+    solved: dict = field(default_factory=dict, repr=False)
+    judged: dict = field(default_factory=dict, repr=False)  # the same, Tucker-2 after JUDGE_SWEEPS sweeps only
 
 
 def plan_budget(budget: BudgetConfig, planning: Planning) -> tuple[Allocation, Solved]:
@@ -197,29 +204,63 @@ def _weight(gains, name: str, candidate: Candidate) -> float:
     return gains(name, candidate) if callable(gains) else gains[name]
 
 
-def _solve(planning: Planning, allocation: Allocation) -> Solved:
-    return solve_layers(planning.problems, allocation.solve_plan(planning.solve), planning.xp, planning.progress,
-                        planning.workers)
+def _solve(planning: Planning, allocation: Allocation, judging: bool = False) -> Solved:
+    """Each layer solved at its chosen point; points an earlier allocation solved are reused.
+
+    ``judging``: the allocation is only judged against another (sensitivity on/auto): its Tucker-2
+    layers stop after ``JUDGE_SWEEPS`` ALS sweeps, and the allocation kept continues from them to
+    convergence. A full solve is spent only on the points the budget keeps.
+    """
+    plan = allocation.solve_plan(planning.solve)
+    out, full, partial = {}, {}, {}
+    for name, entry in plan.items():
+        choice = allocation.choices[name]
+        if choice is None:
+            full[name] = entry
+            continue
+        key = (name, choice.method, choice.rank, choice.form)
+        if key in planning.solved:
+            out[name] = planning.solved[key]
+        elif judging and choice.method is Method.TUCKER2:
+            if key in planning.judged:
+                out[name] = planning.judged[key]
+            else:
+                partial[name] = entry
+        else:
+            judged = planning.judged.get(key)
+            if getattr(judged, "info", {}).get("converged"):  # the judged solve already converged
+                out[name] = planning.solved[key] = judged
+            else:
+                full[name] = entry if judged is None else (entry[0], judged)
+    for todo, sweeps, store in ((full, None, planning.solved), (partial, JUDGE_SWEEPS, planning.judged)):
+        solved = solve_layers(planning.problems, todo, planning.xp, planning.progress,
+                              planning.workers, sweeps)
+        for name, result in solved.items():
+            choice = allocation.choices[name]
+            if choice is not None:
+                store[(name, choice.method, choice.rank, choice.form)] = result
+        out.update(solved)
+    return {name: out[name] for name in plan}
 
 
 def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, fraction: float, gains_of):
     """Allocate and solve; with a judge, also weight by sensitivity and keep what "auto" prefers
     (the allocation whose model has the smaller loss on the judge's samples)."""
     allocation = curves.allocate(fraction)
-    solved = _solve(planning, allocation)
     if budget.sensitivity is Sensitivity.OFF or planning.judge is None:
-        return allocation, solved
+        return allocation, _solve(planning, allocation)
     gains = gains_of()
     weighted = curves.allocate(fraction, gains)
     note = {}
     if weighted.choices != allocation.choices:
-        weighted_solved = _solve(planning, weighted)
-        losses = [_loss(planning, s) for s in (solved, weighted_solved)]
-        note = {"unweighted_loss": losses[0], "weighted_loss": losses[1], "metric": planning.judge.metric.name}
+        losses = [_loss(planning, _solve(planning, a, judging=True)) for a in (allocation, weighted)]
+        note = {"unweighted_loss": losses[0], "weighted_loss": losses[1], "metric": planning.judge.metric.name,
+                "judged_tucker2_sweeps": JUDGE_SWEEPS}
         if budget.sensitivity in (Sensitivity.ON, Sensitivity.MEASURED) or losses[1] <= losses[0]:
-            allocation, solved = weighted, weighted_solved
+            allocation = weighted
     elif budget.sensitivity in (Sensitivity.ON, Sensitivity.MEASURED):
         allocation = weighted  # the same choices: the same solved layers
+    solved = _solve(planning, allocation)
     shown = gains.note() if isinstance(gains, MeasuredWeights) else {k: round(v, 6) for k, v in gains.items()}
     allocation.sensitivity = {**note, "weighted": allocation is weighted, "probe": planning.judge.source,
                               "mode": budget.sensitivity.value, "gains": shown}

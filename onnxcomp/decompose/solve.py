@@ -20,6 +20,7 @@ from . import objective, ranks
 from .cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from .svd import Spectrum, output_spectrum, truncate
 from .tucker2 import energy_ranks, evbmf_ranks, search_ranks, tucker2, tucker2_cost
+from .tucker2.surface import ProxySurface
 
 
 @dataclass
@@ -34,6 +35,7 @@ class LayerProblem:
     input_ratio: float = 1.0  # input positions per output position (stride_h * stride_w for a conv)
     positions: int | None = None  # output rows per sample (pixels, tokens); None: unknown
     _spectra: dict = field(default_factory=dict, repr=False)  # (norm, centered) -> Spectrum
+    _surfaces: dict = field(default_factory=dict, repr=False)  # (norm, centered) -> Tucker-2 ProxySurface
 
     def conv_weight(self) -> np.ndarray:
         """W as (C_out, C_in, kh, kw)."""
@@ -53,6 +55,14 @@ class LayerProblem:
         if key not in self._spectra:
             self._spectra[key] = output_spectrum(self.weight, self.fit_matrix(solve), xp)
         return self._spectra[key]
+
+    def tucker2_surface(self, solve: SolveConfig, xp) -> ProxySurface:
+        """The proxy errors of every Tucker-2 rank pair under the fitted norm, computed once: a
+        budget's Tucker-2 curve and its refinements read them."""
+        key = (solve.norm, solve.centered)
+        if key not in self._surfaces:
+            self._surfaces[key] = ProxySurface(self.conv_weight(), self.fit_matrix(solve), xp=xp)
+        return self._surfaces[key]
 
 
 @dataclass
@@ -88,13 +98,14 @@ Solved = dict
 
 
 def solve_layers(problems: dict[str, LayerProblem], plan: dict, xp=np, progress: bool = False,
-                 workers: int = 1) -> Solved:
+                 workers: int = 1, sweeps: int | None = None) -> Solved:
     """Every layer of ``plan`` (name -> (SolveConfig, start), or the reason it is not solved), on
-    ``workers`` threads (layers are independent; see :mod:`onnxcomp.threads`)."""
+    ``workers`` threads (layers are independent; see :mod:`onnxcomp.threads`); ``sweeps``: as
+    :func:`solve_layer`'s."""
 
     def solved(item):
         name, entry = item
-        return entry if isinstance(entry, str) else solve_layer(problems[name], entry[0], xp, entry[1])
+        return entry if isinstance(entry, str) else solve_layer(problems[name], entry[0], xp, entry[1], sweeps)
 
     items = list(plan.items())
     results = map_parallel(solved, items, layer_workers(workers, xp), desc="solve", progress=progress)
@@ -106,17 +117,23 @@ def layer_workers(workers: int, xp) -> int:
     return workers if xp is np else 1
 
 
-def solve_layer(problem: LayerProblem, solve: SolveConfig, xp=np, start=None) -> Decomposition | str:
+def solve_layer(problem: LayerProblem, solve: SolveConfig, xp=np, start=None,
+                sweeps: int | None = None) -> Decomposition | str:
     """A decomposition of the layer, or the reason (a string) why it stays dense.
 
-    ``start``: factors a budget's candidate left at this rank (CP continues from them).
+    ``start``: factors a budget's candidate left at this rank (CP and Tucker-2 continue from them).
+    ``sweeps``: Tucker-2 stops after at most this many ALS sweeps (a budget judging an allocation it
+    may not keep; a later solve continues from the result); the other methods solve in full.
     """
     if solve.ranks.keep is not None and solve.ranks.keep >= 1:
         return "--keep 1.0 keeps every layer as it is"
     if solve.norm is Norm.DATA and problem.stats is None:
         raise OnnxcompError("the data norm needs calibration data or a statistics file (or use --norm frobenius)")
     began = time.perf_counter()
-    result = SOLVERS[solve.method](problem, solve, xp, start)
+    if sweeps is not None and solve.method is Method.TUCKER2:
+        result = solve_tucker2(problem, solve, xp, start, sweeps=sweeps)
+    else:
+        result = SOLVERS[solve.method](problem, solve, xp, start)
     if isinstance(result, Decomposition):
         result.info["seconds"] = time.perf_counter() - began
     return result
@@ -188,8 +205,10 @@ def _svd_rank(problem: LayerProblem, solve: SolveConfig, spectrum, xp) -> int:
     raise OnnxcompError("no rank rule given: use --rank, --keep or --energy")
 
 
-def solve_tucker2(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> Decomposition | str:
-    """Tucker-2 for kxk convolutions; 1x1 convs and Gemm/MatMul are matrices: SVD is their Tucker-2."""
+def solve_tucker2(problem: LayerProblem, solve: SolveConfig, xp, start=None,
+                  sweeps: int | None = None) -> Decomposition | str:
+    """Tucker-2 for kxk convolutions; 1x1 convs and Gemm/MatMul are matrices: SVD is their Tucker-2.
+    ``sweeps``: at most this many ALS sweeps (default: to convergence)."""
     if problem.kernel == (1, 1):
         return solve_svd(problem, solve, xp)
     W = problem.conv_weight()
@@ -199,8 +218,20 @@ def solve_tucker2(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> 
     chain = tucker2_cost(c_out, c_in, kh, kw, r_out, r_in, in_positions=problem.input_ratio)
     if chain.macs >= problem.weight.size:
         return f"ranks ({r_out}, {r_in}) are not cheaper than the dense {c_out}x{c_in}x{kh}x{kw} conv"
-    result = tucker2(W, S, (r_out, r_in), norm=solve.norm, xp=xp)
+    init = _tucker2_start(start, c_in, r_in) if solve.norm is Norm.DATA else "auto"
+    limit = {} if sweeps is None else {"max_iter": int(sweeps)}
+    result = tucker2(W, S, (r_out, r_in), norm=solve.norm, init=init, xp=xp, **limit)
     return _als_decomposition(problem, solve, Method.TUCKER2, result, (r_out, r_in), chain)
+
+
+def _tucker2_start(start, c_in: int, r_in: int):
+    """The input basis a budget left at these ranks (its candidate's, after a sweep from the proxy's
+    basis, or a judged allocation's partial solve), for the ALS to continue from: its final error is
+    then at most that score. "auto" (the solver's own initialisation) without one."""
+    if start is None:
+        return "auto"
+    u_in = getattr(getattr(start, "factors", None), "u_in", start)
+    return u_in if getattr(u_in, "shape", None) == (c_in, r_in) else "auto"
 
 
 def solve_cp(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> Decomposition | str:

@@ -18,6 +18,8 @@ Modules
 - :mod:`.ranks`: :func:`tucker2_cost`, :func:`balanced_ranks`, :func:`search_ranks`
   (data error minimised under a params/MACs budget), :func:`energy_ranks`.
 - :mod:`.evbmf`: :func:`evbmf_ranks` (Nakajima et al.'s EVBMF, data-free).
+- :mod:`.surface`: :class:`~.surface.ProxySurface`, the initial iterate's error at every rank pair
+  from one factorisation per input basis (a budget's candidate curves).
 
 The factors are a :class:`~..factors.Tucker2Factors`; the solve's record a
 :class:`~..record.Tucker2Result`.

@@ -141,6 +141,18 @@ def _initial_iterate(prob: Tucker2Problem, init, r_out: int, r_in: int):
     return cands[best], best, init_errors
 
 
+def sweep_from(prob: Tucker2Problem, u_in, r_out: int, sweeps: int, *, cg_forcing: float = 0.3,
+               cg_maxiter: int = 3, precondition: bool = True):
+    """``sweeps`` ALS sweeps at (R_out, R_in = U_in's columns) from the input basis ``u_in``, on a
+    problem already set up (a budget's candidate curve scores several pairs on one): the best input
+    basis reached and its data error (an output step's, exact; never above the start's)."""
+    start = (u_in,) + prob.output_step(u_in, r_out)[:3]
+    run = _Sweeps(prob, start, r_out, u_in.shape[1], cg_forcing=cg_forcing, cg_maxiter=cg_maxiter,
+                  precondition=precondition)
+    run.run(tol=0.0, max_iter=sweeps)
+    return run.best[0], run.best[3]
+
+
 class _Sweeps:
     """The ALS loop: input step (CG), orthonormal basis, output step; keeps the best iterate."""
 
