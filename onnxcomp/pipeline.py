@@ -52,7 +52,7 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
         execution_providers(latency.provider.value)  # fail before calibrating if the provider is missing
     model = as_model(model)
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
-               validation_data)
+               validation_data, precision=config.precision.value)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     clock.lap("calibration")
@@ -88,11 +88,13 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     return compressed, Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
 
-def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True) -> Statistics:
+def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True,
+              precision: str = "float32") -> Statistics:
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
-    and reuse with ``stats=``."""
-    shapes = CompressConfig.from_options(input_shapes=input_shapes, rank=1).input_shapes
-    run = _Run(as_model(model), data, None, shapes, skip, batch_size, progress, hold_out=False)
+    and reuse with ``stats=``; ``precision`` of the products: "float32" or "float64"."""
+    config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, precision=precision)
+    run = _Run(as_model(model), data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
+               precision=config.precision.value)
     return run.statistics(Norm.DATA)
 
 
@@ -100,8 +102,9 @@ class _Run:
     """The model's layers and the calibration data, read once: what every stage starts from."""
 
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
-                 progress: bool, validation_data=None, hold_out: bool = True):
+                 progress: bool, validation_data=None, hold_out: bool = True, precision: str = "float32"):
         self.model, self.data, self.stats = model, data, stats
+        self.precision = precision
         self.input_shapes, self.batch_size, self.progress = input_shapes, batch_size, progress
         self.feeds = self.first_batch = None
         if data is not None:
@@ -155,7 +158,8 @@ class _Run:
         if total and self.validation is not None and self.validation.held_out:
             total -= held_out_count(total)
         return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
-                                  batch_size=self.batch_size, progress=self.progress, total=total)
+                                  batch_size=self.batch_size, progress=self.progress, total=total,
+                                  precision=self.precision)
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):

@@ -32,16 +32,22 @@ from onnx import TensorProto, helper
 from scipy.linalg import blas
 from tqdm import tqdm
 
+from ..config import Precision
 from ..errors import OnnxcompError, first_line
 from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input_shapes
 from ..runtime import feed_size, open_session, repeated
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
+from .shifts import shift_plan
 from .stats import InputStats, Statistics
 
-# Bytes of one float64 row block in the "outputs" reduction: what memory the
+# Bytes of one row block in the "outputs" reduction: what memory the
 # reduction adds to one batch of activations. 64 MiB keeps dsyrk at full speed.
 BLOCK_BYTES = 64 * 2**20
+# Most rows of one float32 block: each block's Gram is summed in float32 before it joins the float64
+# sum, which grows its rounding with the rows; 8192 keep it near 1e-7 (measured: see the module
+# docstring) and are as fast as larger blocks for ssyrk on this machine.
+FLOAT32_BLOCK_ROWS = 8192
 
 
 def collect_statistics(
@@ -55,6 +61,7 @@ def collect_statistics(
     progress: bool = True,
     total: int | None = None,
     block_bytes: int = BLOCK_BYTES,
+    precision: str = "float32",
 ) -> Statistics:
     """Input statistics of ``layers`` on calibration ``data``, keyed by ``layer.stats_key``.
 
@@ -63,8 +70,11 @@ def collect_statistics(
     fixes dynamic input dims (the data is checked against them);
     ``providers`` are onnxruntime execution providers (CPU by default);
     ``total``: samples expected, for the progress bar, when ``data`` cannot tell (an iterator);
-    ``block_bytes``: the size of one float64 row block of the reduction.
+    ``block_bytes``: the size of one row block of the reduction;
+    ``precision``: of the products, ``"float32"`` (each block's products in float32, summed in
+    float64 across blocks and batches) or ``"float64"`` (all in float64).
     """
+    dtype = np.dtype(Precision.parse(precision, "--precision").value)
     model = as_model(model)
     targets = _targets(layers)
     _check_model(model, targets)
@@ -72,7 +82,7 @@ def collect_statistics(
     model = with_input_shapes(model, input_shapes or {})
     if not targets:
         return Statistics(model=identity)
-    collector = _Collector(model, targets, providers, block_bytes)
+    collector = _Collector(model, targets, providers, block_bytes, dtype)
     input_names = [i.name for i in model_inputs(model)]
     total = total if total is not None else count_samples(data, model)
     with tqdm(total=total, unit="sample", desc="calibration", disable=not progress) as bar:
@@ -169,7 +179,8 @@ class _Session:
 class _Collector:
     """Layer inputs leave the session as extra outputs; NumPy/BLAS reduce them."""
 
-    def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers, block_bytes: int):
+    def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers, block_bytes: int,
+                 dtype=np.float64):
         inputs = model_inputs(model)
         fed = {i.name for i in inputs}
         self.fixed = fixed_batch(inputs)
@@ -177,8 +188,8 @@ class _Collector:
         # A tensor that is fed comes straight from the feed.
         self.fetch = list(dict.fromkeys(t.tensor for t in targets if t.tensor not in fed))
         self.session = _Session(_with_outputs(model, targets, self.fetch), providers)
-        self.sums = {t.key: _GramSums(t.dim) for t in targets}
-        self.buffer = _BlockBuffer(block_bytes)
+        self.sums = {t.key: _GramSums(t.dim, dtype) for t in targets}
+        self.buffer = _BlockBuffer(block_bytes, dtype)
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         values = dict(feed)
@@ -195,6 +206,11 @@ class _Collector:
             tensor = values[target.tensor]
             target.check_shape(tensor.shape)
             rows, samples = target.rows_and_samples(tensor.shape)
+            plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
+            if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
+                gram, total = plan.reduce(tensor, self.buffer.dtype, self.buffer.max_rows(target.dim))
+                self.sums[target.key].add_sums(gram, total, rows, samples)
+                continue
             self.sums[target.key].add(_row_blocks(target, tensor, self.buffer.rows(target.dim)), rows, samples)
 
     def statistics(self) -> Statistics:
@@ -226,16 +242,22 @@ def _with_outputs(model: onnx.ModelProto, targets: list[_Target], fetch: list[st
 
 
 class _BlockBuffer:
-    """One reusable float64 buffer for row blocks, so blocks cost no fresh pages."""
+    """One reusable buffer for row blocks of the product dtype, so blocks cost no fresh pages."""
 
-    def __init__(self, nbytes: int):
-        self.flat = np.empty(nbytes // 8)
+    def __init__(self, nbytes: int, dtype=np.float64):
+        self.dtype = np.dtype(dtype)
+        self.flat = np.empty(max(1, nbytes // self.dtype.itemsize), self.dtype)
+
+    def max_rows(self, dim: int) -> int:
+        """Rows ``[x, 1]`` of length ``dim + 1`` in one block."""
+        rows = max(1, self.flat.size // (dim + 1))
+        return min(rows, FLOAT32_BLOCK_ROWS) if self.dtype == np.float32 else rows
 
     def rows(self, dim: int) -> np.ndarray:
         """A ``(max_rows, dim + 1)`` view whose last column is ones."""
-        max_rows = max(1, self.flat.size // (dim + 1))
+        max_rows = self.max_rows(dim)
         if max_rows * (dim + 1) > self.flat.size:  # a row longer than the budget still fits one
-            self.flat = np.empty(max_rows * (dim + 1))
+            self.flat = np.empty(max_rows * (dim + 1), self.dtype)
         view = self.flat[: max_rows * (dim + 1)].reshape(max_rows, dim + 1)
         view[:, dim] = 1.0
         return view
@@ -255,23 +277,42 @@ def _row_blocks(target: _Target, tensor: np.ndarray, buffer: np.ndarray) -> Iter
 
 
 class _GramSums:
-    """Upper triangle of sum [x, 1] [x, 1]^T: the Gram matrix, the row sums and the count."""
+    """Upper triangle of sum [x, 1] [x, 1]^T in float64: the Gram matrix, the row sums and the count.
 
-    def __init__(self, dim: int):
+    Blocks of rows in float64 go straight into it (dsyrk); a float32 block's Gram is computed in
+    float32 (ssyrk, twice as fast) and then added, so rounding does not grow across blocks and batches.
+    """
+
+    def __init__(self, dim: int, dtype=np.float64):
         self.upper = np.zeros((dim + 1, dim + 1), order="F")
+        self.block = np.zeros((dim + 1, dim + 1), np.float32, order="F") if dtype == np.float32 else None
         self.rows = 0
         self.samples = 0
 
     def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int) -> None:
         for block in blocks:
-            # block.T is Fortran-ordered (dim+1, n): dsyrk reads it in place and
-            # updates our Fortran-ordered upper triangle in place.
-            self.upper = blas.dsyrk(1.0, block.T, beta=1.0, c=self.upper, overwrite_c=1)
+            # block.T is Fortran-ordered (dim+1, n): syrk reads it in place and
+            # updates a Fortran-ordered upper triangle in place.
+            if self.block is None:
+                self.upper = blas.dsyrk(1.0, block.T, beta=1.0, c=self.upper, overwrite_c=1)
+            else:
+                self.block = blas.ssyrk(1.0, block.T, beta=0.0, c=self.block, overwrite_c=1)
+                self.upper += self.block
+        self.rows += rows
+        self.samples += samples
+
+    def add_sums(self, gram: np.ndarray, total: np.ndarray, rows: int, samples: int) -> None:
+        """Add sums reduced elsewhere: ``gram``'s upper triangle (what is below is ignored), ``total``."""
+        dim = len(total)
+        self.upper[:dim, :dim] += gram
+        self.upper[:dim, dim] += total
+        self.upper[dim, dim] += rows
         self.rows += rows
         self.samples += samples
 
     def result(self, target: _Target) -> InputStats:
-        full = self.upper + np.triu(self.upper, 1).T  # dsyrk left the strict lower triangle at zero
+        upper = np.triu(self.upper)  # syrk leaves the strict lower triangle alone, add_sums may not
+        full = upper + np.triu(upper, 1).T
         dim = target.dim
         gram, total = full[:dim, :dim], full[:dim, dim]
         if target.conv is not None:  # patches were built channel-last (i, j, c)
