@@ -8,11 +8,14 @@ compares, layer by layer:
   largest difference of an entry relative to its row and column scale,
   ``|dS_ij| / sqrt(S_ii S_jj)``;
 - the data-aware SVD (``decompose/svd.py``) at ranks of 1/8 to 15/16 of the
-  full rank: the discarded eigenvalue sum (the error curve) and the retained
-  sum of ``W S W^T``, float32 against float64; and the error of the float32
-  solution *measured under the float64 statistics* against the float64
-  optimum: what the factors lose (>= 0 up to rounding, since the float64
-  factors are optimal there).
+  full rank: the discarded eigenvalue sum (the error curve; its difference
+  also relative to the layer's whole output variance) and the retained sum of
+  ``W S W^T``, float32 against float64; and the error of the float32 solution
+  *measured under the float64 statistics* against the float64 optimum: what
+  the factors lose (>= 0 up to rounding, since the float64 factors are optimal
+  there);
+- for scale, the same discarded sums from the two halves of the data (float64):
+  how much the curve moves with the calibration samples themselves.
 
 Models: the digits example (its calibration file) and the YOLOv8n-shaped model
 of ``yolo_shaped.py`` on smooth random images.
@@ -56,6 +59,14 @@ def blas_threads(threads: int | None):
     return threadpool_limits(threads)
 
 
+def _half(data, which: int):
+    """The first or second half of the samples (an array, or a dict of arrays)."""
+    if isinstance(data, dict):
+        return {name: _half(value, which) for name, value in data.items()}
+    middle = len(data) // 2
+    return data[:middle] if which == 0 else data[middle:]
+
+
 def compare(model, data, batch_size: int) -> list[dict]:
     layers, _ = find_layers(model)
     stats = {}
@@ -64,6 +75,8 @@ def compare(model, data, batch_size: int) -> list[dict]:
         stats[precision] = collect_statistics(model, layers, data, batch_size=batch_size, progress=False,
                                               precision=precision)
         print(f"  {precision}: {time.perf_counter() - start:.1f} s")
+    halves = [collect_statistics(model, layers, _half(data, which), batch_size=batch_size, progress=False,
+                                 precision="float64") for which in (0, 1)]
     rows = []
     for layer in layers:
         single, double = stats["float32"][layer.stats_key], stats["float64"][layer.stats_key]
@@ -72,6 +85,7 @@ def compare(model, data, batch_size: int) -> list[dict]:
         w = layer.weight.astype(np.float64).reshape(layer.weight.shape[0], -1)
         full = min(w.shape)
         spec32, spec64 = output_spectrum(w, s32), output_spectrum(w, s64)
+        first, second = (output_spectrum(w, half[layer.stats_key].covariance()) for half in halves)
         total = float(spec64.values.sum())
         curve = []
         for fraction in FRACTIONS:
@@ -84,6 +98,8 @@ def compare(model, data, batch_size: int) -> list[dict]:
             curve.append({
                 "rank": rank,
                 "discarded": abs(lost32 - lost64) / max(lost64, 1e-300),
+                "discarded_of_total": abs(lost32 - lost64) / max(total, 1e-300),
+                "sampling": abs(first.error(rank) - second.error(rank)) / max(lost64, 1e-300),
                 "retained": abs(kept32 - kept64) / max(kept64, 1e-300),
                 "excess": (true32 - lost64) / max(lost64, 1e-300),
                 "discarded_share": lost64 / total,
@@ -103,16 +119,16 @@ def summarise(name: str, rows: list[dict]) -> None:
     print(f"  statistics   ||dS||/||S||: median {np.median([r['stats'] for r in rows]):.1e}, max "
           f"{max(r['stats'] for r in rows):.1e}; largest |dS_ij|/sqrt(S_ii S_jj) {max(r['entry'] for r in rows):.1e}; "
           f"mean {max(r['mean'] for r in rows):.1e}")
-    print(f"  {'rank/full':>9} {'discarded share':>15} {'discarded sum':>22} {'retained sum':>22} "
-          f"{'f32 factors excess':>22}")
-    print(f"  {'':>9} {'(median)':>15}" + f" {'median':>10} {'max':>11}" * 3)
-    keys = ("discarded", "retained", "excess", "discarded_share")
+    print("  relative differences float32 - float64 (median / max over layers), and between the float64")
+    print("  curves of the two halves of the data (the sampling noise of the curve, for scale)")
+    print(f"  {'rank/full':>9} {'discarded':>9} {'discarded sum':>19} {'its diff / total':>19} {'retained sum':>19} "
+          f"{'f32 factors excess':>19} {'halves: discarded':>19}")
+    print(f"  {'':>9} {'share':>9}" + f" {'median':>9} {'max':>9}" * 5)
+    keys = ("discarded", "discarded_of_total", "retained", "excess", "sampling", "discarded_share")
     for i, fraction in enumerate(FRACTIONS):
         column = {key: [r["curve"][i][key] for r in rows] for key in keys}
-        print(f"  {fraction:9.3f} {np.median(column['discarded_share']):15.2e} "
-              f"{np.median(column['discarded']):10.1e} {max(column['discarded']):11.1e} "
-              f"{np.median(column['retained']):10.1e} {max(column['retained']):11.1e} "
-              f"{np.median(column['excess']):10.1e} {max(column['excess']):11.1e}")
+        print(f"  {fraction:9.3f} {np.median(column['discarded_share']):9.1e}"
+              + "".join(f" {np.median(column[key]):9.1e} {max(column[key]):9.1e}" for key in keys[:5]))
     worst = max(rows, key=lambda r: max(c["discarded"] for c in r["curve"]))
     print(f"  largest discarded-sum difference: {worst['layer']} (d={worst['dim']}, {worst['rows']} rows)")
 

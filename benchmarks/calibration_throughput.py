@@ -12,12 +12,14 @@ again right after it (the better of the two per batch counts: the machine is
 shared, and other work steals cores in bursts), so that a ratio compares
 numbers from one process and one stretch of time. Every batch is timed on its
 own; the best batch tells what the code does on a quiet machine, the median
-what it did in this run. Peak memory is the child's (ru_maxrss; tracemalloc for
-the Python-side arrays). BLAS threads are set with threadpoolctl (``--threads``,
+what it did in this run. Peak memory is the child's (ru_maxrss; with
+``--trace-memory`` also tracemalloc's peak of the Python-side arrays, which
+slows the collection down by up to a second per batch). BLAS threads are set with threadpoolctl (``--threads``,
 default 1: OpenBLAS's threads spin, and slow down 3-5x when another process
 holds a core); onnxruntime keeps its default intra-op threads.
 
     python benchmarks/calibration_throughput.py [--model resnet50|yolo] [--batches 3] [--batch-size 32] [--threads 1]
+        [--precisions float32 float64] [--trace-memory]
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def blas_threads(threads: int):
 # ---------------------------------------------------------------- child measurements
 
 
-def measure_inference(subject: Subject, batches: int, batch_size: int, precision: str) -> dict:
+def measure_inference(subject: Subject, batches: int, batch_size: int, precision: str, trace: bool = False) -> dict:
     session = make_session(subject.path)
     data = calibration_data(subject, batches, batch_size)
     session.run(None, {subject.input: data[0]})  # warm-up: first-run allocations and kernel choices
@@ -113,7 +115,7 @@ def measure_inference(subject: Subject, batches: int, batch_size: int, precision
     return {"batch_seconds": seconds, "seconds": sum(seconds)}
 
 
-def measure_statistics(subject: Subject, batches: int, batch_size: int, precision: str) -> dict:
+def measure_statistics(subject: Subject, batches: int, batch_size: int, precision: str, trace: bool = False) -> dict:
     """The floor in ``precision``, the collection, the floor again: all per batch, in this process."""
     model = load_model(subject.path)
     layers, _ = find_layers(model)
@@ -122,12 +124,13 @@ def measure_statistics(subject: Subject, batches: int, batch_size: int, precisio
     dtype = np.float32 if precision == "float32" else np.float64
     floor_before = gram_floor_seconds(shapes, batches, dtype)
     stamps: list[float] = []
-    tracemalloc.start()
+    if trace:
+        tracemalloc.start()
     start = time.perf_counter()
     collect_statistics(model, layers, timed(data, stamps), batch_size=batch_size, progress=False,
                        precision=precision)
     seconds = time.perf_counter() - start  # with session creation and the final symmetrisation
-    _, traced_peak = tracemalloc.get_traced_memory()
+    traced_peak = tracemalloc.get_traced_memory()[1] if trace else float("nan")
     tracemalloc.stop()
     floor_after = gram_floor_seconds(shapes, batches, dtype)
     floor = [min(a, b) for a, b in zip(floor_before, floor_after)]
@@ -144,10 +147,10 @@ def run_child(args: list[str]) -> dict:
 
 
 def child_main(argv: list[str]) -> None:
-    what, model, batches, batch_size, threads, precision = argv
+    what, model, batches, batch_size, threads, precision, trace = argv
     measure = {"inference": measure_inference, "statistics": measure_statistics}[what]
     with blas_threads(int(threads)):
-        result = measure(SUBJECTS[model], int(batches), int(batch_size), precision)
+        result = measure(SUBJECTS[model], int(batches), int(batch_size), precision, trace == "trace")
     result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps(result))
 
@@ -196,6 +199,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (threadpoolctl; default 1)")
     parser.add_argument("--precisions", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="also report tracemalloc's peak (slows the collection down)")
     args = parser.parse_args()
     subject = SUBJECTS[args.model]
     if not subject.path.exists():
@@ -206,7 +211,8 @@ def main() -> None:
     print(f"{subject.name}, {args.batches} batches of {batch}, {os.cpu_count()} CPUs, BLAS threads {args.threads}, "
           f"load average at start {os.getloadavg()[0]:.2f}; samples/s as best batch / median batch")
 
-    inference = run_child(["inference", *sizes, "float32"])
+    trace = "trace" if args.trace_memory else "-"
+    inference = run_child(["inference", *sizes, "float32", trace])
     best, median = rates(batch, inference["batch_seconds"])
     print(f"plain onnxruntime inference: {best:7.2f} / {median:7.2f} samples/s "
           f"(peak RSS {inference['maxrss_mb']:.0f} MB)")
@@ -215,15 +221,16 @@ def main() -> None:
     macs = sum(rows * dim * dim / 2 for rows, dim in shapes.values()) / batch
     print(f"Gram floor: {len(shapes)} statistics, {macs / 1e9:.2f} G multiply-adds per sample (syrk, half of X^T X)")
     for precision in args.precisions:
-        result = run_child(["statistics", *sizes, precision])
+        result = run_child(["statistics", *sizes, precision, trace])
         floor_best, floor_median = rates(batch, result["floor_seconds"])
         best, median = rates(batch, result["batch_seconds"])
         print(f"  {precision} floor     : {floor_best:7.2f} / {floor_median:7.2f} samples/s "
               f"({macs * floor_best / 1e9:.1f} GMAC/s at best)")
         print(f"  {precision} statistics: {best:7.2f} / {median:7.2f} samples/s = {best / floor_best:5.1%} / "
               f"{median / floor_median:5.1%} of the {precision} floor; whole call "
-              f"{args.batches * batch / result['seconds']:.2f} samples/s; peak RSS {result['maxrss_mb']:.0f} MB, "
-              f"tracemalloc peak {result['tracemalloc_peak_mb']:.0f} MB; load average {os.getloadavg()[0]:.2f}")
+              f"{args.batches * batch / result['seconds']:.2f} samples/s; peak RSS {result['maxrss_mb']:.0f} MB"
+              + (f", tracemalloc peak {result['tracemalloc_peak_mb']:.0f} MB" if args.trace_memory else "")
+              + f"; load average {os.getloadavg()[0]:.2f}")
     print(f"load average at end {os.getloadavg()[0]:.2f} (other work on the machine skews every number)")
 
 

@@ -293,7 +293,7 @@ class CompressConfig:
                 "rank_multiple": self.budget.rank_multiple if self.budget else None, "device": self.device.value,
                 "outputs": [{"name": s.name, "weight": s.weight, "axis": s.axis} for s in self.outputs],
                 "metric": self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric"),
-                "flush_denormals": self.flush_denormals}
+                "flush_denormals": self.flush_denormals, "precision": self.precision.value}
 
 
 def _check_fraction(value, option: str) -> None:

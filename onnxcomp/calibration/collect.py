@@ -3,22 +3,41 @@
 For every statistic key (``TargetLayer.stats_key``: one tensor read one way) we
 accumulate, in float64, the number of rows, the sum of the rows ``x`` and the
 sum of ``x x^T`` (DESIGN.md §1, §3), batch by batch, never holding more than one
-batch. The layer inputs become extra graph outputs; NumPy builds the rows
-(im2col for convs) in float64 blocks and adds ``[x, 1] [x, 1]^T`` with BLAS
-``dsyrk`` (symmetric rank-k: half the multiply-adds of a GEMM; the trailing 1
-gives the row sums in the same product). The products run in double: a float32
-Gram of one batch is already off by 0.9e-6 (layer1, 10^5 rows) to 1.5e-6 (stem,
-4*10^5 rows) relative to float64.
+batch. The layer inputs become extra graph outputs. Stride-1 kxk convs are
+reduced by shifted products of their input (``shifts.py``: 13 C x C GEMMs per
+pixel for a 3x3 instead of the patch Gram's 81/2 C^2, no im2col). Everything
+else goes through rows: NumPy builds them (im2col for convs) in blocks and adds
+``[x, 1] [x, 1]^T`` with BLAS ``syrk`` (symmetric rank-k: half the
+multiply-adds of a GEMM; the trailing 1 gives the row sums in the same product).
+
+Precision (``precision=``, ``--precision``): by default each block of at most
+``FLOAT32_BLOCK_ROWS`` rows is multiplied in float32 (``ssyrk``, ``sgemm``) and
+its product added into the float64 sums, so rounding stays that of one block and
+never grows with the data; "float64" multiplies in double throughout. Measured
+(``benchmarks/calibration_precision.py``, digits example and a YOLOv8n-shaped
+model): covariances 1-2e-7 from float64's (median, Frobenius), error curves
+within 3.4e-7 of each layer's output variance, float32 factors within 6e-6 of
+the float64 optimum, 10^3-10^6 below the sampling noise of the statistics.
 
 Measured on the project's 2-core CPU machine (AMD EPYC Zen 4, onnxruntime 1.32
-CPU EP, OpenBLAS), ResNet-50 at batch 32, best / median of 3 batches on a quiet
-machine (benchmarks/calibration_throughput.py): 2.91 / 2.63 samples/s = 74% /
-67% of the Gram floor (dsyrk alone: 3.93 samples/s, 40 GMAC/s); plain
-inference 22.3 samples/s. Reductions inside the session (one-hot depthwise Conv
-to unfold patches, Cast to double, Gemm) ran at 41% of the floor: onnxruntime's
-double GEMM computes the whole product at ~37 GMAC/s where dsyrk computes the
-half it needs at 43-53, so that second method was removed (it is in the git
-history before stop 10, should a GPU path want it back).
+CPU EP, OpenBLAS, 1 BLAS thread), best / median of 3 batches of 32
+(``benchmarks/calibration_throughput.py``; the floor is ``syrk`` alone on every
+statistic's (rows, d) shape, timed in the same process). YOLOv8n-shaped model at
+320x320 (3.61 G multiply-adds per sample in the floor, 63 convs), quiet machine:
+float32 10.15 / 10.07 samples/s = 87% / 86% of the float32 floor (11.7, 42
+GMAC/s), float64 5.78 / 5.77 = 92% of the float64 floor (6.3); plain inference
+39.6. Before (float64 patches and dsyrk for every conv) the same model took 2.0x
+as long per batch as float32 does now, measured side by side under load: 74% of
+it in dsyrk, 17% in onnxruntime, 7% building patches. ResNet-50 (10.2 G in the
+floor), machine at load 1-2.5: float32 3.15 / 2.94 samples/s = 70% / 65% of the
+float32 floor (4.5, 46 GMAC/s), float64 2.28 / 2.26 = 93% of the float64 floor
+(2.4); plain inference 13.1. Reductions inside the session (one-hot depthwise
+Conv to unfold patches, Cast to double, Gemm) ran at 41% of the float64 floor,
+so that second method was removed (it is in the git history before stop 10,
+should a GPU path want it back). With the calibration session's memory arena
+off (peak RSS: ResNet-50 3.7 GB instead of 4.4), its runs on the YOLO-shaped
+model take 0.35 s more per batch (1.34 s against 0.99 with the arena, 0.85
+without extra outputs).
 """
 
 from __future__ import annotations
@@ -45,8 +64,9 @@ from .stats import InputStats, Statistics
 # reduction adds to one batch of activations. 64 MiB keeps dsyrk at full speed.
 BLOCK_BYTES = 64 * 2**20
 # Most rows of one float32 block: each block's Gram is summed in float32 before it joins the float64
-# sum, which grows its rounding with the rows; 8192 keep it near 1e-7 (measured: see the module
-# docstring) and are as fast as larger blocks for ssyrk on this machine.
+# sum, which grows its rounding with the rows (measured on YOLO-shaped activations: 1.6e-8 to 5.6e-8
+# relative at 1024 rows, 3e-8 to 1.6e-7 at 16384, up to 3e-7 for a whole batch of 10^5-10^6 rows); 8192
+# are as fast as larger blocks for ssyrk on this machine (d = 145-577).
 FLOAT32_BLOCK_ROWS = 8192
 
 
@@ -188,7 +208,8 @@ class _Collector:
         # A tensor that is fed comes straight from the feed.
         self.fetch = list(dict.fromkeys(t.tensor for t in targets if t.tensor not in fed))
         self.session = _Session(_with_outputs(model, targets, self.fetch), providers)
-        self.sums = {t.key: _GramSums(t.dim, dtype) for t in targets}
+        scratch: dict = {}  # one float32 block Gram per dimension, shared by the sums
+        self.sums = {t.key: _GramSums(t.dim, dtype, scratch) for t in targets}
         self.buffer = _BlockBuffer(block_bytes, dtype)
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
@@ -283,21 +304,25 @@ class _GramSums:
     float32 (ssyrk, twice as fast) and then added, so rounding does not grow across blocks and batches.
     """
 
-    def __init__(self, dim: int, dtype=np.float64):
+    def __init__(self, dim: int, dtype=np.float64, scratch: dict | None = None):
         self.upper = np.zeros((dim + 1, dim + 1), order="F")
-        self.block = np.zeros((dim + 1, dim + 1), np.float32, order="F") if dtype == np.float32 else None
+        self.single = np.dtype(dtype) == np.float32
+        self.scratch = {} if scratch is None else scratch  # dim + 1 -> a float32 block Gram, shared
         self.rows = 0
         self.samples = 0
 
     def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int) -> None:
+        size = self.upper.shape[0]
         for block in blocks:
             # block.T is Fortran-ordered (dim+1, n): syrk reads it in place and
             # updates a Fortran-ordered upper triangle in place.
-            if self.block is None:
+            if not self.single:
                 self.upper = blas.dsyrk(1.0, block.T, beta=1.0, c=self.upper, overwrite_c=1)
-            else:
-                self.block = blas.ssyrk(1.0, block.T, beta=0.0, c=self.block, overwrite_c=1)
-                self.upper += self.block
+                continue
+            if size not in self.scratch:  # zeros: ssyrk never writes the strict lower triangle
+                self.scratch[size] = np.zeros((size, size), np.float32, order="F")
+            self.scratch[size] = blas.ssyrk(1.0, block.T, beta=0.0, c=self.scratch[size], overwrite_c=1)
+            self.upper += self.scratch[size]
         self.rows += rows
         self.samples += samples
 
