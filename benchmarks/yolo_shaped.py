@@ -19,7 +19,7 @@ builder runs each node as it is added, so upstream is final when a conv is
 measured): each output channel is shifted and scaled to mean ``beta`` and
 standard deviation ``gamma`` (random, in [-0.5, 0.5] and [0.5, 1.5]), so
 activations stay O(1) from the stem to the head (on other smooth images: conv
-outputs std 1.0-2.1, the head's output 1.5). The values mean nothing; the
+outputs std 0.97-2.3, the head's output 1.5). The values mean nothing; the
 shapes, the work per sample and the scale of the activations are what the
 benchmarks need. Building takes about a second at 320x320.
 

@@ -183,6 +183,9 @@ def _data_arguments(parser: argparse.ArgumentParser, data_required: bool = False
     parser.add_argument("--data", required=data_required,
                         help="calibration data: .npz (input name -> array) or .npy (single-input model)")
     parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    parser.add_argument("--precision", default="float32", metavar="float32|float64",
+                        help="calibration products: float32 per block, summed in float64 (default; ~1e-7 relative, "
+                             "twice as fast), or float64 throughout")
     _input_shape_argument(parser)
     parser.add_argument("--skip", nargs="+", default=[], metavar="NAME_OR_OPTYPE",
                         help="layers to leave alone, by node name or op type (e.g. Gemm)")
@@ -230,7 +233,8 @@ def _calibrate(args) -> int:
     check_writable(args.output, "statistics")
     statistics = calibrate(load_model(args.input), args.data, input_shapes=args.input_shapes,
                            skip=args.skip, batch_size=args.batch_size, progress=args.progress,
-                           row_mask=args.row_mask, threads=args.threads, drop_padding_rows=args.drop_padding_rows)
+                           row_mask=args.row_mask, threads=args.threads, drop_padding_rows=args.drop_padding_rows,
+                           precision=args.precision)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
     statistics.save(args.output)

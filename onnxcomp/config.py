@@ -91,6 +91,13 @@ class Provider(Choice):
     CUDA = "cuda"
 
 
+class Precision(Choice):
+    """Of the calibration products (the sums are float64 either way)."""
+
+    FLOAT32 = "float32"  # each block's products in float32, ~1e-7 relative (calibration/collect.py)
+    FLOAT64 = "float64"
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     """How one model output counts in the fidelity: its weight (0: ignored) and its channel axis
@@ -234,6 +241,7 @@ class CompressConfig:
     skip: tuple[str, ...] = ()  # node names or op types left alone
     input_shapes: dict = field(default_factory=dict)  # input name -> fixed dims
     batch_size: int = 32  # calibration batch
+    precision: Precision = Precision.FLOAT32  # of the calibration products
     device: Device = Device.CPU  # where the solvers run
     progress: bool = True
     outputs: tuple = ()  # OutputSpec per output that counts in the fidelity (empty: every output, weight 1)
@@ -245,6 +253,7 @@ class CompressConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
+        object.__setattr__(self, "precision", Precision.parse(self.precision, "--precision"))
         object.__setattr__(self, "skip", tuple(self.skip or ()))
         specs = tuple(s if isinstance(s, OutputSpec) else OutputSpec.parse(str(s)) for s in self.outputs or ())
         object.__setattr__(self, "outputs", specs)
@@ -264,8 +273,8 @@ class CompressConfig:
                      spectrum="data", norm="data", centered=True, cp_form="4way", target_macs=None,
                      target_params=None, target_latency=None, sensitivity="auto", rank_multiple=None,
                      provider="cpu", threads=None, latency_cache=None, skip=(), input_shapes=None,
-                     batch_size=32, device="cpu", progress=True, outputs=(), metric="fidelity", max_drop=None,
-                     minimize="macs", flush_denormals=False, check_latency=True,
+                     batch_size=32, precision="float32", device="cpu", progress=True, outputs=(), metric="fidelity",
+                     max_drop=None, minimize="macs", flush_denormals=False, check_latency=True,
                      row_mask="auto", drop_padding_rows=False) -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
@@ -283,7 +292,7 @@ class CompressConfig:
             BudgetConfig(BudgetKind.MACS, 1.0, rank_multiple=rank_multiple)  # the same checks
         ranks = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
         return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
-                   _input_shapes(input_shapes), batch_size, device, progress, tuple(outputs or ()), metric,
+                   _input_shapes(input_shapes), batch_size, precision, device, progress, tuple(outputs or ()), metric,
                    bool(flush_denormals), bool(check_latency), row_mask, bool(drop_padding_rows))
 
     @property
@@ -303,7 +312,8 @@ class CompressConfig:
                 "rank_multiple": self.budget.rank_multiple if self.budget else None, "device": self.device.value,
                 "outputs": [{"name": s.name, "weight": s.weight, "axis": s.axis} for s in self.outputs],
                 "metric": self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric"),
-                "flush_denormals": self.flush_denormals, "threads": self.threads}
+                "flush_denormals": self.flush_denormals, "threads": self.threads,
+                "precision": self.precision.value}
 
 
 def _check_fraction(value, option: str) -> None:

@@ -61,7 +61,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     model = as_model(model)
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
                validation_data, row_mask=config.row_mask, threads=config.threads,
-               drop_padding_rows=config.drop_padding_rows)
+               drop_padding_rows=config.drop_padding_rows, precision=config.precision.value)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     clock.lap("calibration")
@@ -99,15 +99,17 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
 
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True,
-              row_mask: str | None = "auto", threads: int | None = None, drop_padding_rows: bool = False
-              ) -> Statistics:
+              row_mask: str | None = "auto", threads: int | None = None, drop_padding_rows: bool = False,
+              precision: str = "float32") -> Statistics:
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
-    and reuse with ``stats=``. ``row_mask``, ``threads``, ``drop_padding_rows``: as :func:`compress`'s."""
+    and reuse with ``stats=``. ``row_mask``, ``threads``, ``drop_padding_rows``, ``precision`` (of the
+    products: "float32" or "float64"): as :func:`compress`'s."""
     config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask,
-                                         threads=threads)
+                                         threads=threads, precision=precision)
     with blas_threads(config.threads):
         run = _Run(as_model(model), data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
-                   row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows)
+                   row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows,
+                   precision=config.precision.value)
         return run.statistics(Norm.DATA)
 
 
@@ -116,10 +118,11 @@ class _Run:
 
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
                  progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None,
-                 threads: int | None = None, drop_padding_rows: bool = False):
+                 threads: int | None = None, drop_padding_rows: bool = False, precision: str = "float32"):
         self.model, self.data, self.stats, self.threads = model, data, stats, threads
         self.row_mask = resolve_row_mask(model, row_mask)
         self.drop_padding_rows = drop_padding_rows
+        self.precision = precision
         self.input_shapes, self.batch_size, self.progress = input_shapes, batch_size, progress
         self.feeds = self.first_batch = None
         if data is not None:
@@ -185,7 +188,8 @@ class _Run:
             total -= held_out_count(total)
         return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
                                   batch_size=self.batch_size, progress=self.progress, total=total,
-                                  row_mask=self.row_mask if self.drop_padding_rows else None, threads=self.threads)
+                                  row_mask=self.row_mask if self.drop_padding_rows else None, threads=self.threads,
+                                  precision=self.precision)
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):

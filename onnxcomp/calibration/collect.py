@@ -3,22 +3,41 @@
 For every statistic key (``TargetLayer.stats_key``: one tensor read one way) we
 accumulate, in float64, the number of rows, the sum of the rows ``x`` and the
 sum of ``x x^T`` (DESIGN.md §1, §3), batch by batch, never holding more than one
-batch. The layer inputs become extra graph outputs; NumPy builds the rows
-(im2col for convs) in float64 blocks and adds ``[x, 1] [x, 1]^T`` with BLAS
-``dsyrk`` (symmetric rank-k: half the multiply-adds of a GEMM; the trailing 1
-gives the row sums in the same product). The products run in double: a float32
-Gram of one batch is already off by 0.9e-6 (layer1, 10^5 rows) to 1.5e-6 (stem,
-4*10^5 rows) relative to float64.
+batch. The layer inputs become extra graph outputs. Stride-1 kxk convs are
+reduced by shifted products of their input (``shifts.py``: 13 C x C GEMMs per
+pixel for a 3x3 instead of the patch Gram's 81/2 C^2, no im2col). Everything
+else goes through rows: NumPy builds them (im2col for convs) in blocks and adds
+``[x, 1] [x, 1]^T`` with BLAS ``syrk`` (symmetric rank-k: half the
+multiply-adds of a GEMM; the trailing 1 gives the row sums in the same product).
+
+Precision (``precision=``, ``--precision``): by default each block of at most
+``FLOAT32_BLOCK_ROWS`` rows is multiplied in float32 (``ssyrk``, ``sgemm``) and
+its product added into the float64 sums, so rounding stays that of one block and
+never grows with the data; "float64" multiplies in double throughout. Measured
+(``benchmarks/calibration_precision.py``, digits example and a YOLOv8n-shaped
+model): covariances 1-2e-7 from float64's (median, Frobenius), error curves
+within 3.4e-7 of each layer's output variance, float32 factors within 6e-6 of
+the float64 optimum, 10^3-10^6 below the sampling noise of the statistics.
 
 Measured on the project's 2-core CPU machine (AMD EPYC Zen 4, onnxruntime 1.32
-CPU EP, OpenBLAS), ResNet-50 at batch 32, best / median of 3 batches on a quiet
-machine (benchmarks/calibration_throughput.py): 2.91 / 2.63 samples/s = 74% /
-67% of the Gram floor (dsyrk alone: 3.93 samples/s, 40 GMAC/s); plain
-inference 22.3 samples/s. Reductions inside the session (one-hot depthwise Conv
-to unfold patches, Cast to double, Gemm) ran at 41% of the floor: onnxruntime's
-double GEMM computes the whole product at ~37 GMAC/s where dsyrk computes the
-half it needs at 43-53, so that second method was removed (it is in the git
-history before stop 10, should a GPU path want it back).
+CPU EP, OpenBLAS, 1 BLAS thread), best / median of 3 batches of 32
+(``benchmarks/calibration_throughput.py``; the floor is ``syrk`` alone on every
+statistic's (rows, d) shape, timed in the same process). YOLOv8n-shaped model at
+320x320 (3.61 G multiply-adds per sample in the floor, 63 convs), quiet machine:
+float32 10.15 / 10.07 samples/s = 87% / 86% of the float32 floor (11.7, 42
+GMAC/s), float64 5.78 / 5.77 = 92% of the float64 floor (6.3); plain inference
+39.6. Before (float64 patches and dsyrk for every conv) the same model took 2.0x
+as long per batch as float32 does now, measured side by side under load: 74% of
+it in dsyrk, 17% in onnxruntime, 7% building patches. ResNet-50 (10.2 G in the
+floor), machine at load 1-2.5: float32 3.15 / 2.94 samples/s = 70% / 65% of the
+float32 floor (4.5, 46 GMAC/s), float64 2.28 / 2.26 = 93% of the float64 floor
+(2.4); plain inference 13.1. Reductions inside the session (one-hot depthwise
+Conv to unfold patches, Cast to double, Gemm) ran at 41% of the float64 floor,
+so that second method was removed (it is in the git history before stop 10,
+should a GPU path want it back). With the calibration session's memory arena
+off (peak RSS: ResNet-50 3.7 GB instead of 4.4), its runs on the YOLO-shaped
+model take 0.35 s more per batch (1.34 s against 0.99 with the arena, 0.85
+without extra outputs).
 """
 
 from __future__ import annotations
@@ -32,17 +51,24 @@ from onnx import TensorProto, helper
 from scipy.linalg import blas
 from tqdm import tqdm
 
+from ..config import Precision
 from ..errors import OnnxcompError, first_line
 from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input_shapes
 from ..runtime import feed_size, open_session, repeated
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
 from .rowmask import RowMask, check_mask, kept_rows
+from .shifts import shift_plan
 from .stats import InputStats, Statistics
 
-# Bytes of one float64 row block in the "outputs" reduction: what memory the
+# Bytes of one row block in the "outputs" reduction: what memory the
 # reduction adds to one batch of activations. 64 MiB keeps dsyrk at full speed.
 BLOCK_BYTES = 64 * 2**20
+# Most rows of one float32 block: each block's Gram is summed in float32 before it joins the float64
+# sum, which grows its rounding with the rows (measured on YOLO-shaped activations: 1.6e-8 to 5.6e-8
+# relative at 1024 rows, 3e-8 to 1.6e-7 at 16384, up to 3e-7 for a whole batch of 10^5-10^6 rows); 8192
+# are as fast as larger blocks for ssyrk on this machine (d = 145-577).
+FLOAT32_BLOCK_ROWS = 8192
 
 
 def collect_statistics(
@@ -58,6 +84,7 @@ def collect_statistics(
     block_bytes: int = BLOCK_BYTES,
     row_mask: RowMask | None = None,
     threads: int | None = None,
+    precision: str = "float32",
 ) -> Statistics:
     """Input statistics of ``layers`` on calibration ``data``, keyed by ``layer.stats_key``.
 
@@ -66,10 +93,13 @@ def collect_statistics(
     fixes dynamic input dims (the data is checked against them);
     ``providers`` are onnxruntime execution providers (CPU by default);
     ``total``: samples expected, for the progress bar, when ``data`` cannot tell (an iterator);
-    ``block_bytes``: the size of one float64 row block of the reduction;
+    ``block_bytes``: the size of one row block of the reduction;
+    ``precision``: of the products, ``"float32"`` (each block's products in float32, summed in
+    float64 across blocks and batches) or ``"float64"`` (all in float64);
     ``row_mask``: the model input whose zeros mark token rows to leave out (padding), see
     :mod:`onnxcomp.calibration.rowmask`; ``threads``: onnxruntime's intra-op threads (default: its own choice).
     """
+    dtype = np.dtype(Precision.parse(precision, "--precision").value)
     model = as_model(model)
     targets = _targets(layers)
     _check_model(model, targets)
@@ -77,7 +107,7 @@ def collect_statistics(
     model = with_input_shapes(model, input_shapes or {})
     if not targets:
         return Statistics(model=identity)
-    collector = _Collector(model, targets, providers, block_bytes, row_mask, threads)
+    collector = _Collector(model, targets, providers, block_bytes, dtype, row_mask, threads)
     input_names = [i.name for i in model_inputs(model)]
     total = total if total is not None else count_samples(data, model)
     with tqdm(total=total, unit="sample", desc="calibration", disable=not progress) as bar:
@@ -176,7 +206,7 @@ class _Collector:
     """Layer inputs leave the session as extra outputs; NumPy/BLAS reduce them."""
 
     def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers, block_bytes: int,
-                 row_mask: RowMask | None = None, threads: int | None = None):
+                 dtype=np.float64, row_mask: RowMask | None = None, threads: int | None = None):
         inputs = model_inputs(model)
         self.row_mask = row_mask
         self.masked = _MaskedRows()
@@ -186,8 +216,9 @@ class _Collector:
         # A tensor that is fed comes straight from the feed.
         self.fetch = list(dict.fromkeys(t.tensor for t in targets if t.tensor not in fed))
         self.session = _Session(_with_outputs(model, targets, self.fetch), providers, threads)
-        self.sums = {t.key: _GramSums(t.dim) for t in targets}
-        self.buffer = _BlockBuffer(block_bytes)
+        scratch: dict = {}  # one float32 block Gram per dimension, shared by the sums
+        self.sums = {t.key: _GramSums(t.dim, dtype, scratch) for t in targets}
+        self.buffer = _BlockBuffer(block_bytes, dtype)
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         values = dict(feed)
@@ -205,6 +236,11 @@ class _Collector:
             tensor = values[target.tensor]
             target.check_shape(tensor.shape)
             rows, samples = target.rows_and_samples(tensor.shape)
+            plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
+            if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
+                gram, total = plan.reduce(tensor, self.buffer.dtype, self.buffer.max_rows(target.dim))
+                self.sums[target.key].add_sums(gram, total, rows, samples)
+                continue
             keep = None if target.conv is not None or target.trans_a else kept_rows(tensor.shape, mask)
             if keep is not None:
                 rows = int(np.count_nonzero(keep))
@@ -262,16 +298,22 @@ def _with_outputs(model: onnx.ModelProto, targets: list[_Target], fetch: list[st
 
 
 class _BlockBuffer:
-    """One reusable float64 buffer for row blocks, so blocks cost no fresh pages."""
+    """One reusable buffer for row blocks of the product dtype, so blocks cost no fresh pages."""
 
-    def __init__(self, nbytes: int):
-        self.flat = np.empty(nbytes // 8)
+    def __init__(self, nbytes: int, dtype=np.float64):
+        self.dtype = np.dtype(dtype)
+        self.flat = np.empty(max(1, nbytes // self.dtype.itemsize), self.dtype)
+
+    def max_rows(self, dim: int) -> int:
+        """Rows ``[x, 1]`` of length ``dim + 1`` in one block."""
+        rows = max(1, self.flat.size // (dim + 1))
+        return min(rows, FLOAT32_BLOCK_ROWS) if self.dtype == np.float32 else rows
 
     def rows(self, dim: int) -> np.ndarray:
         """A ``(max_rows, dim + 1)`` view whose last column is ones."""
-        max_rows = max(1, self.flat.size // (dim + 1))
+        max_rows = self.max_rows(dim)
         if max_rows * (dim + 1) > self.flat.size:  # a row longer than the budget still fits one
-            self.flat = np.empty(max_rows * (dim + 1))
+            self.flat = np.empty(max_rows * (dim + 1), self.dtype)
         view = self.flat[: max_rows * (dim + 1)].reshape(max_rows, dim + 1)
         view[:, dim] = 1.0
         return view
@@ -294,23 +336,46 @@ def _row_blocks(target: _Target, tensor: np.ndarray, buffer: np.ndarray,
 
 
 class _GramSums:
-    """Upper triangle of sum [x, 1] [x, 1]^T: the Gram matrix, the row sums and the count."""
+    """Upper triangle of sum [x, 1] [x, 1]^T in float64: the Gram matrix, the row sums and the count.
 
-    def __init__(self, dim: int):
+    Blocks of rows in float64 go straight into it (dsyrk); a float32 block's Gram is computed in
+    float32 (ssyrk, twice as fast) and then added, so rounding does not grow across blocks and batches.
+    """
+
+    def __init__(self, dim: int, dtype=np.float64, scratch: dict | None = None):
         self.upper = np.zeros((dim + 1, dim + 1), order="F")
+        self.single = np.dtype(dtype) == np.float32
+        self.scratch = {} if scratch is None else scratch  # dim + 1 -> a float32 block Gram, shared
         self.rows = 0
         self.samples = 0
 
     def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int) -> None:
+        size = self.upper.shape[0]
         for block in blocks:
-            # block.T is Fortran-ordered (dim+1, n): dsyrk reads it in place and
-            # updates our Fortran-ordered upper triangle in place.
-            self.upper = blas.dsyrk(1.0, block.T, beta=1.0, c=self.upper, overwrite_c=1)
+            # block.T is Fortran-ordered (dim+1, n): syrk reads it in place and
+            # updates a Fortran-ordered upper triangle in place.
+            if not self.single:
+                self.upper = blas.dsyrk(1.0, block.T, beta=1.0, c=self.upper, overwrite_c=1)
+                continue
+            if size not in self.scratch:  # zeros: ssyrk never writes the strict lower triangle
+                self.scratch[size] = np.zeros((size, size), np.float32, order="F")
+            self.scratch[size] = blas.ssyrk(1.0, block.T, beta=0.0, c=self.scratch[size], overwrite_c=1)
+            self.upper += self.scratch[size]
+        self.rows += rows
+        self.samples += samples
+
+    def add_sums(self, gram: np.ndarray, total: np.ndarray, rows: int, samples: int) -> None:
+        """Add sums reduced elsewhere: ``gram``'s upper triangle (what is below is ignored), ``total``."""
+        dim = len(total)
+        self.upper[:dim, :dim] += gram
+        self.upper[:dim, dim] += total
+        self.upper[dim, dim] += rows
         self.rows += rows
         self.samples += samples
 
     def result(self, target: _Target) -> InputStats:
-        full = self.upper + np.triu(self.upper, 1).T  # dsyrk left the strict lower triangle at zero
+        upper = np.triu(self.upper)  # syrk leaves the strict lower triangle alone, add_sums may not
+        full = upper + np.triu(upper, 1).T
         dim = target.dim
         gram, total = full[:dim, :dim], full[:dim, dim]
         if target.conv is not None:  # patches were built channel-last (i, j, c)

@@ -33,12 +33,16 @@ def channel_last_windows(x: np.ndarray, geometry: ConvGeometry, dtype=None) -> n
     """A strided view ``(N, Ho, Wo, kh, kw, C)`` of all patches of an NCHW tensor.
 
     It looks into one zero-padded channel-last copy of ``x`` (in ``dtype``,
-    default ``x.dtype``); patches are not materialised.
+    default ``x.dtype``), or into ``x`` itself where there is nothing to pad or
+    convert; patches are not materialised.
     """
     n, c, h, w = x.shape
     top, left, bottom, right = geometry.resolve_pads(h, w)
-    padded = np.zeros((n, h + top + bottom, w + left + right, c), dtype=dtype or x.dtype)
-    padded[:, top : top + h, left : left + w, :] = x.transpose(0, 2, 3, 1)
+    if not (top or left or bottom or right) and np.dtype(dtype or x.dtype) == x.dtype:
+        padded = x.transpose(0, 2, 3, 1)  # nothing to pad (1x1 convs): a view, the blocks copy from it
+    else:
+        padded = np.zeros((n, h + top + bottom, w + left + right, c), dtype=dtype or x.dtype)
+        padded[:, top : top + h, left : left + w, :] = x.transpose(0, 2, 3, 1)
     (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
     out_h, out_w = geometry.output_size(h, w)
     span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1

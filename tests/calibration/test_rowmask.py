@@ -77,7 +77,7 @@ def _padded(sentences, pad_value: float = 50.0) -> dict[str, np.ndarray]:
 
 def _one_by_one(model, layers, sentences) -> Statistics:
     feeds = [{"x": s[None], "attention_mask": np.ones((1, len(s)), dtype=np.int64)} for s in sentences]
-    return collect_statistics(model, layers, feeds, progress=False)
+    return collect_statistics(model, layers, feeds, progress=False, precision="float64")
 
 
 @pytest.mark.parametrize("layout", ["3d", "2d"])
@@ -87,7 +87,7 @@ def test_masked_padded_batch_equals_unpadded_sentences(layout):
     assert len(layers) == 2
     sentences = _sentences()
     masked = collect_statistics(model, layers, [_padded(sentences)], progress=False,
-                                row_mask=RowMask("attention_mask", "given"))
+                                row_mask=RowMask("attention_mask", "given"), precision="float64")
     reference = _one_by_one(model, layers, sentences)
     for layer in layers:
         got, want = masked[layer.stats_key], reference[layer.stats_key]
