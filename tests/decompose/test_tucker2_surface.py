@@ -121,3 +121,19 @@ def test_singular_statistics_and_the_frobenius_norm():
     eye = Tucker2Problem(w, np.eye(8 * 9))
     assert frobenius.reference == pytest.approx(float(np.sum(w * w)))
     assert frobenius.error(4, 3) == pytest.approx(eye.output_step(frobenius.start(4, 3), 4)[2], rel=1e-8)
+
+
+def test_best_pair_beyond_the_first_pass_grid():
+    """Any rank on a 64-channel input: more R_in than one pass scores (``GRID``); the spread and the
+    values between the best one's neighbours find the exhaustive minimum here."""
+    shape = (40, 64, 3, 3)
+    w, s = layer(shape, 1)
+    surface = ProxySurface(w, s)
+    budgets = [fraction * np.prod(shape) for fraction in (0.1, 0.25, 0.5, 0.8)]
+    best = [surface.best(budget)[3] for budget in budgets]
+    assert len(surface._errors) < 64  # not every R_in was scored
+    for budget, error in zip(budgets, best):
+        exhaustive = min(
+            surface.error(max(r for r in range(1, 41) if tucker2_cost(*shape, r, r_in).macs <= budget), r_in)
+            for r_in in range(1, 65) if tucker2_cost(*shape, 1, r_in).macs <= budget)
+        assert error == pytest.approx(exhaustive, rel=1e-12)
