@@ -23,19 +23,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from blas_env import preset_threads  # noqa: E402  (before NumPy: see blas_env.py)
 
-def _preset_threads(argv):
-    """--threads N must act before NumPy loads its BLAS (OpenBLAS reads the variable once)."""
-    for i, a in enumerate(argv):
-        n = a.split("=", 1)[1] if a.startswith("--threads=") else None
-        if a == "--threads" and i + 1 < len(argv):
-            n = argv[i + 1]
-        if n is not None:
-            for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-                os.environ[var] = n
-
-
-_preset_threads(sys.argv[1:])
+preset_threads(sys.argv[1:])
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -1,0 +1,20 @@
+"""``--threads N`` for benchmark scripts, applied before NumPy loads its BLAS.
+
+OpenBLAS reads OPENBLAS_NUM_THREADS once, when NumPy is first imported, so a script calls
+:func:`preset_threads` on its arguments before it imports NumPy (this module imports neither).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def preset_threads(argv) -> None:
+    """Set the BLAS thread variables from ``--threads N`` / ``--threads=N`` in ``argv``, if given."""
+    for i, arg in enumerate(argv):
+        count = arg.split("=", 1)[1] if arg.startswith("--threads=") else None
+        if arg == "--threads" and i + 1 < len(argv):
+            count = argv[i + 1]
+        if count is not None:
+            for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[var] = count
