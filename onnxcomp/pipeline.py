@@ -49,7 +49,7 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     if config is not None and options:
         raise OnnxcompError(f"give a config or keyword options, not both (got {sorted(options)})")
     config = config or CompressConfig.from_options(**options)
-    with blas_threads(config.threads):
+    with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
         return _compress(model, data, config, stats, validation_data, timer)
 
 
@@ -106,7 +106,7 @@ def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, 
     products: "float32" or "float64"): as :func:`compress`'s."""
     config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask,
                                          threads=threads, precision=precision)
-    with blas_threads(config.threads):
+    with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
         run = _Run(as_model(model), data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
                    row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows,
                    precision=config.precision.value)

@@ -5,9 +5,10 @@ work. When another process holds a core, every small LAPACK call of a solve wait
 that is not running; on the project's 2-core machine LAPACK-heavy solves ran 50-90x slower
 that way. So the solve runs each layer with one BLAS thread and spreads the layers over
 ``threads`` workers instead (layers are independent, and NumPy/LAPACK release the GIL), which
-keeps every core busy on a quiet machine and degrades in proportion under load. The large
-products of calibration (Gram sums) keep ``threads`` BLAS threads: they are long enough to
-amortise a late thread.
+keeps every core busy on a quiet machine and degrades in proportion under load. Calibration's
+Gram products run with one BLAS thread too (onnxruntime's session keeps ``threads`` intra-op
+threads): with two BLAS threads and one core busy elsewhere, calibrating the digits example took
+71.5 s instead of 1.7 s.
 """
 
 from __future__ import annotations
