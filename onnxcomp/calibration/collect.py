@@ -29,15 +29,19 @@ GMAC/s), float64 5.78 / 5.77 = 92% of the float64 floor (6.3); plain inference
 39.6. Before (float64 patches and dsyrk for every conv) the same model took 2.0x
 as long per batch as float32 does now, measured side by side under load: 74% of
 it in dsyrk, 17% in onnxruntime, 7% building patches. ResNet-50 (10.2 G in the
-floor), machine at load 1-2.5: float32 3.15 / 2.94 samples/s = 70% / 65% of the
-float32 floor (4.5, 46 GMAC/s), float64 2.28 / 2.26 = 93% of the float64 floor
-(2.4); plain inference 13.1. Reductions inside the session (one-hot depthwise
-Conv to unfold patches, Cast to double, Gemm) ran at 41% of the float64 floor,
-so that second method was removed (it is in the git history before stop 10,
-should a GPU path want it back). With the calibration session's memory arena
-off (peak RSS: ResNet-50 3.7 GB instead of 4.4), its runs on the YOLO-shaped
-model take 0.35 s more per batch (1.34 s against 0.99 with the arena, 0.85
-without extra outputs).
+floor; two runs, load 1-4): float32 2.54-3.15 samples/s at best = 56-70% of the
+float32 floor (4.5, 46 GMAC/s), float64 1.80-2.28 = 75-93% of the float64 floor
+(2.4); plain inference 13.1; onnxruntime's share is larger there (see below).
+Reductions inside the session (one-hot depthwise Conv to unfold patches, Cast to
+double, Gemm) ran at 41% of the float64 floor, so that second method was removed
+(it is in the git history before stop 10, should a GPU path want it back). The
+calibration session runs without its memory arena (peak RSS of ResNet-50 3.7 GB instead of 4.4), which costs time on
+a shared machine (load 3-5, best of 5 runs interleaved): YOLOv8n-shaped 1.34 s
+per batch against 0.99 with the arena and 0.85 without extra outputs,
+ResNet-50 3.4-4.6 s against 2.6-2.8 and 2.4. An arena that grows by what is
+asked (``OrtArenaCfg`` kSameAsRequested, an environment allocator) ran
+ResNet-50 in 2.6-2.9 s at a peak RSS of 3.0-3.1 GB (the runs alone, without the
+reduction: no arena 2.7-2.9 GB, default arena 3.7).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input
 from ..runtime import feed_size, open_session, repeated
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
-from .shifts import shift_plan
+from .shifts import ShiftPlan, shift_plan
 from .stats import InputStats, Statistics
 
 # Bytes of one row block in the "outputs" reduction: what memory the
@@ -92,7 +96,7 @@ def collect_statistics(
     ``total``: samples expected, for the progress bar, when ``data`` cannot tell (an iterator);
     ``block_bytes``: the size of one row block of the reduction;
     ``precision``: of the products, ``"float32"`` (each block's products in float32, summed in
-    float64 across blocks and batches) or ``"float64"`` (all in float64).
+    float64 across blocks and batches; float64 and float16 activations too) or ``"float64"``.
     """
     dtype = np.dtype(Precision.parse(precision, "--precision").value)
     model = as_model(model)
@@ -229,8 +233,7 @@ class _Collector:
             rows, samples = target.rows_and_samples(tensor.shape)
             plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
             if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
-                gram, total = plan.reduce(tensor, self.buffer.dtype, self.buffer.max_rows(target.dim))
-                self.sums[target.key].add_sums(gram, total, rows, samples)
+                self.sums[target.key].add_shifted(plan, tensor, self.buffer, rows, samples)
                 continue
             self.sums[target.key].add(_row_blocks(target, tensor, self.buffer.rows(target.dim)), rows, samples)
 
@@ -326,18 +329,20 @@ class _GramSums:
         self.rows += rows
         self.samples += samples
 
-    def add_sums(self, gram: np.ndarray, total: np.ndarray, rows: int, samples: int) -> None:
-        """Add sums reduced elsewhere: ``gram``'s upper triangle (what is below is ignored), ``total``."""
-        dim = len(total)
-        self.upper[:dim, :dim] += gram
-        self.upper[:dim, dim] += total
+    def add_shifted(self, plan: ShiftPlan, x: np.ndarray, buffer: _BlockBuffer, rows: int, samples: int) -> None:
+        """Add a stride-1 conv's patch sums from shifted products (shifts.py) straight into ours, in
+        the buffer's dtype and blocks (it adds blocks on the diagonal whole: result() reads the upper
+        triangle only)."""
+        dim = plan.dim
+        plan.reduce(x, buffer.dtype, buffer.max_rows(dim), gram=self.upper[:dim, :dim], total=self.upper[:dim, dim])
         self.upper[dim, dim] += rows
         self.rows += rows
         self.samples += samples
 
     def result(self, target: _Target) -> InputStats:
-        upper = np.triu(self.upper)  # syrk leaves the strict lower triangle alone, add_sums may not
-        full = upper + np.triu(upper, 1).T
+        upper = np.triu(self.upper)  # syrk leaves the strict lower triangle alone, add_shifted does not
+        full = upper + upper.T
+        full.flat[:: len(full) + 1] = upper.diagonal()  # counted twice above
         dim = target.dim
         gram, total = full[:dim, :dim], full[:dim, dim]
         if target.conv is not None:  # patches were built channel-last (i, j, c)
