@@ -35,13 +35,13 @@ float32 floor (4.5, 46 GMAC/s), float64 1.80-2.28 = 75-93% of the float64 floor
 Reductions inside the session (one-hot depthwise Conv to unfold patches, Cast to
 double, Gemm) ran at 41% of the float64 floor, so that second method was removed
 (it is in the git history before stop 10, should a GPU path want it back). The
-calibration session runs without its memory arena (peak RSS of ResNet-50 3.7 GB instead of 4.4), which costs time on
-a shared machine (load 3-5, best of 5 runs interleaved): YOLOv8n-shaped 1.34 s
-per batch against 0.99 with the arena and 0.85 without extra outputs,
-ResNet-50 3.4-4.6 s against 2.6-2.8 and 2.4. An arena that grows by what is
-asked (``OrtArenaCfg`` kSameAsRequested, an environment allocator) ran
-ResNet-50 in 2.6-2.9 s at a peak RSS of 3.0-3.1 GB (the runs alone, without the
-reduction: no arena 2.7-2.9 GB, default arena 3.7).
+calibration session runs without its memory arena (peak RSS of ResNet-50 3.7 GB
+instead of 4.4), which costs time on a shared machine (load 3-5, best of 5 runs
+interleaved): YOLOv8n-shaped 1.34 s per batch against 0.99 with the arena and
+0.85 without extra outputs, ResNet-50 3.4-4.6 s against 2.6-2.8 and 2.4. An
+arena that grows by what is asked (``OrtArenaCfg`` kSameAsRequested, an
+environment allocator) ran ResNet-50 in 2.6-2.9 s at a peak RSS of 3.0-3.1 GB
+(the runs alone, without the reduction: no arena 2.7-2.9 GB, default arena 3.7).
 """
 
 from __future__ import annotations
