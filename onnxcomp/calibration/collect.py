@@ -23,15 +23,18 @@ Measured on the project's 2-core CPU machine (AMD EPYC Zen 4, onnxruntime 1.32
 CPU EP, OpenBLAS, 1 BLAS thread), best / median of 3 batches of 32
 (``benchmarks/calibration_throughput.py``; the floor is ``syrk`` alone on every
 statistic's (rows, d) shape, timed in the same process). YOLOv8n-shaped model at
-320x320 (3.61 G multiply-adds per sample in the floor, 63 convs), quiet machine:
-float32 10.15 / 10.07 samples/s = 87% / 86% of the float32 floor (11.7, 42
-GMAC/s), float64 5.78 / 5.77 = 92% of the float64 floor (6.3); plain inference
-39.6. Before (float64 patches and dsyrk for every conv) the same model took 2.0x
-as long per batch as float32 does now, measured side by side under load: 74% of
-it in dsyrk, 17% in onnxruntime, 7% building patches. ResNet-50 (10.2 G in the
-floor; two runs, load 1-4): float32 2.54-3.15 samples/s at best = 56-70% of the
-float32 floor (4.5, 46 GMAC/s), float64 1.80-2.28 = 75-93% of the float64 floor
-(2.4); plain inference 13.1; onnxruntime's share is larger there (see below).
+320x320 (3.61 G multiply-adds per sample in the floor, 63 convs), three runs at
+load 0.7-2.7: float32 9.6-12.0 samples/s at best = 85-106% of the float32 floor
+(11.3-11.7, 41-42 GMAC/s; medians alike), float64 5.7-6.2 = 91-97% of the
+float64 floor (6.2-6.4); plain inference 40-81 (onnxruntime's two threads are
+the most sensitive to the other work on the machine). Before (float64 patches
+and dsyrk for every conv) a batch took 5.95 s, 85% of it in dsyrk, 8% in
+onnxruntime, 6% building patches; now 2.5 s in float32 (onnxruntime 20%, shifted
+products 51%, ssyrk of the strided and 1x1 convs 21%, copies 6%) and 4.9 s in
+float64, side by side on a quiet machine. ResNet-50 (10.2 G in the floor; two
+runs, load 1-4): float32 2.54-3.15 samples/s at best = 56-70% of the float32
+floor (4.5, 46 GMAC/s), float64 1.80-2.28 = 75-93% of the float64 floor (2.4);
+plain inference 13.1; onnxruntime's share is larger there (see below).
 Reductions inside the session (one-hot depthwise Conv to unfold patches, Cast to
 double, Gemm) ran at 41% of the float64 floor, so that second method was removed
 (it is in the git history before stop 10, should a GPU path want it back). The
