@@ -23,21 +23,28 @@ Measured on the project's 2-core CPU machine (AMD EPYC Zen 4, onnxruntime 1.32
 CPU EP, OpenBLAS, 1 BLAS thread), best / median of 3 batches of 32
 (``benchmarks/calibration_throughput.py``; the floor is ``syrk`` alone on every
 statistic's (rows, d) shape, timed in the same process). YOLOv8n-shaped model at
-320x320 (3.61 G multiply-adds per sample in the floor, 63 convs), quiet machine:
-float32 10.15 / 10.07 samples/s = 87% / 86% of the float32 floor (11.7, 42
-GMAC/s), float64 5.78 / 5.77 = 92% of the float64 floor (6.3); plain inference
-39.6. Before (float64 patches and dsyrk for every conv) the same model took 2.0x
-as long per batch as float32 does now, measured side by side under load: 74% of
-it in dsyrk, 17% in onnxruntime, 7% building patches. ResNet-50 (10.2 G in the
-floor), machine at load 1-2.5: float32 3.15 / 2.94 samples/s = 70% / 65% of the
-float32 floor (4.5, 46 GMAC/s), float64 2.28 / 2.26 = 93% of the float64 floor
-(2.4); plain inference 13.1. Reductions inside the session (one-hot depthwise
-Conv to unfold patches, Cast to double, Gemm) ran at 41% of the float64 floor,
-so that second method was removed (it is in the git history before stop 10,
-should a GPU path want it back). With the calibration session's memory arena
-off (peak RSS: ResNet-50 3.7 GB instead of 4.4), its runs on the YOLO-shaped
-model take 0.35 s more per batch (1.34 s against 0.99 with the arena, 0.85
-without extra outputs).
+320x320 (3.61 G multiply-adds per sample in the floor, 63 convs), three runs at
+load 0.7-2.7: float32 9.6-12.0 samples/s at best = 85-106% of the float32 floor
+(11.3-11.7, 41-42 GMAC/s; medians alike), float64 5.7-6.2 = 91-97% of the
+float64 floor (6.2-6.4); plain inference 40-81 (onnxruntime's two threads are
+the most sensitive to the other work on the machine). Before (float64 patches
+and dsyrk for every conv) a batch took 5.95 s, 85% of it in dsyrk, 8% in
+onnxruntime, 6% building patches; now 2.5 s in float32 (onnxruntime 20%, shifted
+products 51%, ssyrk of the strided and 1x1 convs 21%, copies 6%) and 4.9 s in
+float64, side by side on a quiet machine. ResNet-50 (10.2 G in the floor; two
+runs, load 1-4): float32 2.54-3.15 samples/s at best = 56-70% of the float32
+floor (4.5, 46 GMAC/s), float64 1.80-2.28 = 75-93% of the float64 floor (2.4);
+plain inference 13.1; onnxruntime's share is larger there (see below).
+Reductions inside the session (one-hot depthwise Conv to unfold patches, Cast to
+double, Gemm) ran at 41% of the float64 floor, so that second method was removed
+(it is in the git history before stop 10, should a GPU path want it back). The
+calibration session runs without its memory arena (peak RSS of ResNet-50 3.7 GB
+instead of 4.4), which costs time on a shared machine (load 3-5, best of 5 runs
+interleaved): YOLOv8n-shaped 1.34 s per batch against 0.99 with the arena and
+0.85 without extra outputs, ResNet-50 3.4-4.6 s against 2.6-2.8 and 2.4. An
+arena that grows by what is asked (``OrtArenaCfg`` kSameAsRequested, an
+environment allocator) ran ResNet-50 in 2.6-2.9 s at a peak RSS of 3.0-3.1 GB
+(the runs alone, without the reduction: no arena 2.7-2.9 GB, default arena 3.7).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from ..runtime import feed_size, open_session, repeated
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
 from .rowmask import RowMask, check_mask, kept_rows
-from .shifts import shift_plan
+from .shifts import ShiftPlan, shift_plan
 from .stats import InputStats, Statistics
 
 # Bytes of one row block in the "outputs" reduction: what memory the
@@ -95,7 +102,7 @@ def collect_statistics(
     ``total``: samples expected, for the progress bar, when ``data`` cannot tell (an iterator);
     ``block_bytes``: the size of one row block of the reduction;
     ``precision``: of the products, ``"float32"`` (each block's products in float32, summed in
-    float64 across blocks and batches) or ``"float64"`` (all in float64);
+    float64 across blocks and batches; float64 and float16 activations too) or ``"float64"``;
     ``row_mask``: the model input whose zeros mark token rows to leave out (padding), see
     :mod:`onnxcomp.calibration.rowmask`; ``threads``: onnxruntime's intra-op threads (default: its own choice).
     """
@@ -238,8 +245,7 @@ class _Collector:
             rows, samples = target.rows_and_samples(tensor.shape)
             plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
             if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
-                gram, total = plan.reduce(tensor, self.buffer.dtype, self.buffer.max_rows(target.dim))
-                self.sums[target.key].add_sums(gram, total, rows, samples)
+                self.sums[target.key].add_shifted(plan, tensor, self.buffer, rows, samples)
                 continue
             keep = None if target.conv is not None or target.trans_a else kept_rows(tensor.shape, mask)
             if keep is not None:
@@ -364,18 +370,20 @@ class _GramSums:
         self.rows += rows
         self.samples += samples
 
-    def add_sums(self, gram: np.ndarray, total: np.ndarray, rows: int, samples: int) -> None:
-        """Add sums reduced elsewhere: ``gram``'s upper triangle (what is below is ignored), ``total``."""
-        dim = len(total)
-        self.upper[:dim, :dim] += gram
-        self.upper[:dim, dim] += total
+    def add_shifted(self, plan: ShiftPlan, x: np.ndarray, buffer: _BlockBuffer, rows: int, samples: int) -> None:
+        """Add a stride-1 conv's patch sums from shifted products (shifts.py) straight into ours, in
+        the buffer's dtype and blocks (it adds blocks on the diagonal whole: result() reads the upper
+        triangle only)."""
+        dim = plan.dim
+        plan.reduce(x, buffer.dtype, buffer.max_rows(dim), gram=self.upper[:dim, :dim], total=self.upper[:dim, dim])
         self.upper[dim, dim] += rows
         self.rows += rows
         self.samples += samples
 
     def result(self, target: _Target) -> InputStats:
-        upper = np.triu(self.upper)  # syrk leaves the strict lower triangle alone, add_sums may not
-        full = upper + np.triu(upper, 1).T
+        upper = np.triu(self.upper)  # syrk leaves the strict lower triangle alone, add_shifted does not
+        full = upper + upper.T
+        full.flat[:: len(full) + 1] = upper.diagonal()  # counted twice above
         dim = target.dim
         gram, total = full[:dim, :dim], full[:dim, dim]
         if target.conv is not None:  # patches were built channel-last (i, j, c)

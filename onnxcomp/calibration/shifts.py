@@ -60,26 +60,30 @@ class ShiftPlan:
         strips = sum(_area(rect) for *_, rects in self.pairs for rect in rects)
         return (shifted + strips) * samples * c * c
 
-    def reduce(self, x: np.ndarray, dtype, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    def reduce(self, x: np.ndarray, dtype, block_rows: int, gram: np.ndarray | None = None,
+               total: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(gram, total)`` in float64 for the patches of ``x`` (NCHW), channel-last ``(i, j, c)``
-        order: the blocks on and above the diagonal of ``sum x x^T`` (those below are left at zero),
-        and ``sum x``. Products in ``dtype``, ``block_rows`` flat rows at a time."""
+        order: the blocks on and above the diagonal of ``sum x x^T`` (those below are left alone),
+        and ``sum x``, added into ``gram`` and ``total`` when given (else into zeros). Products in
+        ``dtype``, ``block_rows`` flat rows at a time."""
+        gram = np.zeros((self.dim, self.dim)) if gram is None else gram
+        total = np.zeros(self.dim) if total is None else total
         samples, hb, wb, c = self.buffer
         r0, r1, c0, c1 = self.image
         padded = np.zeros(self.buffer, dtype=dtype)
         padded[:, r0:r1, c0:c1] = x.transpose(0, 2, 3, 1)
         products = self._shifted_products(padded, block_rows)
-        gram = np.zeros((self.dim, self.dim))
         for a, b, k, strips in self.pairs:
-            block = products[k].copy()
+            block = gram[a * c : (a + 1) * c, b * c : (b + 1) * c]
+            block += products[k]
             di, dj = self.shifts[k]
             for s0, s1, t0, t1 in strips:  # the partners lie in the buffer: in tap b's window or its padding
                 first = padded[:, s0:s1, t0:t1].reshape(-1, c)
                 second = padded[:, s0 + di : s1 + di, t0 + dj : t1 + dj].reshape(-1, c)
                 block += first.T @ second
-            gram[a * c : (a + 1) * c, b * c : (b + 1) * c] = block
         per_pixel = padded.sum(axis=0, dtype=np.float64)  # (Hb, Wb, C): then each window's sum is cheap
-        total = np.concatenate([per_pixel[s0:s1, t0:t1].sum(axis=(0, 1)) for s0, s1, t0, t1 in self.windows])
+        for a, (s0, s1, t0, t1) in enumerate(self.windows):
+            total[a * c : (a + 1) * c] += per_pixel[s0:s1, t0:t1].sum(axis=(0, 1))
         return gram, total
 
     def _shifted_products(self, padded: np.ndarray, block_rows: int) -> np.ndarray:
