@@ -18,7 +18,7 @@ import onnx
 
 from .config import OutputSpec
 from .errors import OnnxcompError
-from .metrics import OutputErrors, TopOneAgreement, standardized_error
+from .metrics import OutputErrors, TopOneAgreement, standardized_error, token_layout
 from .runtime import make_session, run_in_batches
 
 
@@ -140,7 +140,7 @@ class Judge:
     def masked(self, output: np.ndarray) -> np.ndarray:
         """A token-layout output [N, seq, F] with its padding positions set to 0 (the same for both
         models, so padding adds nothing to a comparison)."""
-        if self.keep is None or output.ndim != 3 or output.shape[:2] != self.keep.shape:
+        if not token_layout(output, self.keep, None):
             return output
         return np.where(self.keep[..., None], output, 0)
 

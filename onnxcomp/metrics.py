@@ -80,7 +80,7 @@ class OutputErrors:
             if np.shape(ref) != np.shape(new):
                 raise OnnxcompError(f"output {name!r} has shape {list(np.shape(ref))} in the original "
                                     f"but {list(np.shape(new))} in the compressed model")
-            if _token_layout(ref, keep, self.axes[name]):
+            if token_layout(ref, keep, self.axes[name]):
                 ref, new = ref[keep], new[keep]  # [tokens, F]: the channels stay on the last axis
             sums.add(ref, new)
             self.channels[name].add(ref, new)
@@ -91,7 +91,7 @@ class OutputErrors:
                 for name, sums in self.sums.items()}
 
 
-def _token_layout(output: np.ndarray, keep: np.ndarray | None, axis: int | None) -> bool:
+def token_layout(output: np.ndarray, keep: np.ndarray | None, axis: int | None) -> bool:
     """Whether ``output`` is [N, seq, F] with ``keep``'s leading dims and its channels on the last axis."""
     return (keep is not None and np.ndim(output) == 3 and np.shape(output)[:2] == keep.shape
             and (axis is None or axis % 3 == 2))
