@@ -18,14 +18,14 @@ same errors (to rounding). The machine is shared, so read the ratios of one run,
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from blas_env import competing_process  # noqa: E402
 from compress_resnet50 import model_path, smooth_images  # noqa: E402
 from threadpoolctl import threadpool_info  # noqa: E402
 
@@ -34,27 +34,6 @@ from onnxcomp.config import Method, RankChoice, SolveConfig  # noqa: E402
 from onnxcomp.decompose.solve import layer_problem, solve_layers  # noqa: E402
 from onnxcomp.model import find_layers, load_model  # noqa: E402
 from onnxcomp.threads import blas_threads  # noqa: E402
-
-
-def _spin() -> None:
-    while True:
-        pass
-
-
-@contextmanager
-def competing_process(active: bool):
-    """A child process that keeps one core busy while the block runs."""
-    if not active:
-        yield
-        return
-    child = multiprocessing.Process(target=_spin, daemon=True)
-    child.start()
-    try:
-        time.sleep(0.5)
-        yield
-    finally:
-        child.terminate()
-        child.join()
 
 
 def timed_solve(layers, stats, plan, workers: int, default_blas: bool) -> tuple[float, dict]:
