@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="--max-drop: what to make smallest (default macs)")
     compress.add_argument("--metric", default="fidelity", choices=["fidelity", "top1", "cosine"],
                           help="what judges candidate models on the validation samples: minus the standardised error "
-                               "(default), top-1 agreement with the original, or the mean cosine of the first output")
+                               "(default), top-1 agreement with the original (per sample, or per position of "
+                               "[N, positions, classes] scores), or the mean cosine of the first output")
     compress.add_argument("--validation-data", metavar="F",
                           help="samples that judge candidates and the result (default: every 10th calibration "
                                "sample, 8 to 64 of them, held out of the statistics)")

@@ -18,7 +18,7 @@ import onnx
 
 from .config import OutputSpec
 from .errors import OnnxcompError
-from .metrics import OutputErrors, TopOneAgreement, standardized_error, token_layout
+from .metrics import OutputErrors, TopOneAgreement, channel_axis, standardized_error, token_layout
 from .runtime import make_session, run_in_batches
 
 
@@ -59,16 +59,25 @@ class FidelityMetric(Metric):
 
 
 class TopOneMetric(Metric):
-    """Top-1 agreement with the original on the first output (class scores; the original scores 1)."""
+    """Top-1 agreement with the original on the first output (the original scores 1): per sample of
+    [batch, classes] scores, or per position of [batch, positions, classes] scores (a CTC
+    recogniser's or a token classifier's; padding positions left out under a row mask)."""
 
     name = "top1"
 
     def score(self, judge, model):
-        outputs = judge.run(model)
+        reference, candidate = judge.reference[0], judge.run(model)[0]
+        if np.ndim(reference) == 3 and reference.dtype.kind == "f":
+            axis = channel_axis(reference.shape, judge.axis_of(judge.names[0]))
+            if reference.shape[axis] >= 2:
+                agree = reference.argmax(axis=axis) == candidate.argmax(axis=axis)  # [N, positions]
+                keep = judge.keep if judge.keep is not None and judge.keep.shape == agree.shape else None
+                return float(np.mean(agree if keep is None else agree[keep]))
         top1 = TopOneAgreement()
-        top1.add(judge.reference[0], outputs[0], judge.samples)
+        top1.add(reference, candidate, judge.samples)
         if top1.agreement() is None:
-            raise OnnxcompError("--metric top1: the first output is not [batch, classes] scores")
+            raise OnnxcompError("--metric top1: the first output is neither [batch, classes] nor "
+                                "[batch, positions, classes] scores")
         return top1.agreement()
 
 
@@ -136,6 +145,10 @@ class Judge:
     def keep_of(self, feed: dict) -> np.ndarray | None:
         """Which token positions of ``feed`` are real (the row mask's ones); None: no row mask."""
         return None if self.row_mask is None or self.row_mask not in feed else feed[self.row_mask] != 0
+
+    def axis_of(self, name: str) -> int | None:
+        """The channel axis ``--outputs`` gives output ``name`` (None: the default rule)."""
+        return self.specs[name].axis if self.specs and name in self.specs else None
 
     def masked(self, output: np.ndarray) -> np.ndarray:
         """A token-layout output [N, seq, F] with its padding positions set to 0 (the same for both
