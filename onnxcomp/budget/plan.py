@@ -263,7 +263,8 @@ def _with_sensitivity(budget: BudgetConfig, planning: Planning, curves: Curves, 
     solved = _solve(planning, allocation)
     shown = gains.note() if isinstance(gains, MeasuredWeights) else {k: round(v, 6) for k, v in gains.items()}
     allocation.sensitivity = {**note, "weighted": allocation is weighted, "probe": planning.judge.source,
-                              "mode": budget.sensitivity.value, "gains": shown}
+                              "probe_samples": getattr(gains, "samples", None), "mode": budget.sensitivity.value,
+                              "gains": shown}
     return allocation, solved
 
 

@@ -34,8 +34,14 @@ MIN_PROBE_SAMPLES = 4
 PROBE_MACS = 4e11  # multiply-adds of all the probe's forward passes together: 5-20 s on 2 cores
 
 
+class Gains(dict):
+    """Layer name -> squared gain, and how many samples the probe ran (``samples``)."""
+
+    samples: int = 0
+
+
 def layer_sensitivities(model: onnx.ModelProto, layers: list[TargetLayer], judge: Judge, epsilon: float = 0.05,
-                        seed: int = 0) -> dict[str, float]:
+                        seed: int = 0) -> Gains:
     """Layer name -> squared gain from its relative output error to the model's standardised output error
     (the judge's measure: per output channel, weighted by ``--outputs``)."""
     session = make_session(_probe_model(model, layers), threads=judge.threads)
@@ -45,7 +51,8 @@ def layer_sensitivities(model: onnx.ModelProto, layers: list[TargetLayer], judge
     results = session.run(outputs + [layer.output + _SUFFIX for layer in layers], {**feed, **zeros})
     reference, clean = results[: len(outputs)], results[len(outputs):]
     rng = np.random.default_rng(seed)
-    gains = {}
+    gains = Gains()
+    gains.samples = feed_size(feed)
     for layer, activation in zip(layers, clean):
         noise = _relative_noise(activation, epsilon, rng)
         perturbed = session.run(outputs, {**feed, **zeros, f"noise/{layer.output}": noise})

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import onnxcomp
 from onnxcomp.budget import sensitivity
 from onnxcomp.budget.sensitivity import layer_sensitivities, probe_samples
 from onnxcomp.judge import Judge
@@ -51,6 +52,7 @@ def test_gains_match_a_direct_computation(samples, monkeypatch):
     assert probe_samples(layers) == samples
     judge = Judge(model, {"x": images}, "test", held_out=True)
     gains = layer_sensitivities(model, layers, judge)
+    assert gains.samples == samples
     # the probe runs the first `samples` validation samples; its noise is random (seeded): within 1.2%
     # here, and the first conv's gain (1.12) is told apart from the last's (1 exactly in expectation)
     np.testing.assert_allclose([gains[layer.name] for layer in layers], _expected_gains(model, images[:samples]),
@@ -67,3 +69,12 @@ def test_probe_samples_shrink_with_the_model_cost(monkeypatch):
     assert probe_samples(layers) == 6
     monkeypatch.setattr(sensitivity, "PROBE_MACS", 2 * per_pass)
     assert probe_samples(layers) == sensitivity.MIN_PROBE_SAMPLES
+
+
+def test_the_report_says_how_many_samples_the_probe_ran(monkeypatch):
+    model = build(LINEAR, **WEIGHTS)
+    images = np.random.default_rng(2).standard_normal((12, 6, 24, 24)).astype(np.float32)
+    monkeypatch.setattr(sensitivity, "PROBE_MACS", 1)  # the minimum, below the 12 validation samples
+    _, report = onnxcomp.compress(model, images[:4], validation_data=images, target_macs=0.6, progress=False,
+                                  check_latency=False)
+    assert report.settings["target"]["sensitivity"]["probe_samples"] == sensitivity.MIN_PROBE_SAMPLES
