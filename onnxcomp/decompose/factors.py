@@ -7,7 +7,7 @@ Each holds host NumPy arrays and knows its reconstruction and its size:
 - :class:`Tucker2Factors` (a conv weight ``W`` (C_out, C_in, kh, kw), K = kh*kw):
   ``W~ = U_out . G . (U_in kron I_K)^T``, U_out (C_out x R_out), U_in (C_in x R_in),
   core G (R_out, R_in, kh, kw); the chain 1x1 (C_in -> R_in), kxk (R_in -> R_out),
-  1x1 (R_out -> C_out).
+  1x1 (R_out -> C_out), a square factor (a side at full rank) folded into the core.
 - :class:`CPFactors`: ``form="4way"`` (Lebedev et al. 2015)
   ``W~[o,c,i,j] = sum_r A[o,r] B[c,r] H[i,r] V[j,r]`` (1x1, depthwise kh x 1,
   depthwise 1 x kw, 1x1), or ``form="3way"``
@@ -56,6 +56,14 @@ class LowRank(_HostArrays):
         return self.second @ self.first
 
 
+def folded_sides(C_out, C_in, R_out, R_in) -> tuple[bool, bool]:
+    """Which Tucker-2 1x1 factors the rewrite folds into the core, (output side, input side): a side
+    kept at full rank has a square factor, and the kxk core writes (reads) the original channels
+    directly. One side at most: both at full rank is the dense conv again."""
+    fold_out = R_out == C_out
+    return fold_out, R_in == C_in and not fold_out
+
+
 @dataclass
 class Tucker2Factors(_HostArrays):
     """``W~ = U_out . G . (U_in kron I)^T``."""
@@ -67,6 +75,15 @@ class Tucker2Factors(_HostArrays):
     @property
     def ranks(self) -> tuple[int, int]:
         return self.u_out.shape[1], self.u_in.shape[1]
+
+    @property
+    def params(self) -> int:
+        """Weights the rewrite writes: a square factor is folded into the core (:func:`folded_sides`)."""
+        (c_out, r_out), (c_in, r_in) = self.u_out.shape, self.u_in.shape
+        fold_out, fold_in = folded_sides(c_out, c_in, r_out, r_in)
+        k = int(np.prod(self.core.shape[2:]))
+        return ((0 if fold_in else c_in * r_in) + (c_out if fold_out else r_out) * (c_in if fold_in else r_in) * k
+                + (0 if fold_out else r_out * c_out))
 
     def weight(self) -> np.ndarray:
         """The approximation W~ (C_out, C_in, kh, kw)."""

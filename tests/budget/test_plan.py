@@ -99,16 +99,21 @@ def test_tucker2_rank_larger_than_layer(digits):
 def test_auto_budget_mixes_methods_and_meets_target(digits):
     model, stats, images, reference = digits
     compressed, report = onnxcomp.compress(model, stats=stats, target_macs=0.3, method="auto", progress=False)
-    assert abs(report.settings["target"]["achieved"] - 0.3) <= 0.01
+    # within the budget, and close: ranks at multiples of 8, and Tucker-2 sides at full rank (folded
+    # into the core) step by whole output widths here, leaving up to 1.5% of this small model's MACs
+    assert 0.3 - 0.015 <= report.settings["target"]["achieved"] <= 0.3 + 1e-9
     assert held_out_error(compressed, images, reference) < 0.02
 
 
 def test_tucker2_budget_spends_what_its_coarse_curve_left(digits):
     """Tucker-2 candidates sit at seven MAC fractions per layer; the budget asks for more points where
-    its spare reaches (before: 71.7% of the MACs for a 75% target), and the extra spend lowers the error."""
+    its spare reaches (before: 71.7% of the MACs for a 75% target; 73.2% without the extra points),
+    and the extra spend lowers the error. Any rank: at multiples of 8 this model's grid is coarser
+    than any extra point can fill (69.3%, with a smaller error than the 74.4% before full-rank sides
+    were folded into the core)."""
     model, stats, images, reference = digits
     compressed, report = onnxcomp.compress(model, stats=stats, method="tucker2", target_macs=0.75, progress=False,
-                                           sensitivity="off")
+                                           sensitivity="off", rank_multiple=1)
     assert abs(report.settings["target"]["achieved"] - 0.75) <= 0.01
     assert held_out_error(compressed, images, reference) < 0.003
 

@@ -34,8 +34,10 @@ def conv_problem(shape, seed, input_ratio=1.0) -> LayerProblem:
                                                       ((32, 24, 3, 3), 2, 4.0)])
 def test_candidates_are_upper_bounds_within_15_percent_of_converged_solves(shape, seed, input_ratio):
     """Each point's score (the proxy pair after one ALS sweep) against the dense reference, the
-    solver run to convergence at that pair (tol 1e-8): never below it, at most 15% above (2% in the
-    median; the proxy alone: up to 38% above on these layers), the cost the fraction allows."""
+    solver run to convergence at that pair (tol 1e-8): never below it, at most 15% above (3% in the
+    median; the proxy alone: up to 38% above on these layers), the cost the fraction allows. Pairs
+    with the output side at full rank (folded into the core, so cheaper and chosen more often) start
+    further from their optimum: 16x32x3x3's median is 2.7% with them, 1.1% before."""
     problem = conv_problem(shape, seed, input_ratio)
     points = tucker2_candidates(problem, SOLVE, np)
     assert len(points) >= 5 and all(c.method is Method.TUCKER2 for c in points)
@@ -47,7 +49,7 @@ def test_candidates_are_upper_bounds_within_15_percent_of_converged_solves(shape
         gaps.append(point.error / truth - 1)
         cost = tucker2_cost(*shape, *point.rank, in_positions=input_ratio)
         assert (point.params, point.macs) == (cost.params, cost.macs) and point.macs < np.prod(shape)
-    assert min(gaps) >= -1e-6 and max(gaps) <= 0.15 and np.median(gaps) <= 0.02, gaps
+    assert min(gaps) >= -1e-6 and max(gaps) <= 0.15 and np.median(gaps) <= 0.03, gaps
     # more MACs never buy a worse point
     ordered = sorted(points, key=lambda c: c.macs)
     assert all(b.error <= a.error * (1 + 1e-9) for a, b in zip(ordered, ordered[1:]))
@@ -115,7 +117,8 @@ def test_only_the_allocation_kept_is_solved_in_full(monkeypatch):
 
     monkeypatch.setattr(solve_module, "SOLVERS", {method: counted(method) for method in solvers})
     monkeypatch.setattr(solve_module, "solve_tucker2", tucker2_counted)
-    _, report = onnxcomp.compress(model, EXAMPLE / "calib.npz", stats=stats, method="auto", target_macs=0.4,
+    # 0.25: the weighted and unweighted allocations differ (at 0.4 they coincide since full-rank sides fold)
+    _, report = onnxcomp.compress(model, EXAMPLE / "calib.npz", stats=stats, method="auto", target_macs=0.25,
                                   sensitivity="on", progress=False)
     note = report.settings["target"]["sensitivity"]
     assert report.settings["target"]["feasible"] and "unweighted_loss" in note and note["weighted"]

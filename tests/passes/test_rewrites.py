@@ -3,7 +3,9 @@
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
+from onnxcomp.decompose.factors import Tucker2Factors
 from onnxcomp.decompose.solve import Decomposition
 from onnxcomp.decompose.svd import output_spectrum, truncate
 from onnxcomp.model import find_layers
@@ -82,14 +84,10 @@ def test_matmul_constant_node_full_rank_with_bias():
     np.testing.assert_allclose(run(compressed, {"x": x}), run(model, {"x": x}) + shift, rtol=1e-5, atol=1e-4)
 
 
-class _TuckerFactors:
-    def __init__(self, u_out, core, u_in):
-        self.u_out, self.core, self.u_in = u_out, core, u_in
-
-
 @pytest.mark.parametrize("attrs", CONV_CASES)
 def test_tucker2_full_rank(attrs):
-    """Identity factors and the weight as core: the chain 1x1 -> kxk -> 1x1 is the original conv."""
+    """Orthogonal factors and the weight as core: the chain is the original conv (the output side,
+    at full rank, folded into the core: 1x1 -> kxk)."""
     model = conv_model(attrs)
     layer = find_layers(model)[0][0]
     c_out, c_in, (kh, kw) = layer.out_features, layer.in_channels, layer.kernel
@@ -98,13 +96,41 @@ def test_tucker2_full_rank(attrs):
     q_in, _ = np.linalg.qr(rng.standard_normal((c_in, c_in)))
     W = layer.weight.astype(np.float64).reshape(c_out, c_in, kh, kw)
     core = np.einsum("oa,oikl,ib->abkl", q_out, W, q_in)  # W = q_out . core . q_in^T on each mode
-    factors = _TuckerFactors(q_out, core, q_in)
+    factors = Tucker2Factors(q_out, core, q_in)
     decomposition = Decomposition("tucker2", factors, layer.bias.astype(np.float64), (c_out, c_in), 0, 0, None, None)
     compressed = apply_decompositions(model, [(layer, decomposition)])
     onnx.checker.check_model(compressed, full_check=True)
-    assert [n.op_type for n in compressed.graph.node] == ["Conv", "Conv", "Conv", "Relu"]
+    assert [n.op_type for n in compressed.graph.node] == ["Conv", "Conv", "Relu"]
     x = np.random.default_rng(0).standard_normal((2, 6, 11, 11)).astype(np.float32)
     assert_same_outputs(model, compressed, {"x": x}, rtol=1e-5, atol=1e-5, scale_atol=True)
+
+
+@pytest.mark.parametrize("attrs", CONV_CASES)
+@pytest.mark.parametrize("ranks, convs", [((8, 3), 2), ((5, 6), 2), ((5, 3), 3)])
+def test_tucker2_chain_computes_its_reconstruction(attrs, ranks, convs):
+    """Any ranks: the rewritten conv computes the factors' reconstruction W~ (as a dense conv with W~
+    in onnxruntime); a side at full rank (8 of 8 outputs, 6 of 6 inputs) is folded: two convs, and the
+    graph holds exactly the weights Tucker2Factors.params counts."""
+    model = conv_model(attrs)
+    layer = find_layers(model)[0][0]
+    (c_out, c_in, kh, kw), (r_out, r_in) = (layer.out_features, layer.in_channels, *layer.kernel), ranks
+    rng = np.random.default_rng(7)
+    factors = Tucker2Factors(np.linalg.qr(rng.standard_normal((c_out, r_out)))[0], rng.standard_normal(
+        (r_out, r_in, kh, kw)) / 4, np.linalg.qr(rng.standard_normal((c_in, r_in)))[0])
+    bias = rng.standard_normal(c_out)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    for i, tensor in enumerate(reference.graph.initializer):  # the dense conv with W~ and the bias
+        value = {"w": factors.weight(), "b": bias}[tensor.name]
+        reference.graph.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(np.float32), tensor.name))
+    decomposition = Decomposition("tucker2", factors, bias, ranks, 0, 0, None, None)
+    compressed = apply_decompositions(model, [(layer, decomposition)])
+    onnx.checker.check_model(compressed, full_check=True)
+    assert [n.op_type for n in compressed.graph.node] == ["Conv"] * convs + ["Relu"]
+    written = sum(t.dims[0] * int(np.prod(t.dims[1:])) for t in compressed.graph.initializer if len(t.dims) == 4)
+    assert written == factors.params
+    x = rng.standard_normal((2, 6, 11, 11)).astype(np.float32)
+    assert_same_outputs(reference, compressed, {"x": x}, rtol=1e-5, atol=1e-5, scale_atol=True)
 
 
 def test_bias_correction_folds_into_following_add():

@@ -19,6 +19,7 @@ import numpy as np
 from ...errors import OnnxcompError
 from ..backend import to_backend, to_numpy
 from ..checks import check_conv_weight, check_fraction, check_patch_stats
+from ..factors import folded_sides
 from ..linalg import symmetrize, unfold
 from ..ranks import ChainCost, layer_budget, rank_for_threshold
 from .problem import Tucker2Problem
@@ -30,20 +31,28 @@ def tucker2_cost(C_out, C_in, kh, kw, R_out, R_in, *, in_positions: float = 1.0)
     ``params = C_in*R_in + R_in*R_out*kh*kw + R_out*C_out``; MACs per output
     position are the same, except that the first 1x1 conv runs at the input
     resolution: ``in_positions`` = input positions per output position
-    (stride_h*stride_w for a 'same' conv; 1 by default).
+    (stride_h*stride_w for a 'same' conv; 1 by default). A full rank's 1x1 is
+    folded into the core (:func:`folded_sides`): at ``R_out = C_out`` the chain
+    is 1x1 (C_in -> R_in) -> kxk (R_in -> C_out) and costs no ``R_out*C_out``.
     """
     k = kh * kw
-    params = C_in * R_in + R_in * R_out * k + R_out * C_out
-    macs = in_positions * C_in * R_in + R_in * R_out * k + R_out * C_out
+    fold_out, fold_in = folded_sides(C_out, C_in, R_out, R_in)
+    first = 0 if fold_in else C_in * R_in
+    last = 0 if fold_out else R_out * C_out
+    params = first + R_in * R_out * k + last
+    macs = in_positions * first + R_in * R_out * k + last
     return ChainCost(int(params), float(macs))
+
 
 
 def _max_r_out(shape, r_in, budget, measure, in_positions):
     """Largest R_out (<= C_out) whose chain with this R_in fits the budget; 0 if none."""
     c_out, c_in, kh, kw = shape
-    first = (in_positions if measure == "macs" else 1.0) * c_in * r_in
+    if _cost_of(shape, c_out, r_in, measure, in_positions) <= budget:
+        return c_out  # the output side at full rank, folded into the core
+    first = 0.0 if r_in == c_in else (in_positions if measure == "macs" else 1.0) * c_in * r_in
     r = math.floor((budget - first) / (r_in * kh * kw + c_out) + 1e-9)
-    return int(min(max(r, 0), c_out))
+    return int(min(max(r, 0), c_out - 1))
 
 
 def _cost_of(shape, r_out, r_in, measure, in_positions):

@@ -135,7 +135,7 @@ class ProxySurface:
         def score(r_in):
             if r_in not in scored:
                 r_out = _max_r_out(self.shape, r_in, budget, measure, in_positions)
-                if r_out >= m:
+                if m <= r_out < c_out:  # C_out itself is folded into the core: no rank to round
                     r_out = r_out // m * m
                 scored[r_in] = None if r_out < 1 else (
                     r_out, r_in, _cost_of(self.shape, r_out, r_in, measure, in_positions),
