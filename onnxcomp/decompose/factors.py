@@ -81,9 +81,8 @@ class Tucker2Factors(_HostArrays):
         """Weights the rewrite writes: a square factor is folded into the core (:func:`folded_sides`)."""
         (c_out, r_out), (c_in, r_in) = self.u_out.shape, self.u_in.shape
         fold_out, fold_in = folded_sides(c_out, c_in, r_out, r_in)
-        k = int(np.prod(self.core.shape[2:]))
-        return ((0 if fold_in else c_in * r_in) + (c_out if fold_out else r_out) * (c_in if fold_in else r_in) * k
-                + (0 if fold_out else r_out * c_out))
+        core = self.core.size // (r_out * r_in) * (c_out if fold_out else r_out) * (c_in if fold_in else r_in)
+        return core + (0 if fold_in else self.u_in.size) + (0 if fold_out else self.u_out.size)
 
     def weight(self) -> np.ndarray:
         """The approximation W~ (C_out, C_in, kh, kw)."""

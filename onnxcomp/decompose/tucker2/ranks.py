@@ -44,7 +44,6 @@ def tucker2_cost(C_out, C_in, kh, kw, R_out, R_in, *, in_positions: float = 1.0)
     return ChainCost(int(params), float(macs))
 
 
-
 def _max_r_out(shape, r_in, budget, measure, in_positions):
     """Largest R_out (<= C_out) whose chain with this R_in fits the budget; 0 if none."""
     c_out, c_in, kh, kw = shape
