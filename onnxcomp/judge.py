@@ -194,7 +194,7 @@ class Judge:
         return standardized_error({name: e["standardized"] for name, e in per_output.items()}, self.specs)
 
     def _errors(self, reference, outputs, keep: np.ndarray | None = None) -> dict:
-        errors = OutputErrors(self.names, {s.name: s.axis for s in (self.specs or {}).values()})
+        errors = OutputErrors(self.names, {name: self.axis_of(name) for name in self.names})
         errors.add(reference, outputs, self.keep if keep is None else keep)
         return errors.result()
 

@@ -49,7 +49,8 @@ def _max_r_out(shape, r_in, budget, measure, in_positions):
     c_out, c_in, kh, kw = shape
     if _cost_of(shape, c_out, r_in, measure, in_positions) <= budget:
         return c_out  # the output side at full rank, folded into the core
-    first = 0.0 if r_in == c_in else (in_positions if measure == "macs" else 1.0) * c_in * r_in
+    fold_in = folded_sides(c_out, c_in, c_out - 1, r_in)[1]  # below C_out: the input side may fold
+    first = 0.0 if fold_in else (in_positions if measure == "macs" else 1.0) * c_in * r_in
     r = math.floor((budget - first) / (r_in * kh * kw + c_out) + 1e-9)
     return int(min(max(r, 0), c_out - 1))
 
