@@ -132,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: onnxruntime's)")
     inspect.add_argument("--no-timing", dest="timing", action="store_false",
                          help="do not time the model (no share of time, no Amdahl floors)")
+    _initializer_inputs_argument(inspect)
     inspect.set_defaults(run=_inspect)
 
     _bench_command(commands)
@@ -198,6 +199,14 @@ def _data_arguments(parser: argparse.ArgumentParser, data_required: bool = False
                         help="with a row mask: also leave the padding rows out of the statistics (off by default: "
                              "on a BERT encoder it did not help held-out fidelity)")
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+    _initializer_inputs_argument(parser)
+
+
+def _initializer_inputs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initializer-inputs", default="constant", choices=["constant", "refuse"],
+                        help="initializers also listed as graph inputs (IR 3 exports): constant weights (default; "
+                             "the compressed model lists them again, except the replaced weights) or refuse (they "
+                             "stay overridable and their layers dense)")
 
 
 def _input_shape_argument(parser: argparse.ArgumentParser) -> None:
@@ -235,7 +244,7 @@ def _calibrate(args) -> int:
     statistics = calibrate(load_model(args.input), args.data, input_shapes=args.input_shapes,
                            skip=args.skip, batch_size=args.batch_size, progress=args.progress,
                            row_mask=args.row_mask, threads=args.threads, drop_padding_rows=args.drop_padding_rows,
-                           precision=args.precision)
+                           precision=args.precision, initializer_inputs=args.initializer_inputs)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
     statistics.save(args.output)
@@ -272,7 +281,12 @@ def _api_options(function, args) -> dict:
 
 
 def _inspect(args) -> int:
-    model = load_model(args.input)
+    from .model.prepare import prepare_model
+
+    prepared = prepare_model(load_model(args.input), args.initializer_inputs)
+    model = prepared.model
+    for note in prepared.notes:
+        print(f"note: {note}")
     shapes = parse_input_shapes(args.input_shapes)
     layers, skipped = find_layers(model, shapes)
     shares, source = _inspect_times(args, model, layers, shapes)

@@ -250,6 +250,7 @@ class CompressConfig:
     check_latency: bool = True  # profile the result: time shares, Amdahl floors, the latency guard
     row_mask: str | None = "auto"  # the [batch, seq] padding mask input; "auto": a common name; None: none
     drop_padding_rows: bool = False  # leave the mask's padding rows out of the statistics too
+    initializer_inputs: str = "constant"  # initializers also listed as inputs: "constant" or "refuse" (overridable)
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
@@ -259,6 +260,8 @@ class CompressConfig:
         object.__setattr__(self, "outputs", specs)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise OnnxcompError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        if self.initializer_inputs not in ("constant", "refuse"):
+            raise OnnxcompError(f"--initializer-inputs must be constant or refuse, got {self.initializer_inputs!r}")
         if self.row_mask is not None and (not isinstance(self.row_mask, str) or not self.row_mask):
             raise OnnxcompError(f"--row-mask must be an input name, 'auto' or 'none', got {self.row_mask!r}")
         given = self.solve.ranks.given + (["target"] if self.budget else [])
@@ -275,7 +278,7 @@ class CompressConfig:
                      provider="cpu", threads=None, latency_cache=None, skip=(), input_shapes=None,
                      batch_size=32, precision="float32", device="cpu", progress=True, outputs=(), metric="fidelity",
                      max_drop=None, minimize="macs", flush_denormals=False, check_latency=True,
-                     row_mask="auto", drop_padding_rows=False) -> "CompressConfig":
+                     row_mask="auto", drop_padding_rows=False, initializer_inputs="constant") -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
@@ -293,7 +296,8 @@ class CompressConfig:
         ranks = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
         return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
                    _input_shapes(input_shapes), batch_size, precision, device, progress, tuple(outputs or ()), metric,
-                   bool(flush_denormals), bool(check_latency), row_mask, bool(drop_padding_rows))
+                   bool(flush_denormals), bool(check_latency), row_mask, bool(drop_padding_rows),
+                   initializer_inputs=initializer_inputs)
 
     @property
     def threads(self) -> int:

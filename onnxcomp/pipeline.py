@@ -25,6 +25,7 @@ from .judge import Judge
 from .model import as_model, find_layers, fingerprint, select_layers
 from .model.denormals import flush_written
 from .model.downstream import outputs_reached
+from .model.prepare import prepare_model
 from .passes import apply_solved
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
@@ -58,7 +59,8 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     timer = timer or Timer(latency.provider.value, latency.threads)
     if config.budget and config.budget.kind is BudgetKind.LATENCY:
         execution_providers(latency.provider.value)  # fail before calibrating if the provider is missing
-    model = as_model(model)
+    prepared = prepare_model(as_model(model), config.initializer_inputs)
+    model = prepared.model
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
                validation_data, row_mask=config.row_mask, threads=config.threads,
                drop_padding_rows=config.drop_padding_rows, precision=config.precision.value)
@@ -94,20 +96,22 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["target"] = target_settings(config.budget, allocation, totals)
         if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
-    warnings = data_warnings(problems, solved, statistics, config.budget is not None, judge) + guard_warnings(measured)
-    return compressed, Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
+    warnings = [*prepared.notes, *data_warnings(problems, solved, statistics, config.budget is not None, judge),
+                *guard_warnings(measured)]
+    return prepared.restore(compressed), Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True,
               row_mask: str | None = "auto", threads: int | None = None, drop_padding_rows: bool = False,
-              precision: str = "float32") -> Statistics:
+              precision: str = "float32", initializer_inputs: str = "constant") -> Statistics:
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
     and reuse with ``stats=``. ``row_mask``, ``threads``, ``drop_padding_rows``, ``precision`` (of the
-    products: "float32" or "float64"): as :func:`compress`'s."""
+    products: "float32" or "float64"), ``initializer_inputs``: as :func:`compress`'s."""
     config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask,
-                                         threads=threads, precision=precision)
+                                         threads=threads, precision=precision, initializer_inputs=initializer_inputs)
     with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
-        run = _Run(as_model(model), data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
+        working = prepare_model(as_model(model), initializer_inputs).model
+        run = _Run(working, data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
                    row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows,
                    precision=config.precision.value)
         return run.statistics(Norm.DATA)

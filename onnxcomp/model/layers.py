@@ -17,6 +17,7 @@ import onnx
 
 from ..errors import OnnxcompError
 from .constants import TARGET_OPS, constant_tensors
+from .prepare import quantized_weights
 from .shapes import infer_shapes, static_product, with_input_shapes
 
 
@@ -134,6 +135,7 @@ def find_layers(
     constants = constant_tensors(graph)
     shapes = infer_shapes(with_input_shapes(model, input_shapes or {}))
     users = _WeightUsers(graph)
+    why_not_constant = _why_not_constant(graph)
     layers, skipped = [], []
     for index, node in enumerate(graph.node):
         name = node.name or f"{node.op_type}_{index}"
@@ -146,13 +148,26 @@ def find_layers(
             users.check_unshared(node)
             layers.append(builder(node, name, index, constants, shapes))
         except _NotTarget as why:
-            skipped.append(Skipped(name, node.op_type, str(why)))
+            weight = node.input[1] if len(node.input) > 1 else ""
+            skipped.append(Skipped(name, node.op_type, why_not_constant.get(weight, str(why))))
     skipped += _in_subgraphs(graph)
     return layers, skipped
 
 
 # Ops that look compressible but are not (yet): listed by inspect and the report, with why.
 UNSUPPORTED_OPS = {"ConvTranspose": "ConvTranspose is not supported (only Conv, Gemm and MatMul)"}
+
+
+def _why_not_constant(graph: onnx.GraphProto) -> dict[str, str]:
+    """{weight tensor: why it is not a constant} where the graph says more than "not a constant"."""
+    reasons = {name: f"its weight {name!r} is computed through {op}: a quantized model (compress the float "
+                     "model, then quantize)" for name, op in quantized_weights(graph).items()}
+    initializers = {t.name for t in graph.initializer}
+    for info in graph.input:
+        if info.name in initializers:
+            reasons[info.name] = (f"its weight {info.name!r} is a graph input with a default (kept overridable by "
+                                  "--initializer-inputs refuse)")
+    return reasons
 
 
 class _WeightUsers:

@@ -30,6 +30,11 @@ class GraphEditor:
         self._names = {t for t in self.graph.tensors()} | {n.name for n in self.graph.nodes}
         self.flushed = 0  # subnormal values written as 0 by :meth:`constant`
 
+    @property
+    def opset(self) -> int:
+        """The model's ai.onnx opset version (what the ops it writes must conform to)."""
+        return next((o.version for o in self.original.opset_import if o.domain in ("", "ai.onnx")), 1)
+
     def node(self, output_name: str) -> gs.Node:
         """The node that produces ``output_name`` (output tensor names are unique in ONNX)."""
         return self._by_output[output_name]

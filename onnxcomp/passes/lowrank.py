@@ -31,9 +31,15 @@ def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Deco
             ("Conv", _with_bias(editor, base, second.reshape(second.shape[0], rank, 1, 1), bias, dtype), {}),
         ]
     elif layer.op_type == "Gemm":
+        first_inputs = [editor.constant(f"{base}/first_weight", first.T, dtype)]
+        second_inputs = _with_bias(editor, base, second.T, bias, dtype)
+        if editor.opset < 11:  # Gemm's C became optional in opset 11: before, a zero bias is written
+            first_inputs.append(editor.constant(f"{base}/first_bias", np.zeros(rank), dtype))
+            if len(second_inputs) == 1:
+                second_inputs.append(editor.constant(f"{base}/bias", np.zeros(second.shape[0]), dtype))
         steps = [
-            ("Gemm", [editor.constant(f"{base}/first_weight", first.T, dtype)], {"transA": int(layer.trans_a)}),
-            ("Gemm", _with_bias(editor, base, second.T, bias, dtype), {}),
+            ("Gemm", first_inputs, {"transA": int(layer.trans_a)}),
+            ("Gemm", second_inputs, {}),
         ]
     else:
         steps = [
