@@ -10,9 +10,13 @@ from ..model import TargetLayer
 from .common import GraphEditor
 from .cp import rewrite_cp
 from .lowrank import rewrite_lowrank
+from .transposed import refuse_cp_transposed, rewrite_lowrank_transposed, rewrite_tucker2_transposed
 from .tucker2 import rewrite_tucker2
 
 REWRITES = {Method.SVD: rewrite_lowrank, Method.TUCKER2: rewrite_tucker2, Method.CP: rewrite_cp}
+# A ConvTranspose's factors are those of its equivalent conv: their chains end in ConvTranspose cores.
+TRANSPOSED_REWRITES = {Method.SVD: rewrite_lowrank_transposed, Method.TUCKER2: rewrite_tucker2_transposed,
+                       Method.CP: refuse_cp_transposed}
 
 
 def apply_decompositions(
@@ -21,7 +25,8 @@ def apply_decompositions(
     """A new model in which every planned layer is replaced by its chain."""
     editor = GraphEditor(model)
     for layer, decomposition in plan:
-        REWRITES[decomposition.method](editor, layer, decomposition)
+        rewrites = TRANSPOSED_REWRITES if layer.transposed is not None else REWRITES
+        rewrites[decomposition.method](editor, layer, decomposition)
     return editor.export()
 
 
