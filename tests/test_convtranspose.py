@@ -166,3 +166,26 @@ def test_cp_is_refused_for_convtranspose():
     model = convtranspose_model(CASES[1], c_in=8, c_out=8)
     with pytest.raises(OnnxcompError, match="--method cp does not rewrite ConvTranspose layer"):
         compress(model, {"x": _input(n=20, c=8)}, keep=0.5, method="cp", progress=False)
+
+
+def test_latency_models_of_a_convtranspose_and_its_chain_run():
+    """A latency budget times the layer alone and each candidate's chain: both are ConvTranspose models."""
+    from onnxcomp.budget.candidates import Candidate
+    from onnxcomp.budget.latency import layer_model
+
+    layer = find_layers(convtranspose_model(CASES[0]))[0][0]
+    x = {"x": _input()}
+    dense = layer_model(layer, [3, 5, 5, 6])
+    chain = layer_model(layer, [3, 5, 5, 6], Candidate("tucker2", (2, 3), 0, 0, 0.0))
+    assert [n.op_type for n in dense.graph.node] == ["ConvTranspose"]
+    assert [n.op_type for n in chain.graph.node] == ["Conv", "ConvTranspose", "Conv"]
+    assert make_session(dense).run(None, x)[0].shape == make_session(chain).run(None, x)[0].shape
+
+
+def test_mac_budget_with_auto_compresses_a_convtranspose():
+    model = convtranspose_model(CASES[1], c_in=16, c_out=16)
+    x = _input(n=40, c=16)
+    compressed, report = compress(model, {"x": x}, target_macs=0.5, method="auto", progress=False)
+    onnx.checker.check_model(compressed, full_check=True)
+    assert [r.status for r in report.layers] == ["compressed"]
+    assert all(np.isfinite(a).all() for a in make_session(compressed).run(None, {"x": x[:4]}))

@@ -25,9 +25,14 @@ def apply_decompositions(
     """A new model in which every planned layer is replaced by its chain."""
     editor = GraphEditor(model)
     for layer, decomposition in plan:
-        rewrites = TRANSPOSED_REWRITES if layer.transposed is not None else REWRITES
-        rewrites[decomposition.method](editor, layer, decomposition)
+        rewrite_layer(editor, layer, decomposition)
     return editor.export()
+
+
+def rewrite_layer(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposition) -> None:
+    """Replace one layer by the chain of its decomposition."""
+    rewrites = TRANSPOSED_REWRITES if layer.transposed is not None else REWRITES
+    rewrites[decomposition.method](editor, layer, decomposition)
 
 
 def apply_solved(model: onnx.ModelProto, layers: list[TargetLayer], solved: Solved) -> onnx.ModelProto:
