@@ -61,6 +61,7 @@ from tqdm import tqdm
 from ..config import Precision
 from ..errors import OnnxcompError, first_line
 from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input_shapes
+from ..model.transposed import TransposedGeometry
 from ..runtime import feed_size, open_session, repeated
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
@@ -139,7 +140,7 @@ class _Target:
     dtype: np.dtype  # the tensor's element type: Conv/Gemm/MatMul give it to the weight too
     conv: ConvGeometry | None
     trans_a: bool
-    transposed: object = None  # a ConvTranspose's TransposedGeometry: patches of its stuffed input
+    transposed: TransposedGeometry | None = None  # a ConvTranspose: patches of its stuffed input
 
     def rows_and_samples(self, shape: Sequence[int]) -> tuple[int, int]:
         """Rows ``x`` and batch samples in a tensor of this shape."""

@@ -69,17 +69,19 @@ class TransposedGeometry:
         """The NCHW input of the equivalent conv: ``x`` zero-stuffed, then padded (or cropped)."""
         n, c, h, w = x.shape
         pads = self.resolve_pads(h, w)
-        spans = []
+        places, crops, sizes = [], [], []
         for axis, size in enumerate((h, w)):
-            reach = self.dilations[axis] * (self.kernel[axis] - 1)
+            reach, stride = self.dilations[axis] * (self.kernel[axis] - 1), self.strides[axis]
             begin = reach - pads[axis]
             end = reach - pads[axis + 2] + self.output_padding[axis]
-            spans.append((size, self.strides[axis], begin, end))
-        full = [max(b, 0) + s * (size - 1) + 1 + max(e, 0) for size, s, b, e in spans]
-        out = np.zeros((n, c, full[0], full[1]), dtype=x.dtype)
-        (h0, sh, bh, eh), (w0, sw, bw, ew) = spans
-        out[:, :, max(bh, 0) : max(bh, 0) + sh * (h - 1) + 1 : sh, max(bw, 0) : max(bw, 0) + sw * (w - 1) + 1 : sw] = x
-        return out[:, :, max(-bh, 0) : full[0] - max(-eh, 0), max(-bw, 0) : full[1] - max(-ew, 0)]
+            span = stride * (size - 1) + 1  # the stuffed input
+            full = max(begin, 0) + span + max(end, 0)
+            places.append(slice(max(begin, 0), max(begin, 0) + span, stride))
+            crops.append(slice(max(-begin, 0), full - max(-end, 0)))
+            sizes.append(full)
+        out = np.zeros((n, c, *sizes), dtype=x.dtype)
+        out[:, :, places[0], places[1]] = x
+        return out[:, :, crops[0], crops[1]]
 
     def key(self) -> str:
         pads = self.auto_pad if self.auto_pad != "NOTSET" else ",".join(map(str, self.pads))
