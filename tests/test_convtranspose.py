@@ -3,16 +3,18 @@
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from onnxcomp import compress
 from onnxcomp.calibration.collect import collect_statistics
 from onnxcomp.calibration.patches import im2col
 from onnxcomp.config import CompressConfig
-from onnxcomp.decompose.factors import Tucker2Factors
+from onnxcomp.decompose.factors import CPFactors, Tucker2Factors
 from onnxcomp.decompose.solve import Decomposition, layer_problem, solve_layer
 from onnxcomp.decompose.svd import output_spectrum, truncate
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import count_macs, find_layers
+from onnxcomp.model.transposed import flip_transpose
 from onnxcomp.passes import apply_decompositions
 from onnxcomp.runtime import make_session
 
@@ -162,10 +164,43 @@ def test_grouped_and_1d_convtranspose_are_skipped_with_their_reason():
     assert [s.reason for s in find_layers(one_d)[1]] == ["1-D ConvTranspose (only 2-D is supported)"]
 
 
-def test_cp_is_refused_for_convtranspose():
+@pytest.mark.parametrize("attrs", CASES)
+@pytest.mark.parametrize("form", ["3way", "4way"])
+def test_cp_chain_computes_its_reconstruction(attrs, form):
+    """Random CP factors: the chain equals the dense ConvTranspose with the reconstruction's weight
+    mapped back (flip_transpose), the bias included. 4way refuses an output_shape."""
+    model = _pre_activation(convtranspose_model(attrs))
+    layer = find_layers(model)[0][0]
+    (c_out, c_in, (kh, kw)), rank = (layer.out_features, layer.in_channels, layer.kernel), 3
+    rng = np.random.default_rng(3)
+    spatial = {"h": rng.standard_normal((kh, rank)), "v": rng.standard_normal((kw, rank))} if form == "4way" \
+        else {"kernel": rng.standard_normal((rank, kh, kw))}
+    factors = CPFactors(form, rng.standard_normal((c_out, rank)), rng.standard_normal((c_in, rank)), **spatial)
+    bias = rng.standard_normal(c_out)
+    decomposition = Decomposition("cp", factors, bias, (rank,), 0, 0, None, None)
+    if form == "4way" and "output_shape" in attrs:
+        with pytest.raises(OnnxcompError, match="use --cp-form 3way"):
+            apply_decompositions(model, [(layer, decomposition)])
+        return
+    compressed = apply_decompositions(model, [(layer, decomposition)])
+    onnx.checker.check_model(compressed, full_check=True)
+    middle = ["ConvTranspose"] * (2 if form == "4way" else 1)
+    assert [n.op_type for n in compressed.graph.node] == ["Conv", *middle, "Conv"]
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    for i, tensor in enumerate(reference.graph.initializer):
+        value = {"w": flip_transpose(factors.weight()), "b": bias}[tensor.name]
+        reference.graph.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(np.float32), tensor.name))
+    assert_same_outputs(reference, compressed, {"x": _input()}, rtol=1e-4, atol=1e-4, scale_atol=True)
+
+
+def test_cp_compresses_a_convtranspose():
     model = convtranspose_model(CASES[1], c_in=8, c_out=8)
-    with pytest.raises(OnnxcompError, match="--method cp does not rewrite ConvTranspose layer"):
-        compress(model, {"x": _input(n=20, c=8)}, keep=0.5, method="cp", progress=False)
+    x = _input(n=40, c=8)
+    compressed, report = compress(model, {"x": x}, keep=0.5, method="cp", progress=False)
+    onnx.checker.check_model(compressed, full_check=True)
+    assert [r.status for r in report.layers] == ["compressed"]
+    assert all(np.isfinite(a).all() for a in make_session(compressed).run(None, {"x": x[:4]}))
 
 
 def test_latency_models_of_a_convtranspose_and_its_chain_run():

@@ -75,7 +75,7 @@ def _convtranspose(folder):
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
     net (float[N, 6, 11, 11] x) => (float[N, 8, 22, 22] y) {
-        y = ConvTranspose <strides = [2, 2], auto_pad = "SAME_UPPER"> (x, w)
+        y = ConvTranspose <strides = [2, 2], output_shape = [22, 22]> (x, w)
     }
     """
     return _model(folder, build(text, w=(6, 8, 3, 3)))
@@ -187,10 +187,10 @@ CASES = {
     "rank too large": ("a rank larger than the layer",
                        lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--rank", "9"],
                        "larger than layer"),
-    "cp on a ConvTranspose": ("`--method cp` on a model with a ConvTranspose",
+    "cp 4way on a ConvTranspose": ("`--method cp` (4way) on a ConvTranspose with an `output_shape`",
                               lambda f: ["compress", _convtranspose(f), f / "out.onnx", "--data", _data(f),
                                          "--keep", "0.5", "--method", "cp"],
-                              "--method cp does not rewrite ConvTranspose layer"),
+                              "CP 4way does not rewrite ConvTranspose layer"),
     "data norm without data": ("the data norm without data or statistics",
                                lambda f: ["compress", _model(f), f / "out.onnx", "--keep", "0.5"],
                                "the data norm needs calibration data"),

@@ -10,13 +10,13 @@ from ..model import TargetLayer
 from .common import GraphEditor
 from .cp import rewrite_cp
 from .lowrank import rewrite_lowrank
-from .transposed import refuse_cp_transposed, rewrite_lowrank_transposed, rewrite_tucker2_transposed
+from .transposed import rewrite_cp_transposed, rewrite_lowrank_transposed, rewrite_tucker2_transposed
 from .tucker2 import rewrite_tucker2
 
 REWRITES = {Method.SVD: rewrite_lowrank, Method.TUCKER2: rewrite_tucker2, Method.CP: rewrite_cp}
 # A ConvTranspose's factors are those of its equivalent conv: their chains end in ConvTranspose cores.
 TRANSPOSED_REWRITES = {Method.SVD: rewrite_lowrank_transposed, Method.TUCKER2: rewrite_tucker2_transposed,
-                       Method.CP: refuse_cp_transposed}
+                       Method.CP: rewrite_cp_transposed}
 
 
 def apply_decompositions(

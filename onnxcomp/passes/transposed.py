@@ -9,7 +9,9 @@ back by the same flip:
 
 - SVD: ConvTranspose C_in -> r, then 1x1 Conv r -> C_out with the bias;
 - Tucker-2: 1x1 Conv C_in -> R_in, ConvTranspose core R_in -> R_out, 1x1 Conv R_out -> C_out
-  with the bias (a side kept at full rank folded into the core, as for a Conv).
+  with the bias (a side kept at full rank folded into the core, as for a Conv);
+- CP: 1x1 Conv C_in -> R, depthwise ConvTranspose (3way kh x kw; 4way kh x 1 then 1 x kw: the
+  stuffing and padding of each axis are independent), 1x1 Conv R -> C_out with the bias.
 """
 
 from __future__ import annotations
@@ -69,6 +71,49 @@ def rewrite_tucker2_transposed(editor: GraphEditor, layer: TargetLayer, decompos
     editor.chain(editor.node(layer.output), steps)
 
 
-def refuse_cp_transposed(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposition) -> None:
-    raise OnnxcompError(f"--method cp does not rewrite ConvTranspose layer {layer.name!r}: use --method svd or "
-                        f"tucker2, or --skip {layer.name}")
+def rewrite_cp_transposed(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposition) -> None:
+    """CP: 1x1 Conv C_in -> R, depthwise ConvTranspose (group R; 4way: kh x 1 then 1 x kw, each with
+    its axis' attributes), 1x1 Conv R -> C_out with the bias. A depthwise ConvTranspose's kernel is
+    its conv kernel flipped (each group maps one channel to one)."""
+    f, base, dtype = decomposition.factors, layer.name, layer.weight.dtype
+    a, b = np.asarray(f.a), np.asarray(f.b)
+    r = a.shape[1]
+    first = ("Conv", [editor.constant(f"{base}/cp_input_weight", b.T[:, :, None, None], dtype)], {})
+    last = ("Conv", [editor.constant(f"{base}/cp_output_weight", a[:, :, None, None], dtype)]
+            + _bias(editor, layer, decomposition), {})
+    if f.form == "3way":
+        kernel = np.asarray(f.kernel)[:, None, ::-1, ::-1]  # (R, 1, kh, kw)
+        middle = [("ConvTranspose", [editor.constant(f"{base}/cp_depthwise_weight", kernel, dtype)],
+                   {**_spatial(layer), "group": r})]
+    else:
+        h, v = np.asarray(f.h)[::-1].T, np.asarray(f.v)[::-1].T  # (R, kh), (R, kw), flipped
+        middle = [
+            ("ConvTranspose", [editor.constant(f"{base}/cp_vertical_weight", h[:, None, :, None], dtype)],
+             _axis_attrs(layer, 0, r)),
+            ("ConvTranspose", [editor.constant(f"{base}/cp_horizontal_weight", v[:, None, None, :], dtype)],
+             _axis_attrs(layer, 1, r)),
+        ]
+    editor.chain(editor.node(layer.output), [first, *middle, last])
+
+
+def _axis_attrs(layer: TargetLayer, axis: int, groups: int) -> dict:
+    """The attributes of a depthwise ConvTranspose along one axis (a kernel, stride and output_padding
+    of 1, 1, 0 on the other: no stuffing, no padding there). auto_pad pads each axis from its own
+    size, kernel and stride alone, so it is given as is; an output_shape would need the other axis'
+    size, unknown without the input's."""
+    geometry = layer.transposed
+    if geometry.output_shape is not None:
+        raise OnnxcompError(f"CP 4way does not rewrite ConvTranspose layer {layer.name!r} (it has an output_shape): "
+                            "use --cp-form 3way, --method svd or tucker2")
+
+    def one(values, other):
+        return [values[0], other] if axis == 0 else [other, values[1]]
+
+    top, left, bottom, right = geometry.pads
+    attrs = {"group": groups, "kernel_shape": one(geometry.kernel, 1), "strides": one(geometry.strides, 1),
+             "dilations": one(geometry.dilations, 1), "output_padding": one(geometry.output_padding, 0)}
+    if geometry.auto_pad != "NOTSET":
+        attrs["auto_pad"] = geometry.auto_pad
+    else:
+        attrs["pads"] = [top, 0, bottom, 0] if axis == 0 else [0, left, 0, right]
+    return attrs
