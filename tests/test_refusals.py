@@ -71,6 +71,16 @@ def _shared_weights(folder):
     return _model(folder, build(text, w=(6, 6, 3, 3)))
 
 
+def _convtranspose(folder):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[N, 6, 11, 11] x) => (float[N, 8, 22, 22] y) {
+        y = ConvTranspose <strides = [2, 2], output_shape = [22, 22]> (x, w)
+    }
+    """
+    return _model(folder, build(text, w=(6, 8, 3, 3)))
+
+
 def _other_models_stats(folder):
     """Statistics of a model with the same layer inputs but other weights."""
     from onnxcomp.pipeline import calibrate
@@ -177,6 +187,10 @@ CASES = {
     "rank too large": ("a rank larger than the layer",
                        lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--rank", "9"],
                        "larger than layer"),
+    "cp 4way on a ConvTranspose": ("`--method cp` (4way) on a ConvTranspose with an `output_shape`",
+                              lambda f: ["compress", _convtranspose(f), f / "out.onnx", "--data", _data(f),
+                                         "--keep", "0.5", "--method", "cp"],
+                              "CP 4way does not rewrite ConvTranspose layer"),
     "data norm without data": ("the data norm without data or statistics",
                                lambda f: ["compress", _model(f), f / "out.onnx", "--keep", "0.5"],
                                "the data norm needs calibration data"),

@@ -40,7 +40,8 @@ from ..decompose.solve import Decomposition
 from ..errors import OnnxcompError
 from ..io import write_json
 from ..model import TargetLayer
-from ..passes import REWRITES
+from ..model.transposed import flip_transpose
+from ..passes import rewrite_layer
 from ..passes.common import GraphEditor
 from ..runtime import Timer, random_feed
 from .candidates import Candidate
@@ -113,7 +114,7 @@ def layer_model(layer: TargetLayer, input_shape, candidate: Candidate | None = N
     if candidate is None:
         return model
     editor = GraphEditor(model)
-    REWRITES[candidate.method](editor, layer, placeholder_decomposition(layer, candidate))
+    rewrite_layer(editor, layer, placeholder_decomposition(layer, candidate))
     return editor.export()
 
 
@@ -168,6 +169,9 @@ def _stored_weight(layer: TargetLayer, rng) -> np.ndarray:
     if layer.op_type == "Conv":
         kh, kw = layer.kernel
         return w.reshape(m, layer.in_channels, kh, kw)
+    if layer.op_type == "ConvTranspose":  # stored (C_in, C_out, kh, kw)
+        kh, kw = layer.kernel
+        return flip_transpose(w.reshape(m, layer.in_channels, kh, kw))
     if layer.op_type == "Gemm":
         return w if layer.attrs.get("transB", 0) else np.ascontiguousarray(w.T)
     return np.ascontiguousarray(w.T)  # MatMul: x @ B, B is (in, out)

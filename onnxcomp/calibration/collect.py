@@ -61,6 +61,7 @@ from tqdm import tqdm
 from ..config import Precision
 from ..errors import OnnxcompError, first_line
 from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input_shapes
+from ..model.transposed import TransposedGeometry
 from ..runtime import feed_size, open_session, repeated
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
@@ -139,6 +140,7 @@ class _Target:
     dtype: np.dtype  # the tensor's element type: Conv/Gemm/MatMul give it to the weight too
     conv: ConvGeometry | None
     trans_a: bool
+    transposed: TransposedGeometry | None = None  # a ConvTranspose: patches of its stuffed input
 
     def rows_and_samples(self, shape: Sequence[int]) -> tuple[int, int]:
         """Rows ``x`` and batch samples in a tensor of this shape."""
@@ -168,7 +170,7 @@ def _targets(layers: Sequence[TargetLayer]) -> list[_Target]:
     for layer in layers:
         by_key.setdefault(layer.stats_key, _Target(
             key=layer.stats_key, tensor=layer.input, dim=layer.in_features, dtype=np.dtype(layer.weight.dtype),
-            conv=layer.conv, trans_a=layer.trans_a,
+            conv=layer.conv, trans_a=layer.trans_a, transposed=layer.transposed,
         ))
     return list(by_key.values())
 
@@ -241,6 +243,8 @@ class _Collector:
         mask = check_mask(feed[self.row_mask.input], self.row_mask.input, index) if self.row_mask else None
         for target in self.targets:
             tensor = values[target.tensor]
+            if target.transposed is not None:  # a ConvTranspose: its equivalent conv's input
+                tensor = target.transposed.stuffed(tensor)
             target.check_shape(tensor.shape)
             rows, samples = target.rows_and_samples(tensor.shape)
             plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None

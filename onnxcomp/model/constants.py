@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-# The ops whose constant weights onnxcomp compresses.
-TARGET_OPS = ("Conv", "Gemm", "MatMul")
+# The ops whose constant weights onnxcomp compresses (a ConvTranspose as a Conv: model/transposed.py).
+TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def constant_tensors(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
                feed: dict | None = None) -> int | None:
-    """Multiply-adds per sample of every Conv, Gemm and MatMul (None if a shape is unknown).
+    """Multiply-adds per sample of every Conv, ConvTranspose, Gemm and MatMul (None if a shape is unknown).
 
     The first dimension of every tensor is taken as the batch: pass input
     shapes with batch 1 (or any batch: the count is per sample). Where ONNX
@@ -58,6 +58,8 @@ def _node_macs(node: onnx.NodeProto, shapes) -> int | None:
         per_output = static_product(weight[1:]) if weight else None
         outputs = static_product(out[1:]) if out else None
         return None if per_output is None or outputs is None else per_output * outputs
+    if node.op_type == "ConvTranspose":
+        return _conv_transpose_macs(node, shapes)
     a = shapes.get(node.input[0])
     if not a or not out:
         return None
@@ -68,6 +70,14 @@ def _node_macs(node: onnx.NodeProto, shapes) -> int | None:
     outputs = static_product(out[1:]) if len(out) > 1 else static_product(out)
     k = a[-1]
     return None if outputs is None or not isinstance(k, int) else outputs * k
+
+
+def _conv_transpose_macs(node: onnx.NodeProto, shapes) -> int | None:
+    """Every input pixel meets every weight of its group: C_in * C_out/group * kh * kw per input pixel."""
+    weight, x = shapes.get(node.input[1]), shapes.get(node.input[0])
+    per_pixel = static_product(weight) if weight else None
+    pixels = static_product(x[2:]) if x and len(x) > 2 else None
+    return None if per_pixel is None or pixels is None else per_pixel * pixels
 
 
 # A rewritten layer's chain is at most this many nodes (CP 4way: four convs, a MatMul's bias Add: three).

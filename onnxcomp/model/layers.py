@@ -1,6 +1,6 @@
 """The layers we can compress, found in a model.
 
-A *target layer* is a Conv, Gemm or MatMul whose weight is a constant (an
+A *target layer* is a Conv, ConvTranspose, Gemm or MatMul whose weight is a constant (an
 initializer, a ``Constant`` node, or either behind ``Identity`` nodes). Each one
 is described by a :class:`TargetLayer`: the layer as ``y = W x + b`` on one
 input row ``x`` (a Gemm/MatMul row, or an im2col patch of a Conv ordered
@@ -11,6 +11,7 @@ rebuild ``x`` and what the rewrite needs to rebuild the node.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -19,6 +20,9 @@ from ..errors import OnnxcompError
 from .constants import TARGET_OPS, constant_tensors
 from .prepare import quantized_weights
 from .shapes import infer_shapes, static_product, with_input_shapes
+
+if TYPE_CHECKING:
+    from .transposed import TransposedGeometry
 
 
 @dataclass
@@ -78,6 +82,8 @@ class TargetLayer:
     trans_a: bool = False  # Gemm transA: the rows x are the columns of A
     positions: int | None = None  # rows per sample (output pixels, tokens); None if unknown
     attrs: dict = field(default_factory=dict)  # the node's original attributes
+    # ConvTranspose: how its input is zero-stuffed into the input of ``conv`` (model/transposed.py)
+    transposed: TransposedGeometry | None = None
 
     @property
     def out_features(self) -> int:
@@ -99,6 +105,8 @@ class TargetLayer:
     @property
     def stats_key(self) -> str:
         """Layers reading the same tensor the same way share one statistic."""
+        if self.transposed is not None:
+            return f"{self.input}|convtranspose {self.transposed.key()}|conv {self.conv.key()}"
         if self.conv is not None:
             return f"{self.input}|conv {self.conv.key()}"
         return f"{self.input}|rows{' T' if self.trans_a else ''}"
@@ -143,7 +151,8 @@ def find_layers(
             skipped.append(Skipped(name, node.op_type, UNSUPPORTED_OPS[node.op_type]))
         if node.op_type not in TARGET_OPS:
             continue
-        builder = {"Conv": _conv_layer, "Gemm": _gemm_layer, "MatMul": _matmul_layer}[node.op_type]
+        builder = {"Conv": _conv_layer, "ConvTranspose": _conv_transpose_layer, "Gemm": _gemm_layer,
+                   "MatMul": _matmul_layer}[node.op_type]
         try:
             users.check_unshared(node)
             layers.append(builder(node, name, index, constants, shapes))
@@ -155,7 +164,7 @@ def find_layers(
 
 
 # Ops that look compressible but are not (yet): listed by inspect and the report, with why.
-UNSUPPORTED_OPS = {"ConvTranspose": "ConvTranspose is not supported (only Conv, Gemm and MatMul)"}
+UNSUPPORTED_OPS: dict[str, str] = {}
 
 
 def _why_not_constant(graph: onnx.GraphProto) -> dict[str, str]:
@@ -257,6 +266,33 @@ def _conv_layer(node, name, index, constants, shapes) -> TargetLayer:
     return TargetLayer(
         name=name, op_type="Conv", node_index=index, input=node.input[0], output=node.output[0],
         weight=weight.reshape(c_out, -1), bias=bias, conv=geometry, positions=positions, attrs=attrs,
+    )
+
+
+def _conv_transpose_layer(node, name, index, constants, shapes) -> TargetLayer:
+    """A ConvTranspose as the plain conv over its zero-stuffed input, with the flipped weight."""
+    from .transposed import flip_transpose, transposed_geometry
+
+    attrs = node_attributes(node)
+    weight = _float_weight(constants.get(node.input[1]), "weight")
+    if weight.ndim != 4:
+        raise _NotTarget(f"{weight.ndim - 2}-D ConvTranspose (only 2-D is supported)")
+    if attrs.get("group", 1) != 1:
+        raise _NotTarget(f"grouped ConvTranspose (group={attrs['group']})")
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = constants.get(node.input[2])
+        if bias is None:
+            raise _NotTarget("bias is not a constant")
+    geometry = transposed_geometry(attrs, tuple(weight.shape[2:]))
+    equivalent = flip_transpose(weight)  # (C_out, C_in, kh, kw)
+    out_shape = shapes.get(node.output[0])
+    # Rows per sample: the output pixels (the equivalent conv's patches, one per output pixel).
+    positions = static_product(out_shape[2:]) if out_shape and len(out_shape) == 4 else None
+    return TargetLayer(
+        name=name, op_type="ConvTranspose", node_index=index, input=node.input[0], output=node.output[0],
+        weight=equivalent.reshape(equivalent.shape[0], -1), bias=bias, conv=geometry.equivalent,
+        positions=positions, attrs=attrs, transposed=geometry,
     )
 
 

@@ -10,9 +10,13 @@ from ..model import TargetLayer
 from .common import GraphEditor
 from .cp import rewrite_cp
 from .lowrank import rewrite_lowrank
+from .transposed import rewrite_cp_transposed, rewrite_lowrank_transposed, rewrite_tucker2_transposed
 from .tucker2 import rewrite_tucker2
 
 REWRITES = {Method.SVD: rewrite_lowrank, Method.TUCKER2: rewrite_tucker2, Method.CP: rewrite_cp}
+# A ConvTranspose's factors are those of its equivalent conv: their chains end in ConvTranspose cores.
+TRANSPOSED_REWRITES = {Method.SVD: rewrite_lowrank_transposed, Method.TUCKER2: rewrite_tucker2_transposed,
+                       Method.CP: rewrite_cp_transposed}
 
 
 def apply_decompositions(
@@ -21,8 +25,14 @@ def apply_decompositions(
     """A new model in which every planned layer is replaced by its chain."""
     editor = GraphEditor(model)
     for layer, decomposition in plan:
-        REWRITES[decomposition.method](editor, layer, decomposition)
+        rewrite_layer(editor, layer, decomposition)
     return editor.export()
+
+
+def rewrite_layer(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposition) -> None:
+    """Replace one layer by the chain of its decomposition."""
+    rewrites = TRANSPOSED_REWRITES if layer.transposed is not None else REWRITES
+    rewrites[decomposition.method](editor, layer, decomposition)
 
 
 def apply_solved(model: onnx.ModelProto, layers: list[TargetLayer], solved: Solved) -> onnx.ModelProto:

@@ -104,19 +104,19 @@ def test_constant_first_operand_convtranspose_and_subgraphs_are_listed():
     <ir_version: 8, opset_import: ["" : 17]>
     net (float[6, 3] x, float[1, 4, 5, 5] img, bool c) => (float[4, 3] y, float[1, 2, 7, 7] t, float[1, 4, 5, 5] s) {
         y = MatMul (w, x)
-        t = ConvTranspose (img, wt)
+        t = ConvTranspose <group = 2> (img, wt)
         s = If (c) <
             then_branch = g1 () => (float[1, 4, 5, 5] a) { a = Conv <pads = [1, 1, 1, 1]> (img, wc) },
             else_branch = g2 () => (float[1, 4, 5, 5] b) { b = Identity (img) }
         >
     }
     """
-    model = build(text, w=(4, 6), wt=(4, 2, 3, 3), wc=(4, 4, 3, 3))
+    model = build(text, w=(4, 6), wt=(4, 1, 3, 3), wc=(4, 4, 3, 3))
     layers, skipped = find_layers(model)
     reasons = {s.op_type: s.reason for s in skipped}
     assert layers == []
     assert "first operand (W @ x)" in reasons["MatMul"]
-    assert "ConvTranspose is not supported" in reasons["ConvTranspose"]
+    assert reasons["ConvTranspose"] == "grouped ConvTranspose (group=2)"
     assert "inside a subgraph of If" in reasons["Conv"]
 
 
