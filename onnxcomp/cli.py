@@ -11,8 +11,9 @@ from pathlib import Path
 
 from . import __version__
 from .errors import OnnxcompError
-from .io import check_writable, columns
+from .io import check_writable, columns, refuse_clashes
 from .model import count_macs, count_params, find_layers, load_model, parse_input_shapes, save_model
+from .model.files import external_data_file, external_data_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,10 +222,13 @@ def _compress(args) -> int:
 
     config = CompressConfig.from_options(**_api_options(CompressConfig.from_options, args))
     check_writable(args.output, "output")
-    _not_the_input(args.input, args.output)
     if args.report:
         check_writable(args.report, "report")
-        _not_the_input(args.input, args.report)
+    refuse_clashes([*_model_files("input model", args.input), ("calibration data (--data)", args.data),
+                    ("validation data (--validation-data)", args.validation_data),
+                    ("statistics (--stats)", args.stats)],
+                   [("output", args.output), ("output's external data", external_data_file(args.output)),
+                    ("report", args.report)])
     compressed, report = compress(load_model(args.input), args.data, config, stats=args.stats,
                                   validation_data=args.validation_data)
     save_model(compressed, args.output)
@@ -241,6 +245,9 @@ def _calibrate(args) -> int:
     from .pipeline import calibrate
 
     check_writable(args.output, "statistics")
+    refuse_clashes([*_model_files("input model", args.input), ("calibration data (--data)", args.data),
+                    *(("statistics to merge (--merge)", shard) for shard in args.merge)],
+                   [("statistics", args.output)])
     statistics = calibrate(load_model(args.input), args.data, input_shapes=args.input_shapes,
                            skip=args.skip, batch_size=args.batch_size, progress=args.progress,
                            row_mask=args.row_mask, threads=args.threads, drop_padding_rows=args.drop_padding_rows,
@@ -258,6 +265,9 @@ def _bench(args) -> int:
 
     if args.json:
         check_writable(args.json, "output")
+    refuse_clashes([*_model_files("original model", args.original), *_model_files("compressed model", args.compressed),
+                    ("data (--data)", args.data), ("labels (--labels)", args.labels)],
+                   [("JSON output (--json)", args.json)])
     result = bench(**_api_options(bench, args))
     print(result.table())
     if args.json:
@@ -266,11 +276,9 @@ def _bench(args) -> int:
     return 0
 
 
-def _not_the_input(model: str, output: str) -> None:
-    """Writing over the model being compressed would lose the original (and its external data)."""
-    target = Path(output)
-    if Path(model).exists() and target.exists() and target.resolve() == Path(model).resolve():
-        raise OnnxcompError(f"the output {output} is the input model: write the compressed model to another file")
+def _model_files(role: str, path: str) -> list[tuple[str, str | Path]]:
+    """A model file and the external data files it refers to, as ``(role, path)`` pairs."""
+    return [(role, path), *((f"{role}'s external data", f) for f in external_data_files(path))]
 
 
 def _api_options(function, args) -> dict:

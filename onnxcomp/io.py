@@ -33,6 +33,31 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
+def refuse_clashes(reads, writes) -> None:
+    """A one-line error when a file to write is a file to read or another file to write.
+
+    ``reads``, ``writes``: ``(role, path)`` pairs (``path`` None: not given). Checked before any
+    work: an output over an input would destroy the user's file (a model, its external data, the
+    calibration data), two outputs over each other would lose one. Paths are compared resolved
+    (symlinks followed), and as files where both exist (hard links are the same file too)."""
+    given_reads = [(role, Path(path)) for role, path in reads if path is not None]
+    given_writes = [(role, Path(path)) for role, path in writes if path is not None]
+    for i, (role, path) in enumerate(given_writes):
+        for other_role, other in given_reads + given_writes[:i]:
+            if _same_file(path, other):
+                raise OnnxcompError(f"the {role} {path} is the {other_role} {other}: write the {role} "
+                                    "to another file")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop, a name too long: not the same file as far as we can tell
+        return False
+
+
 @contextmanager
 def staged(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     """A fresh folder beside ``path``; the files written into it are moved into place when the

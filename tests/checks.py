@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 from pathlib import Path
 
@@ -19,15 +20,29 @@ from onnxcomp.runtime import make_session
 def assert_cli_error(capsys, args, message: str, no_files_in: Path | None = None) -> None:
     """``onnxcomp *args`` fails as every user error must: exit code 2, one line ``onnxcomp: error: ...``
     on stderr that contains ``message``, and (``no_files_in``) nothing written into that folder,
-    not even a half-written or staged file."""
-    before = sorted(no_files_in.iterdir()) if no_files_in is not None else None
+    not even a half-written or staged file, and every file there (the inputs) unchanged."""
+    before = file_hashes(no_files_in) if no_files_in is not None else None
     code = main([str(a) for a in args])
     _, err = capsys.readouterr()
     assert code == 2, err
     assert err.startswith("onnxcomp: error: ") and err.count("\n") == 1, err
     assert message in err, err
     if no_files_in is not None:
-        assert sorted(no_files_in.iterdir()) == before, "the failed command left files behind"
+        assert file_hashes(no_files_in) == before, "the failed command left files behind or changed one"
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (by relative path, symlinks as their target's text) -> its SHA-256."""
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.is_symlink():
+            hashes[name] = "-> " + str(path.readlink())
+        elif path.is_file():
+            hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            hashes[name] = "folder"
+    return hashes
 
 
 def cli_error(args) -> str:

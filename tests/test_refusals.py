@@ -116,6 +116,44 @@ CASES = {
     "output is the input": ("writing the compressed model over the original",
                             lambda f: ["compress", _model(f), f / "model.onnx", "--data", _data(f), "--keep", "0.5"],
                             "is the input model"),
+    "statistics over the model": ("`calibrate` writing the statistics over the model",
+                                  lambda f: ["calibrate", _model(f), f / "model.onnx", "--data", _data(f)],
+                                  "the statistics <dir>/model.onnx is the input model"),
+    "statistics over the data": ("`calibrate` writing the statistics over the calibration data",
+                                 lambda f: ["calibrate", _model(f), f / "data.npz", "--data", _data(f)],
+                                 "is the calibration data (--data)"),
+    "output over the data": ("the compressed model written over the calibration data",
+                             lambda f: ["compress", _model(f), f / "data.npz", "--data", _data(f), "--keep", "0.5"],
+                             "the output <dir>/data.npz is the calibration data (--data)"),
+    "output over the statistics": ("the compressed model written over the --stats file",
+                                   lambda f: ["compress", _model(f), f / "s.npz", "--stats", _stats(f),
+                                              "--keep", "0.5"],
+                                   "is the statistics (--stats)"),
+    "output over external data": ("the compressed model written over the input's external data file",
+                                  lambda f: ["compress", _external_model(f), f / "ext.weights", "--data", _data(f),
+                                             "--keep", "0.5"],
+                                  "is the input model's external data"),
+    "output a hard link of the input": ("an output path that is a hard link of the model",
+                                        lambda f: ["compress", _model(f), _hard_link(f / "model.onnx", f / "l.onnx"),
+                                                   "--data", _data(f), "--keep", "0.5"],
+                                        "is the input model"),
+    "report over the output": ("--report naming the compressed model's own path",
+                               lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5",
+                                          "--report", f / "out.onnx"],
+                               "the report <dir>/out.onnx is the output <dir>/out.onnx"),
+    "report over the data": ("--report naming the calibration data",
+                             lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5",
+                                        "--report", f / "data.npz"],
+                             "the report <dir>/data.npz is the calibration data (--data)"),
+    "report over validation data": ("--report naming the --validation-data file",
+                                    lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f),
+                                               "--validation-data", _data(f, "v.npz"), "--keep", "0.5",
+                                               "--report", f / "v.npz"],
+                                    "is the validation data (--validation-data)"),
+    "bench json over a model": ("`bench --json` naming the compressed model",
+                                lambda f: ["bench", _model(f), _model(f, conv_model(seed=1), "small.onnx"),
+                                           "--data", _data(f), "--json", f / "small.onnx"],
+                                "the JSON output (--json) <dir>/small.onnx is the compressed model"),
     "output is a folder": ("an output path that is a folder",
                            lambda f: ["compress", _model(f), _folder(f), "--data", _data(f), "--keep", "0.5"],
                            "is a folder"),
@@ -205,6 +243,35 @@ CASES = {
 }
 
 
+def _stats(folder: Path) -> Path:
+    from onnxcomp.pipeline import calibrate
+
+    stats = folder / "s.npz"
+    calibrate(conv_model(), _images(), progress=False).save(stats)
+    return stats
+
+
+def _external_model(folder: Path) -> Path:
+    """ext.onnx with its weights in ext.weights beside it."""
+    path = folder / "ext.onnx"
+    onnx.save_model(conv_model(), path, save_as_external_data=True, location="ext.weights", size_threshold=0)
+    return path
+
+
+def _hard_link(target: Path, link: Path) -> Path:
+    import os
+
+    if not target.exists():
+        _model(target.parent, name=target.name)
+    os.link(target, link)
+    return link
+
+
+def _with_quiet(args: list) -> list:
+    """``--quiet`` (no progress bars) for the commands that have it."""
+    return [*args, "--quiet"] if args[0] in ("compress", "calibrate") else args
+
+
 def _corrupt(folder: Path) -> Path:
     path = folder / "bad.onnx"
     path.write_bytes(b"garbage" * 100)
@@ -221,7 +288,8 @@ def _folder(folder: Path) -> Path:
 def test_refused_with_one_line_exit_2_and_no_file(case, tmp_path, capsys):
     _, arguments, message = CASES[case]
     args = arguments(tmp_path)  # builds the inputs: they may be in tmp_path, nothing else may appear
-    assert_cli_error(capsys, [*args, "--quiet"] if args[0] != "inspect" else args, message, no_files_in=tmp_path)
+    message = message.replace("<dir>", str(tmp_path))
+    assert_cli_error(capsys, _with_quiet(args), message, no_files_in=tmp_path)
 
 
 def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path):
@@ -273,7 +341,7 @@ def refusal_table() -> str:
     rows = ["| what you did | what onnxcomp says (exit code 2, nothing written) |", "| --- | --- |"]
     for what, arguments, _ in CASES.values():
         with tempfile.TemporaryDirectory() as folder:
-            message = cli_error([*arguments(Path(folder)), "--quiet"])
+            message = cli_error(_with_quiet(arguments(Path(folder))))
             message = message.replace(folder, "<dir>").replace("onnxcomp: error: ", "")
         message = re.sub(r"fingerprint \w+, this model \w+", "fingerprint ..., this model ...", message)
         rows.append(f"| {what} | `` {message.strip()} `` |")

@@ -30,6 +30,26 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files a model file refers to (none if it cannot be read: loading says why)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    tensors = [*model.graph.initializer,
+               *(a.t for node in model.graph.node for a in node.attribute if a.HasField("t"))]
+    locations = {entry.value for tensor in tensors if tensor.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in tensor.external_data if entry.key == "location"}
+    return [path.parent / location for location in sorted(locations)]
+
+
+def external_data_file(path: str | os.PathLike) -> Path:
+    """The file :func:`save_model` puts a large model's tensors in."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
     """ONNX's own checker, as a one-line error: a damaged or invalid model is refused before any work
     (protobuf parses many damaged files into structures that break later, far from the cause)."""
@@ -87,7 +107,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             copy = onnx.ModelProto()
             copy.CopyFrom(model)  # saving with external data rewrites the tensors in place
             onnx.save_model(copy, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
+                            location=external_data_file(path).name, size_threshold=1024)
         else:
             onnx.save_model(model, str(target))
         onnx.checker.check_model(str(target), full_check=True)
