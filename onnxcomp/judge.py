@@ -4,7 +4,9 @@ A :class:`Judge` holds the validation samples and the original model's outputs o
 once). Every decision that compares candidate models (the sensitivity "auto" choice, latency
 rounds) and the final line of the report ask it for a :class:`Fidelity`: per output the
 standardised per-channel error (:class:`~onnxcomp.metrics.ChannelErrors`), the relative L2
-error and the cosine, and the outputs combined (weighted by ``--outputs``). The samples are
+error and the cosine, and the outputs combined (weighted by ``--outputs``). Each output is judged
+by what the graph says it is (:mod:`onnxcomp.model.semantics`): per channel on its channel axis, a
+distribution by its divergence, labels by disagreement, an embedding by cosine. The samples are
 held out of the statistics whenever there are enough (:mod:`onnxcomp.calibration.holdout`),
 and the Judge says where they came from, so that no number calls itself held-out when it is not.
 """
@@ -19,6 +21,7 @@ import onnx
 from .config import OutputSpec
 from .errors import OnnxcompError
 from .metrics import OutputErrors, TopOneAgreement, channel_axis, standardized_error, token_layout
+from .model.semantics import output_semantics
 from .runtime import make_session, run_in_batches
 
 
@@ -130,6 +133,7 @@ class Judge:
         self.keep = self.keep_of(feed)
         self.names = [o.name for o in model.graph.output]
         self.specs = _check_specs(outputs, self.names)
+        self.semantics = output_semantics(model)
         self.reference = self.run(model)
         self.metric = make_metric(metric)
         self._original_score = None
@@ -147,8 +151,17 @@ class Judge:
         return None if self.row_mask is None or self.row_mask not in feed else feed[self.row_mask] != 0
 
     def axis_of(self, name: str) -> int | None:
-        """The channel axis ``--outputs`` gives output ``name`` (None: the default rule)."""
-        return self.specs[name].axis if self.specs and name in self.specs else None
+        """The channel axis of output ``name``: the one ``--outputs`` gives, else the graph's
+        (:mod:`onnxcomp.model.semantics`); None: neither tells (the rank rule of
+        :func:`~onnxcomp.metrics.channel_axis`)."""
+        if self.specs and name in self.specs and self.specs[name].axis is not None:
+            return self.specs[name].axis
+        return self.semantics[name].axis if name in self.semantics else None
+
+    def kind_of(self, name: str) -> tuple[str, bool]:
+        """(kind, log) of output ``name``: how it is judged (a distribution, labels, ...)."""
+        meaning = self.semantics.get(name)
+        return (meaning.kind, meaning.log) if meaning is not None else ("values", False)
 
     def masked(self, output: np.ndarray) -> np.ndarray:
         """A token-layout output [N, seq, F] with its padding positions set to 0 (the same for both
@@ -184,8 +197,11 @@ class Judge:
         by_output = {name: errors["standardized"] for name, errors in per_output.items()}
         top1 = TopOneAgreement()
         top1.add(self.reference[0], outputs[0], self.samples)
+        agreement = top1.agreement()
+        if agreement is None:  # per position of a distribution (a CTC recogniser's)
+            agreement = per_output[self.names[0]].get("top1_agreement")
         return Fidelity(standardized_error(by_output, self.specs), per_output, self.samples, self.source,
-                        self.held_out, top1.agreement())
+                        self.held_out, agreement)
 
     def standardized(self, reference: list[np.ndarray], outputs: list[np.ndarray], feed: dict | None = None) -> float:
         """The combined standardised error of ``outputs`` against any ``reference`` outputs (the
@@ -194,7 +210,8 @@ class Judge:
         return standardized_error({name: e["standardized"] for name, e in per_output.items()}, self.specs)
 
     def _errors(self, reference, outputs, keep: np.ndarray | None = None) -> dict:
-        errors = OutputErrors(self.names, {name: self.axis_of(name) for name in self.names})
+        errors = OutputErrors(self.names, {name: self.axis_of(name) for name in self.names},
+                              {name: self.kind_of(name) for name in self.names})
         errors.add(reference, outputs, self.keep if keep is None else keep)
         return errors.result()
 

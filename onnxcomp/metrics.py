@@ -68,10 +68,13 @@ class ErrorSums:
 class OutputErrors:
     """:class:`ErrorSums` and :class:`ChannelErrors` of every model output, by name, over batches."""
 
-    def __init__(self, names: list[str], axes: dict[str, int | None] | None = None):
+    def __init__(self, names: list[str], axes: dict[str, int | None] | None = None, kinds: dict | None = None):
+        """``axes``: each output's channel axis (None: the rank rule of :func:`channel_axis`);
+        ``kinds``: each output's (kind, log) of :mod:`onnxcomp.model.semantics` (default: values)."""
         self.sums = {name: ErrorSums() for name in names}
         self.axes = {name: (axes or {}).get(name) for name in names}
-        self.channels = {name: ChannelErrors(self.axes[name]) for name in names}
+        self.channels = {name: judged_errors(*(kinds or {}).get(name, ("values", False)), self.axes[name])
+                         for name in names}
 
     def add(self, reference: list[np.ndarray], candidate: list[np.ndarray], keep: np.ndarray | None = None) -> None:
         """One batch of both models' outputs, in the order of ``names``; ``keep``: the real token
@@ -87,8 +90,8 @@ class OutputErrors:
 
     def result(self) -> dict:
         """Per output name: standardised per-channel error, relative L2 error, cosine, max abs, non-finite count."""
-        return {name: {"standardized": self.channels[name].result(), **sums.result()}
-                for name, sums in self.sums.items()}
+        return {name: {"standardized": self.channels[name].result(), **sums.result(),
+                       **self.channels[name].extra()} for name, sums in self.sums.items()}
 
 
 def token_layout(output: np.ndarray, keep: np.ndarray | None, axis: int | None) -> bool:
@@ -223,6 +226,142 @@ class ChannelErrors:
         """The output's standardised error: the RMS over channels of :meth:`per_channel`."""
         values = self.per_channel()
         return float(np.sqrt(np.mean(np.square(values)))) if values.size else 0.0
+
+    def extra(self) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------- outputs judged by what they mean
+
+
+def judged_errors(kind: str, log: bool, axis: int | None):
+    """The running error of one output of ``kind`` (:mod:`onnxcomp.model.semantics`): a distribution
+    by its divergence, labels by disagreement, an embedding by cosine, anything else per channel."""
+    if kind == "distribution":
+        return DistributionErrors(axis if axis is not None else -1, log)
+    if kind == "labels":
+        return LabelErrors()
+    if kind == "embedding":
+        return EmbeddingErrors(axis if axis is not None else -1)
+    return ChannelErrors(axis)
+
+
+def _rows(value: np.ndarray, axis: int) -> np.ndarray:
+    """``value`` as [positions, entries along ``axis``], in float64."""
+    value = np.moveaxis(np.asarray(value, dtype=np.float64), axis % max(np.ndim(value), 1), -1)
+    return value.reshape(-1, value.shape[-1])
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy in nats of each row of probabilities (0 log 0 = 0)."""
+    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+
+
+class DistributionErrors:
+    """A distribution output (a softmax over ``axis``) judged as one distribution per position.
+
+    The error of a position is the Jensen-Shannon divergence between the two models' distributions
+    (bounded, and finite where one of them has zeros); the output's standardised error is the square
+    root of its mean over positions divided by the original's own spread, the Jensen-Shannon
+    divergence among its positions' distributions, H(mean p) - mean H(p). As the per-channel error,
+    it grows linearly with a small perturbation, and 1 is as far as a typical position's
+    distribution is from the average one. Top-1 agreement per position is kept beside it; a
+    non-finite candidate output is an infinite error.
+    """
+
+    def __init__(self, axis: int, log: bool = False):
+        self.axis, self.log = axis, log
+        self.count = self.agree = 0
+        self.divergence = self.entropy = 0.0
+        self.prob_sum = None
+        self.nonfinite = False
+
+    @_quiet
+    def add(self, ref: np.ndarray, new: np.ndarray) -> None:
+        p, q = _rows(ref, self.axis), _rows(new, self.axis)
+        if self.log:
+            p, q = np.exp(p), np.exp(q)
+        if not np.all(np.isfinite(q)):
+            self.nonfinite = True
+            return
+        p, q = (np.clip(x, 0.0, None) for x in (p, q))
+        p, q = (x / np.maximum(x.sum(axis=-1, keepdims=True), np.finfo(float).tiny) for x in (p, q))
+        hp, hq = _entropy(p), _entropy(q)
+        self.divergence += float(np.sum(np.maximum(_entropy((p + q) / 2) - (hp + hq) / 2, 0.0)))
+        self.entropy += float(hp.sum())
+        self.prob_sum = p.sum(axis=0) if self.prob_sum is None else self.prob_sum + p.sum(axis=0)
+        self.agree += int(np.count_nonzero(p.argmax(axis=-1) == q.argmax(axis=-1)))
+        self.count += p.shape[0]
+
+    def result(self) -> float:
+        if self.nonfinite:
+            return math.inf
+        if not self.count:
+            return 0.0
+        spread = float(_entropy(self.prob_sum / self.count)) - self.entropy / self.count
+        divergence = self.divergence / self.count
+        if divergence <= 0:
+            return 0.0
+        return math.sqrt(divergence / max(spread, ChannelErrors.FLOOR * math.log(2)))
+
+    def extra(self) -> dict:
+        return {"kind": "distribution", "divergence": math.inf if self.nonfinite else
+                (self.divergence / self.count if self.count else 0.0),
+                "top1_agreement": None if self.nonfinite or not self.count else self.agree / self.count}
+
+
+class LabelErrors:
+    """Integer labels (an ArgMax): the share of entries on which the two models disagree."""
+
+    def __init__(self):
+        self.count = self.differ = 0
+
+    def add(self, ref: np.ndarray, new: np.ndarray) -> None:
+        self.differ += int(np.count_nonzero(np.asarray(ref) != np.asarray(new)))
+        self.count += int(np.size(ref))
+
+    def result(self) -> float:
+        return self.differ / self.count if self.count else 0.0
+
+    def extra(self) -> dict:
+        return {"kind": "labels", "disagreement": self.result()}
+
+
+class EmbeddingErrors:
+    """L2-normalised vectors along ``axis``: 1 - cosine per vector. Its mean, times 2 and divided by
+    the original vectors' total variance (1 - |mean vector|^2), is the square of the standardised
+    error a per-channel measure with one pooled spread would give; its square root is the result."""
+
+    def __init__(self, axis: int):
+        self.axis = axis
+        self.count, self.gap = 0, 0.0
+        self.vector_sum = None
+        self.nonfinite = False
+
+    @_quiet
+    def add(self, ref: np.ndarray, new: np.ndarray) -> None:
+        a, b = _rows(ref, self.axis), _rows(new, self.axis)
+        if not np.all(np.isfinite(b)):
+            self.nonfinite = True
+            return
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cosine = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-300), 1.0)
+        unit = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
+        self.gap += float(np.sum(1.0 - cosine))
+        self.vector_sum = unit.sum(axis=0) if self.vector_sum is None else self.vector_sum + unit.sum(axis=0)
+        self.count += a.shape[0]
+
+    def result(self) -> float:
+        if self.nonfinite:
+            return math.inf
+        if not self.count or self.gap <= 0:
+            return 0.0
+        variance = 1.0 - float(np.sum(np.square(self.vector_sum / self.count)))
+        return math.sqrt(2 * (self.gap / self.count) / max(variance, ChannelErrors.FLOOR))
+
+    def extra(self) -> dict:
+        return {"kind": "embedding",
+                "mean_cosine": None if self.nonfinite or not self.count else 1.0 - self.gap / self.count}
 
 
 def standardized_error(per_output: dict[str, float], specs: dict[str, OutputSpec] | None = None) -> float:
