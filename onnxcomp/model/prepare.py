@@ -58,9 +58,8 @@ class Prepared:
         current = {i.name: i for i in graph.input}
         kept = [current.get(info.name, info) for info in self.original_inputs
                 if info.name in current or info.name in present]
-        if compressed.ir_version < 4:  # IR 3 requires every initializer (the new factors too) to be an input
-            listed = {info.name for info in kept}
-            kept += [_value_info(t) for t in graph.initializer if t.name not in listed]
+        if compressed.ir_version < 4:  # IR 3 wants every initializer listed: the new factors are not inputs
+            compressed.ir_version = 4
         del graph.input[:]
         graph.input.extend(kept)
         return compressed
@@ -93,8 +92,9 @@ def prepare_model(model: onnx.ModelProto, initializer_inputs: str = "constant") 
     if folded:
         notes.append(f"{len(folded)} layer weight(s) computed by constant subgraphs were folded into "
                      f"initializers ({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})")
-    read = _read_names(graph)
-    unread = tuple(initializers[i.name] for i in listed if i.name not in read)
+    read = _read_names(graph)  # after the fold: the inputs of the subgraphs it removed are unread now
+    originals = {t.name: t for t in model.graph.initializer}
+    unread = tuple(originals[i.name] for i in listed if i.name not in read)
     return Prepared(work, tuple(model.graph.input), unread, tuple(notes))
 
 
