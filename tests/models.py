@@ -57,3 +57,20 @@ def matmul_model(k=12, n=9, seed=0) -> onnx.ModelProto:
     }}
     """
     return build(text, seed)
+
+
+def conv_nd_model(dims: int, attrs: str = "", c_in=4, c_out=6, k=3, size=7, group=1, seed=0,
+                  relu: bool = False) -> onnx.ModelProto:
+    """One Conv of ``dims`` spatial dims (1: Conv1d, 3: Conv3d) with a bias, on a dynamic batch;
+    ``k``: the kernel size on every axis, or one per axis."""
+    spatial = ", ".join([str(size)] * dims)
+    attrs = ", ".join(a for a in (attrs, f"group = {group}" if group > 1 else "") if a)
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[N, {c_in}, {spatial}] x) => (float[N, {c_out}, {", ".join(["?"] * dims)}] y) {{
+        {"h" if relu else "y"} = Conv {f"<{attrs}>" if attrs else ""} (x, w, b)
+        {"y = Relu (h)" if relu else ""}
+    }}
+    """
+    kernel = (k,) * dims if isinstance(k, int) else tuple(k)
+    return build(text, seed, w=(c_out, c_in // group, *kernel), b=(c_out,))

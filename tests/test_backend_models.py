@@ -23,7 +23,7 @@ LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # The zoo-shaped `light` models that run in a few seconds (the others take minutes: CI time).
 FAST_LIGHT = ("light_squeezenet", "light_shufflenet", "light_densenet121")
 NOT_YET = {
-    "Conv1d": "1-D convolutions", "Conv3d": "3-D convolutions", "groups": "grouped convolutions",
+    "groups": "grouped convolutions",
     "depthwise": "depthwise convolutions (all layers stay dense: no warning-and-copy path yet)",
     "test_Linear_no_bias": "opset 6: the MatMul chain's bias Add has no onnxruntime kernel before opset 7",
 }

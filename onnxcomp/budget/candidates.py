@@ -84,7 +84,7 @@ def tucker2_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: 
     they reach, and the final solve at a chosen pair continues from it, so the score is an upper
     bound of the final error (under the data norm) and no sweep is spent twice.
     """
-    if problem.kernel == (1, 1):
+    if problem.pointwise:
         return svd_candidates(problem, solve, xp, multiple)
     W = problem.conv_weight()
     surface = problem.tucker2_surface(solve, xp)
@@ -121,12 +121,14 @@ def cp_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int |
     are these (plain CP-ALS is monotone up to its tiny ridge). 1x1 convs and Gemm/MatMul are matrices:
     their CP is the SVD, with its exact curve.
     """
-    if problem.kernel == (1, 1):
+    if problem.pointwise:
         return svd_candidates(problem, solve, xp, multiple)
+    form, out = solve.cp_form, []
+    if form == "4way" and len(problem.kernel) != 2:
+        return []  # no 4-way chain for a 1-D or 3-D kernel: the layer stays dense (cp_form_reason)
     W = problem.conv_weight()
     c_out, c_in, kh, kw = W.shape
     S = problem.fit_matrix(solve)
-    form, out = solve.cp_form, []
     for rank in _cp_candidate_ranks(W.shape, form, problem.input_ratio, multiple, fractions):
         result = cp_decompose(W, S, rank, form=form, norm=solve.norm, max_iter=CP_CANDIDATE_SWEEPS, xp=xp)
         cost = cp_cost(c_out, c_in, kh, kw, rank, form, in_positions=problem.input_ratio)

@@ -122,7 +122,7 @@ def placeholder_decomposition(layer: TargetLayer, candidate: Candidate) -> Decom
     """Factors of the right shapes (random: the values do not change the time) for the rewrite pass."""
     rng = np.random.default_rng(0)
     m, d = layer.weight.shape
-    kh, kw = layer.kernel
+    kernel = layer.kernel
     c_in = layer.in_channels
 
     def rand(*shape):
@@ -133,12 +133,12 @@ def placeholder_decomposition(layer: TargetLayer, candidate: Candidate) -> Decom
         factors = LowRank(first=rand(r, d), second=rand(m, r))
     elif candidate.method == "tucker2":
         r_out, r_in = candidate.rank
-        factors = Tucker2Factors(u_out=rand(m, r_out), core=rand(r_out, r_in, kh, kw), u_in=rand(c_in, r_in))
+        factors = Tucker2Factors(u_out=rand(m, r_out), core=rand(r_out, r_in, *kernel), u_in=rand(c_in, r_in))
     elif candidate.method == "cp":
         (r,) = candidate.rank
         form = candidate.form or "4way"
         a, b = rand(m, r), rand(c_in, r)
-        spatial = {"h": rand(kh, r), "v": rand(kw, r)} if form == "4way" else {"kernel": rand(r, kh, kw)}
+        spatial = {"h": rand(kernel[0], r), "v": rand(kernel[1], r)} if form == "4way" else {"kernel": rand(r, *kernel)}
         factors = CPFactors(form, a, b, **spatial)
     else:
         raise OnnxcompError(f"no latency model for method {candidate.method!r}")
@@ -167,11 +167,9 @@ def _stored_weight(layer: TargetLayer, rng) -> np.ndarray:
     m, d = layer.weight.shape
     w = rng.standard_normal((m, d)).astype(np.float32)
     if layer.op_type == "Conv":
-        kh, kw = layer.kernel
-        return w.reshape(m, layer.in_channels, kh, kw)
+        return w.reshape(m, layer.in_channels, *layer.kernel)
     if layer.op_type == "ConvTranspose":  # stored (C_in, C_out, kh, kw)
-        kh, kw = layer.kernel
-        return flip_transpose(w.reshape(m, layer.in_channels, kh, kw))
+        return flip_transpose(w.reshape(m, layer.in_channels, *layer.kernel))
     if layer.op_type == "Gemm":
         return w if layer.attrs.get("transB", 0) else np.ascontiguousarray(w.T)
     return np.ascontiguousarray(w.T)  # MatMul: x @ B, B is (in, out)

@@ -141,12 +141,22 @@ class _Target:
     conv: ConvGeometry | None
     trans_a: bool
     transposed: TransposedGeometry | None = None  # a ConvTranspose: patches of its stuffed input
+    channels: tuple[int, int] | None = None  # a grouped conv's group reads these input channels only
+
+    def read(self, tensor: np.ndarray) -> np.ndarray:
+        """The part of the layer input this statistic's rows come from (a view)."""
+        return tensor if self.channels is None else tensor[:, self.channels[0] : self.channels[1]]
+
+    def _channels(self, shape: Sequence[int]) -> int:
+        if self.channels is None:
+            return int(shape[1])
+        return self.channels[1] - self.channels[0] if shape[1] >= self.channels[1] else -1
 
     def rows_and_samples(self, shape: Sequence[int]) -> tuple[int, int]:
         """Rows ``x`` and batch samples in a tensor of this shape."""
         if self.conv is not None:
-            out_h, out_w = self.conv.output_size(int(shape[2]), int(shape[3]))
-            return int(shape[0]) * out_h * out_w, int(shape[0])
+            positions = np.prod(self.conv.output_size(*(int(v) for v in shape[2:])), dtype=np.int64)
+            return int(shape[0]) * int(positions), int(shape[0])
         if self.trans_a:
             return int(shape[1]), int(shape[1])
         rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
@@ -154,8 +164,7 @@ class _Target:
 
     def check_shape(self, shape: Sequence[int]) -> None:
         if self.conv is not None:
-            kh, kw = self.conv.kernel
-            ok = len(shape) == 4 and shape[1] * kh * kw == self.dim
+            ok = len(shape) == 2 + self.conv.rank and self._channels(shape) * np.prod(self.conv.kernel) == self.dim
         else:
             ok = len(shape) >= 1 and shape[0 if self.trans_a else -1] == self.dim
         if not ok:
@@ -168,10 +177,13 @@ class _Target:
 def _targets(layers: Sequence[TargetLayer]) -> list[_Target]:
     by_key: dict[str, _Target] = {}
     for layer in layers:
-        by_key.setdefault(layer.stats_key, _Target(
-            key=layer.stats_key, tensor=layer.input, dim=layer.in_features, dtype=np.dtype(layer.weight.dtype),
-            conv=layer.conv, trans_a=layer.trans_a, transposed=layer.transposed,
-        ))
+        for group, key in enumerate(layer.stats_keys):
+            c = layer.in_channels
+            by_key.setdefault(key, _Target(
+                key=key, tensor=layer.input, dim=layer.in_features, dtype=np.dtype(layer.weight.dtype),
+                conv=layer.conv, trans_a=layer.trans_a, transposed=layer.transposed,
+                channels=None if layer.groups == 1 else (group * c, (group + 1) * c),
+            ))
     return list(by_key.values())
 
 
@@ -246,6 +258,7 @@ class _Collector:
             if target.transposed is not None:  # a ConvTranspose: its equivalent conv's input
                 tensor = target.transposed.stuffed(tensor)
             target.check_shape(tensor.shape)
+            tensor = target.read(tensor)
             rows, samples = target.rows_and_samples(tensor.shape)
             plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
             if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)

@@ -1,8 +1,8 @@
-"""im2col on NumPy: the patches a 2-D convolution multiplies its weight with.
+"""im2col on NumPy: the patches a 1-D, 2-D or 3-D convolution multiplies its weight with.
 
-A conv's input row ``x`` is one patch of length ``C * kh * kw`` taken at one
-output position, at the conv's strides and dilations, including the zeros the
-padding brings in. ``W.reshape(C_out, -1)`` orders it ``(c, i, j)``.
+A conv's input row ``x`` is one patch of length ``C * kh * kw`` (``C * prod(kernel)``
+in N-D) taken at one output position, at the conv's strides and dilations, including
+the zeros the padding brings in. ``W.reshape(C_out, -1)`` orders it ``(c, i, j)``.
 
 Building patches in that order from an NCHW tensor copies runs of ``kw``
 values at a time; building them in ``(i, j, c)`` order from a channel-last
@@ -23,34 +23,39 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..model import ConvGeometry
 
 
-def channel_last_order(channels: int, kernel: tuple[int, int]) -> np.ndarray:
-    """Index ``perm`` with ``row_cij = row_ijc[perm]`` for patches of this shape."""
-    kh, kw = kernel
-    return np.arange(kh * kw * channels).reshape(kh, kw, channels).transpose(2, 0, 1).reshape(-1)
+def channel_last_order(channels: int, kernel: tuple[int, ...]) -> np.ndarray:
+    """Index ``perm`` with ``row_cij = row_ijc[perm]`` for patches of this shape (any spatial dims)."""
+    taps = int(np.prod(kernel))
+    return np.arange(taps * channels).reshape(taps, channels).T.reshape(-1)
 
 
 def channel_last_windows(x: np.ndarray, geometry: ConvGeometry, dtype=None) -> np.ndarray:
-    """A strided view ``(N, Ho, Wo, kh, kw, C)`` of all patches of an NCHW tensor.
+    """A strided view ``(N, *out, *kernel, C)`` of all patches of an ``(N, C, *spatial)`` tensor
+    (``(N, Ho, Wo, kh, kw, C)`` for NCHW).
 
     It looks into one zero-padded channel-last copy of ``x`` (in ``dtype``,
     default ``x.dtype``), or into ``x`` itself where there is nothing to pad or
     convert; patches are not materialised.
     """
-    n, c, h, w = x.shape
-    top, left, bottom, right = geometry.resolve_pads(h, w)
-    if not (top or left or bottom or right) and np.dtype(dtype or x.dtype) == x.dtype:
-        padded = x.transpose(0, 2, 3, 1)  # nothing to pad (1x1 convs): a view, the blocks copy from it
+    n, c, *sizes = x.shape
+    rank = len(sizes)
+    pads = geometry.resolve_pads(*sizes)
+    begin, end = pads[:rank], pads[rank:]
+    last = x.transpose(0, *range(2, rank + 2), 1)  # channel-last view
+    if not any(pads) and np.dtype(dtype or x.dtype) == x.dtype:
+        padded = last  # nothing to pad (1x1 convs): a view, the blocks copy from it
     else:
-        padded = np.zeros((n, h + top + bottom, w + left + right, c), dtype=dtype or x.dtype)
-        padded[:, top : top + h, left : left + w, :] = x.transpose(0, 2, 3, 1)
-    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
-    out_h, out_w = geometry.output_size(h, w)
-    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    # (N, Hp-span+1, Wp-span+1, C, span_h, span_w), then keep the strided positions
-    # and the dilated taps; trailing rows/cols that no output reaches drop out.
-    windows = sliding_window_view(padded, (span_h, span_w), axis=(1, 2))
-    windows = windows[:, : (out_h - 1) * sh + 1 : sh, : (out_w - 1) * sw + 1 : sw, :, ::dh, ::dw]
-    return windows.transpose(0, 1, 2, 4, 5, 3)
+        padded = np.zeros((n, *(b + s + e for b, s, e in zip(begin, sizes, end)), c), dtype=dtype or x.dtype)
+        padded[(slice(None), *(slice(b, b + s) for b, s in zip(begin, sizes)))] = last
+    out = geometry.output_size(*sizes)
+    spans = [(k - 1) * d + 1 for k, d in zip(geometry.kernel, geometry.dilations)]
+    # (N, *(padded - span + 1), C, *spans), then keep the strided positions and the dilated taps;
+    # trailing positions that no output reaches drop out.
+    windows = sliding_window_view(padded, spans, axis=tuple(range(1, rank + 1)))
+    positions = tuple(slice(None, (o - 1) * s + 1, s) for o, s in zip(out, geometry.strides))
+    taps = tuple(slice(None, None, d) for d in geometry.dilations)
+    windows = windows[(slice(None), *positions, slice(None), *taps)]
+    return windows.transpose(0, *range(1, rank + 1), *range(rank + 2, 2 * rank + 2), rank + 1)
 
 
 def iter_patch_blocks(
@@ -58,45 +63,43 @@ def iter_patch_blocks(
 ) -> Iterator[np.ndarray]:
     """All patches of ``x``, ``max_rows`` rows at a time, channel-last ``(i, j, c)`` order.
 
-    Rows run over (sample, output row, output column). Blocks are written into
-    ``out`` (at least ``(max_rows, C*kh*kw)``, any float dtype; extra columns
+    Rows run over (sample, output position in C order). Blocks are written into
+    ``out`` (at least ``(max_rows, C*prod(kernel))``, any float dtype; extra columns
     are left alone) when given, so a caller can reuse one buffer and add
     columns of its own; each block is only valid until the next one.
     """
     windows = channel_last_windows(x, geometry)
-    n, out_h, out_w = windows.shape[:3]
-    dim = int(np.prod(windows.shape[3:]))
+    positions = windows.shape[: geometry.rank + 1]  # (N, *out)
+    dim = int(np.prod(windows.shape[geometry.rank + 1 :]))
     if out is None:
-        out = np.empty((min(max_rows, n * out_h * out_w), dim))
-    for samples, out_rows, out_cols in _block_ranges(n, out_h, out_w, max_rows):
-        part = windows[samples, out_rows, out_cols]
-        block = out[: int(np.prod(part.shape[:3])), :dim]
+        out = np.empty((min(max_rows, int(np.prod(positions))), dim))
+    for index in _block_ranges(positions, max_rows):
+        part = windows[index]
+        block = out[: int(np.prod(part.shape[: len(positions)])), :dim]
         block.reshape(part.shape)[...] = part  # splitting axes never copies: this writes into out
         yield block
 
 
-def _block_ranges(n: int, out_h: int, out_w: int, max_rows: int) -> Iterator[tuple[slice, slice, slice]]:
-    """(samples, output rows, output columns) blocks of at most max_rows patches, in row order."""
-    if n * out_h * out_w == 0:
+def _block_ranges(dims: tuple[int, ...], max_rows: int) -> Iterator[tuple[slice, ...]]:
+    """Blocks of at most max_rows of the positions ``dims`` (sample, output axes...), in row order:
+    whole trailing axes where they fit, steps along the first axis that does not."""
+    if int(np.prod(dims)) == 0:
         return
-    if out_h * out_w <= max_rows:
-        step = max_rows // (out_h * out_w)
-        for start in range(0, n, step):
-            yield slice(start, start + step), slice(None), slice(None)
-    elif out_w <= max_rows:
-        step = max_rows // out_w
-        for sample in range(n):
-            for start in range(0, out_h, step):
-                yield slice(sample, sample + 1), slice(start, start + step), slice(None)
-    else:
-        for sample in range(n):
-            for row in range(out_h):
-                for start in range(0, out_w, max_rows):
-                    yield slice(sample, sample + 1), slice(row, row + 1), slice(start, start + max_rows)
+    inner = int(np.prod(dims[1:]))
+    if inner <= max_rows:
+        step = max_rows // inner
+        for start in range(0, dims[0], step):
+            yield (slice(start, start + step), *(slice(None),) * (len(dims) - 1))
+        return
+    for first in range(dims[0]):
+        for rest in _block_ranges(dims[1:], max_rows):
+            yield (slice(first, first + 1), *rest)
 
 
 def im2col(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """``(N*Ho*Wo, C*kh*kw)`` patches of an NCHW tensor in ``(c, i, j)`` order, in float64."""
+    """``(N*prod(out), C*prod(kernel))`` patches of an ``(N, C, *spatial)`` tensor in ``(c, taps...)``
+    order (``(c, i, j)`` for NCHW), in float64."""
     windows = channel_last_windows(x, geometry, dtype=np.float64)
-    n, out_h, out_w, kh, kw, c = windows.shape
-    return windows.transpose(0, 1, 2, 5, 3, 4).reshape(n * out_h * out_w, c * kh * kw)
+    rank = geometry.rank
+    rows = int(np.prod(windows.shape[: rank + 1]))
+    return windows.transpose(*range(rank + 1), 2 * rank + 1, *range(rank + 1, 2 * rank + 1)).reshape(rows, -1)

@@ -113,10 +113,10 @@ class ShiftPlan:
 
 def shift_plan(shape, geometry: ConvGeometry, always: bool = False) -> ShiftPlan | None:
     """The plan for an NCHW input ``shape`` of this conv, or None where shifts do not apply (strides,
-    a 1x1 kernel) or, unless ``always``, would cost more multiply-adds than the patch Gram with ``syrk``
+    a 1x1 kernel, a 1-D or 3-D conv) or, unless ``always``, would cost more multiply-adds than the patch Gram with ``syrk``
     (small images, where the padding and the strips outweigh the saving)."""
-    if tuple(geometry.strides) != (1, 1) or tuple(geometry.kernel) == (1, 1):
-        return None
+    if geometry.rank != 2 or tuple(geometry.strides) != (1, 1) or tuple(geometry.kernel) == (1, 1):
+        return None  # 1-D and 3-D convs take the patch Gram
     samples, c, height, width = (int(v) for v in shape)
     top, left, bottom, right = geometry.resolve_pads(height, width)
     (kh, kw), (dh, dw) = geometry.kernel, geometry.dilations

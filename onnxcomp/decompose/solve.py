@@ -30,17 +30,26 @@ class LayerProblem:
     name: str
     weight: np.ndarray  # (m, d) float64
     bias: np.ndarray | None  # (m,) or None
-    kernel: tuple[int, int]  # (1, 1) for Gemm/MatMul
+    kernel: tuple[int, ...]  # (1, 1) for Gemm/MatMul; one entry per spatial dim for a conv
     stats: InputStats | None  # None: data-free
     input_ratio: float = 1.0  # input positions per output position (stride_h * stride_w for a conv)
     positions: int | None = None  # output rows per sample (pixels, tokens); None: unknown
     _spectra: dict = field(default_factory=dict, repr=False)  # (norm, centered) -> Spectrum
     _surfaces: dict = field(default_factory=dict, repr=False)  # (norm, centered) -> Tucker-2 ProxySurface
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 conv, Gemm or MatMul: a matrix, whose Tucker-2 and CP are its SVD."""
+        return int(np.prod(self.kernel)) == 1
+
     def conv_weight(self) -> np.ndarray:
-        """W as (C_out, C_in, kh, kw)."""
-        kh, kw = self.kernel
-        return self.weight.reshape(self.weight.shape[0], -1, kh, kw)
+        """W as (C_out, C_in, kh, kw); a 1-D or 3-D kernel as (C_out, C_in, 1, K), K its taps.
+
+        Tucker-2 and 3-way CP see the taps as one mode whatever the kernel's shape (the patch and
+        W.reshape(C_out, -1) order them alike), so the solvers work on this 4-D view and the passes
+        give the core the kernel's own shape back."""
+        kernel = self.kernel if len(self.kernel) == 2 else (1, int(np.prod(self.kernel)))
+        return self.weight.reshape(self.weight.shape[0], -1, *kernel)
 
     def fit_matrix(self, solve: SolveConfig):
         """The matrix C of the norm ``tr(dW C dW^T)`` the solver minimises (None: identity)."""
@@ -209,7 +218,7 @@ def solve_tucker2(problem: LayerProblem, solve: SolveConfig, xp, start=None,
                   sweeps: int | None = None) -> Decomposition | str:
     """Tucker-2 for kxk convolutions; 1x1 convs and Gemm/MatMul are matrices: SVD is their Tucker-2.
     ``sweeps``: at most this many ALS sweeps (default: to convergence)."""
-    if problem.kernel == (1, 1):
+    if problem.pointwise:
         return solve_svd(problem, solve, xp)
     W = problem.conv_weight()
     c_out, c_in, kh, kw = W.shape
@@ -236,11 +245,13 @@ def _tucker2_start(start, c_in: int, r_in: int):
 
 def solve_cp(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> Decomposition | str:
     """CP for kxk convolutions (1x1 -> depthwise -> 1x1); matrices get the SVD, their CP."""
-    if problem.kernel == (1, 1):
+    if problem.pointwise:
         return solve_svd(problem, solve, xp)
     W = problem.conv_weight()
     c_out, c_in, kh, kw = W.shape
     choice, form = solve.ranks, solve.cp_form
+    if form == "4way" and len(problem.kernel) != 2:
+        return cp_form_reason(problem.kernel)
     if choice.rank is not None:
         rank = choice.rank if isinstance(choice.rank, int) else choice.rank[0]
     elif choice.keep is not None:
@@ -257,6 +268,12 @@ def solve_cp(problem: LayerProblem, solve: SolveConfig, xp, start=None) -> Decom
     init = "auto" if start is None or solve.norm is not Norm.DATA else start.factors
     result = cp_decompose(W, S, rank, form=form, norm=solve.norm, init=init, xp=xp)
     return _als_decomposition(problem, solve, Method.CP, result, (rank,), chain, {"form": form})
+
+
+def cp_form_reason(kernel) -> str:
+    """Why the 4-way CP chain does not fit a 1-D or 3-D kernel (it splits the two axes of a 2-D one)."""
+    return (f"CP 4way splits a 2-D kernel into a vertical and a horizontal one; this {len(kernel)}-D conv "
+            "takes --cp-form 3way (one depthwise kernel per component)")
 
 
 def _als_decomposition(problem, solve: SolveConfig, method: Method, result, rank, chain, info=None) -> Decomposition:

@@ -27,20 +27,34 @@ if TYPE_CHECKING:
 
 @dataclass
 class ConvGeometry:
-    """How a Conv turns its input into patches (everything im2col needs)."""
+    """How a Conv turns its input into patches (everything im2col needs), in any number of
+    spatial dims: ``kernel``, ``strides`` and ``dilations`` per axis, ``pads`` as ONNX orders them
+    (every axis's begin, then every axis's end; for 2-D top, left, bottom, right)."""
 
-    kernel: tuple[int, int]
-    strides: tuple[int, int] = (1, 1)
-    dilations: tuple[int, int] = (1, 1)
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...] = ()  # () : 1 on every axis
+    dilations: tuple[int, ...] = ()  # () : 1 on every axis
+    pads: tuple[int, ...] = ()  # () : no padding
     auto_pad: str = "NOTSET"
 
-    def resolve_pads(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """Explicit (top, left, bottom, right) pads for an input of this size."""
+    def __post_init__(self):
+        rank = len(self.kernel)
+        self.kernel = tuple(int(k) for k in self.kernel)
+        self.strides = tuple(self.strides) or (1,) * rank
+        self.dilations = tuple(self.dilations) or (1,) * rank
+        self.pads = tuple(self.pads) or (0,) * (2 * rank)
+
+    @property
+    def rank(self) -> int:
+        """Spatial dims: 1 for Conv1d, 2 for Conv2d, 3 for Conv3d."""
+        return len(self.kernel)
+
+    def resolve_pads(self, *sizes: int) -> tuple[int, ...]:
+        """Explicit pads (every axis's begin, then every end) for an input of these spatial sizes."""
         if self.auto_pad in ("NOTSET", "VALID"):
-            return self.pads if self.auto_pad == "NOTSET" else (0, 0, 0, 0)
+            return self.pads if self.auto_pad == "NOTSET" else (0,) * (2 * self.rank)
         begin, end = [], []
-        for size, k, s, d in zip((height, width), self.kernel, self.strides, self.dilations):
+        for size, k, s, d in zip(sizes, self.kernel, self.strides, self.dilations):
             out = -(-size // s)
             total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
             small, large = total // 2, total - total // 2
@@ -48,23 +62,18 @@ class ConvGeometry:
             first, last = (small, large) if self.auto_pad == "SAME_UPPER" else (large, small)
             begin.append(first)
             end.append(last)
-        return (begin[0], begin[1], end[0], end[1])
+        return (*begin, *end)
 
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        top, left, bottom, right = self.resolve_pads(height, width)
-        sizes = []
-        for size, lo, hi, k, s, d in zip(
-            (height, width), (top, left), (bottom, right), self.kernel, self.strides, self.dilations
-        ):
-            sizes.append((size + lo + hi - d * (k - 1) - 1) // s + 1)
-        return sizes[0], sizes[1]
+    def output_size(self, *sizes: int) -> tuple[int, ...]:
+        pads = self.resolve_pads(*sizes)
+        return tuple((size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, k, s, d in zip(
+            sizes, pads[: self.rank], pads[self.rank :], self.kernel, self.strides, self.dilations))
 
     def key(self) -> str:
         pads = self.auto_pad if self.auto_pad != "NOTSET" else ",".join(map(str, self.pads))
-        return (
-            f"k{self.kernel[0]}x{self.kernel[1]} s{self.strides[0]}x{self.strides[1]} "
-            f"d{self.dilations[0]}x{self.dilations[1]} p{pads}"
-        )
+        def joined(values):
+            return "x".join(map(str, values))
+        return f"k{joined(self.kernel)} s{joined(self.strides)} d{joined(self.dilations)} p{pads}"
 
 
 @dataclass
@@ -84,6 +93,7 @@ class TargetLayer:
     attrs: dict = field(default_factory=dict)  # the node's original attributes
     # ConvTranspose: how its input is zero-stuffed into the input of ``conv`` (model/transposed.py)
     transposed: TransposedGeometry | None = None
+    groups: int = 1  # a grouped Conv's group: output block g reads input channel block g only
 
     @property
     def out_features(self) -> int:
@@ -94,13 +104,13 @@ class TargetLayer:
         return self.weight.shape[1]
 
     @property
-    def kernel(self) -> tuple[int, int]:
+    def kernel(self) -> tuple[int, ...]:
         return self.conv.kernel if self.conv else (1, 1)
 
     @property
     def in_channels(self) -> int:
-        kh, kw = self.kernel
-        return self.in_features // (kh * kw)
+        """Input channels one output reads (a grouped conv's: those of its group)."""
+        return self.in_features // int(np.prod(self.kernel))
 
     @property
     def stats_key(self) -> str:
@@ -110,6 +120,15 @@ class TargetLayer:
         if self.conv is not None:
             return f"{self.input}|conv {self.conv.key()}"
         return f"{self.input}|rows{' T' if self.trans_a else ''}"
+
+    @property
+    def stats_keys(self) -> tuple[str, ...]:
+        """The statistics the layer's problem reads: ``stats_key``, or one per group of a grouped
+        conv (each group's patches hold its own input channels only)."""
+        if self.groups == 1:
+            return (self.stats_key,)
+        c = self.in_channels
+        return tuple(f"{self.stats_key}|channels {g * c}:{(g + 1) * c}" for g in range(self.groups))
 
     @property
     def params(self) -> int:
@@ -123,8 +142,8 @@ class TargetLayer:
     @property
     def shape_text(self) -> str:
         if self.conv is not None:
-            kh, kw = self.kernel
-            return f"{self.out_features}x{self.in_channels}x{kh}x{kw}"
+            text = "x".join(map(str, (self.out_features, self.in_channels, *self.kernel)))
+            return text if self.groups == 1 else f"{text} g{self.groups}"
         return f"{self.in_features}x{self.out_features}"
 
 
@@ -241,31 +260,36 @@ def _float_weight(value: np.ndarray | None, what: str) -> np.ndarray:
 def _conv_layer(node, name, index, constants, shapes) -> TargetLayer:
     attrs = node_attributes(node)
     weight = _float_weight(constants.get(node.input[1]), "weight")
-    if weight.ndim != 4:
-        raise _NotTarget(f"{weight.ndim - 2}-D convolution (only 2-D is supported)")
-    if attrs.get("group", 1) != 1:
-        raise _NotTarget(f"grouped convolution (group={attrs['group']})")
+    if not 3 <= weight.ndim <= 5:
+        raise _NotTarget(f"{weight.ndim - 2}-D convolution (only 1-D, 2-D and 3-D are supported)")
+    groups = int(attrs.get("group", 1))
+    c_out, c_in = weight.shape[0], weight.shape[1] * groups
+    if groups > 1 and weight.shape[1] == 1 and c_out == c_in:
+        raise _NotTarget(f"depthwise convolution (group={groups} = channels): one kernel per channel, "
+                         "no channel mode to factor")
+    if groups > 1:
+        raise _NotTarget(f"grouped convolution (group={groups})")
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = constants.get(node.input[2])
         if bias is None:
             raise _NotTarget("bias is not a constant")
-    c_out, _, kh, kw = weight.shape
+    rank = weight.ndim - 2
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))
     geometry = ConvGeometry(
-        kernel=(kh, kw),
-        strides=tuple(attrs.get("strides", [1, 1])),
-        dilations=tuple(attrs.get("dilations", [1, 1])),
-        pads=(pads[0], pads[1], pads[2], pads[3]),
+        kernel=weight.shape[2:],
+        strides=tuple(attrs.get("strides", [1] * rank)),
+        dilations=tuple(attrs.get("dilations", [1] * rank)),
+        pads=tuple(attrs.get("pads", [0] * (2 * rank))),
         auto_pad=auto_pad,
     )
     out_shape = shapes.get(node.output[0])
-    positions = static_product(out_shape[2:]) if out_shape and len(out_shape) == 4 else None
+    positions = static_product(out_shape[2:]) if out_shape and len(out_shape) == weight.ndim else None
     return TargetLayer(
         name=name, op_type="Conv", node_index=index, input=node.input[0], output=node.output[0],
         weight=weight.reshape(c_out, -1), bias=bias, conv=geometry, positions=positions, attrs=attrs,
+        groups=groups,
     )
 
 

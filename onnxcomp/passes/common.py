@@ -94,6 +94,11 @@ class GraphEditor:
 
 
 
+def pointwise_weight(matrix: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """A (C_out, C_in) matrix as the weight of a 1x1 conv (1 for Conv1d, 1x1x1 for Conv3d)."""
+    return matrix.reshape(*matrix.shape, *(1,) * spatial_dims)
+
+
 def constant_value(tensor) -> np.ndarray | None:
     """The value of an initializer or of a Constant node's output, else None."""
     if isinstance(tensor, gs.Constant):

@@ -4,7 +4,8 @@
   with the original stride_h, dilation_h and top/bottom pads, depthwise 1 x kw conv (V)
   with stride_w, dilation_w and left/right pads, 1x1 conv R -> C_out (A, bias).
 - 3way: 1x1 conv C_in -> R, depthwise kh x kw conv (one kernel per component) with the
-  original strides/pads/dilations/auto_pad, 1x1 conv R -> C_out (A, bias).
+  original strides/pads/dilations/auto_pad, 1x1 conv R -> C_out (A, bias); 1-D and 3-D
+  convs alike, in their own dims.
 
 auto_pad SAME_UPPER / SAME_LOWER / VALID is given to each depthwise conv as is: the
 ONNX rule pads each axis independently from (input size, kernel, stride, dilation)
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..decompose.solve import Decomposition
 from ..model import TargetLayer
-from .common import GraphEditor
+from .common import GraphEditor, pointwise_weight
 
 
 def _auto_pad(attrs) -> str:
@@ -32,19 +33,20 @@ def rewrite_cp(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposi
     f, base, dtype = decomposition.factors, layer.name, layer.weight.dtype
     a, b = np.asarray(f.a), np.asarray(f.b)
     r = a.shape[1]
-    kh, kw = layer.kernel
+    dims = len(layer.kernel)
     attrs = layer.attrs
-    sh, sw = (list(attrs.get("strides", [1, 1])) + [1, 1])[:2]
-    dh, dw = (list(attrs.get("dilations", [1, 1])) + [1, 1])[:2]
-    top, left, bottom, right = list(attrs.get("pads", [0, 0, 0, 0]))
     auto_pad = _auto_pad(attrs)
 
-    last = [editor.constant(f"{base}/cp_output_weight", a[:, :, None, None], dtype)]
+    last = [editor.constant(f"{base}/cp_output_weight", pointwise_weight(a, dims), dtype)]
     if decomposition.bias is not None:
         last.append(editor.constant(f"{base}/bias", decomposition.bias, dtype))
-    first = ("Conv", [editor.constant(f"{base}/cp_input_weight", b.T[:, :, None, None], dtype)], {})
+    first = ("Conv", [editor.constant(f"{base}/cp_input_weight", pointwise_weight(b.T, dims), dtype)], {})
 
-    if f.form == "4way":
+    if f.form == "4way":  # 2-D only (the solver refuses it for other kernels)
+        kh, kw = layer.kernel
+        sh, sw = list(attrs.get("strides", [1, 1]))
+        dh, dw = list(attrs.get("dilations", [1, 1]))
+        top, left, bottom, right = list(attrs.get("pads", [0, 0, 0, 0]))
         vert = {"group": r, "kernel_shape": [kh, 1], "strides": [sh, 1], "dilations": [dh, 1]}
         horz = {"group": r, "kernel_shape": [1, kw], "strides": [1, sw], "dilations": [1, dw]}
         if auto_pad != "NOTSET":
@@ -59,14 +61,16 @@ def rewrite_cp(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposi
             ("Conv", last, {}),
         ]
     else:
-        depth = {"group": r, "kernel_shape": [kh, kw], "strides": [sh, sw], "dilations": [dh, dw]}
+        depth = {"group": r, "kernel_shape": list(layer.kernel), "strides": list(attrs.get("strides", [1] * dims)),
+                 "dilations": list(attrs.get("dilations", [1] * dims))}
         if auto_pad != "NOTSET":
             depth["auto_pad"] = auto_pad
         else:
-            depth["pads"] = [top, left, bottom, right]
+            depth["pads"] = list(attrs.get("pads", [0] * (2 * dims)))
+        kernels = np.asarray(f.kernel).reshape(r, 1, *layer.kernel)  # the solver's (R, 1, K) of an N-D kernel
         steps = [
             first,
-            ("Conv", [editor.constant(f"{base}/cp_depthwise_weight", np.asarray(f.kernel)[:, None], dtype)], depth),
+            ("Conv", [editor.constant(f"{base}/cp_depthwise_weight", kernels, dtype)], depth),
             ("Conv", last, {}),
         ]
     editor.chain(editor.node(layer.output), steps)

@@ -1,7 +1,7 @@
 """SVD rewrite: one layer ``W`` becomes two thinner layers ``second @ first``.
 
 - Conv kxk: kxk conv C_in -> r (the original strides, pads, dilations, auto_pad),
-  then 1x1 conv r -> C_out with the bias;
+  then 1x1 conv r -> C_out with the bias (1-D and 3-D convs alike, in their own dims);
 - Gemm: Gemm (A -> r, transA kept) then Gemm (r -> N) with the bias as C;
 - MatMul: MatMul (K -> r) then MatMul (r -> N), plus an Add when there is a bias
   correction to carry.
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..decompose.solve import Decomposition
 from ..model import TargetLayer
-from .common import GraphEditor, constant_value
+from .common import GraphEditor, constant_value, pointwise_weight
 
 SPATIAL_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
 
@@ -24,11 +24,10 @@ def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Deco
     bias, dtype, base = decomposition.bias, layer.weight.dtype, layer.name
     rank = first.shape[0]
     if layer.op_type == "Conv":
-        kh, kw = layer.kernel
         spatial = {k: v for k, v in layer.attrs.items() if k in SPATIAL_ATTRS}
         steps = [
-            ("Conv", [editor.constant(f"{base}/first_weight", first.reshape(rank, -1, kh, kw), dtype)], spatial),
-            ("Conv", _with_bias(editor, base, second.reshape(second.shape[0], rank, 1, 1), bias, dtype), {}),
+            ("Conv", [editor.constant(f"{base}/first_weight", first.reshape(rank, -1, *layer.kernel), dtype)], spatial),
+            ("Conv", _with_bias(editor, base, pointwise_weight(second, len(layer.kernel)), bias, dtype), {}),
         ]
     elif layer.op_type == "Gemm":
         first_inputs = [editor.constant(f"{base}/first_weight", first.T, dtype)]

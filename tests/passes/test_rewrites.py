@@ -13,7 +13,7 @@ from onnxcomp.passes import apply_decompositions
 from onnxcomp.runtime import make_session
 
 from checks import assert_same_outputs
-from models import conv_model, gemm_model, matmul_model
+from models import conv_model, conv_nd_model, gemm_model, matmul_model
 
 
 def full_rank_plan(model, bias_shift=None):
@@ -131,6 +131,54 @@ def test_tucker2_chain_computes_its_reconstruction(attrs, ranks, convs):
     assert written == factors.params
     x = rng.standard_normal((2, 6, 11, 11)).astype(np.float32)
     assert_same_outputs(reference, compressed, {"x": x}, rtol=1e-5, atol=1e-5, scale_atol=True)
+
+
+ND_CASES = [
+    (1, "pads = [1, 2]"),
+    (1, "strides = [2], dilations = [3], pads = [2, 0]"),
+    (1, 'auto_pad = "SAME_LOWER", strides = [2]'),
+    (3, "pads = [1, 0, 1, 1, 1, 0]"),
+    (3, 'auto_pad = "SAME_UPPER", strides = [2, 1, 2]'),
+    (3, "strides = [1, 2, 1], dilations = [2, 1, 1]"),
+]
+
+
+def _nd_feed(dims, seed=0):
+    return {"x": np.random.default_rng(seed).standard_normal((2, 4, *[9 if dims == 1 else 6] * dims)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("dims,attrs", ND_CASES)
+def test_conv1d_and_conv3d_full_rank(dims, attrs):
+    model = conv_nd_model(dims, attrs, size=9 if dims == 1 else 6, relu=True)
+    compressed = check_full_rank(model, _nd_feed(dims))
+    assert [n.op_type for n in compressed.graph.node] == ["Conv", "Conv", "Relu"]
+
+
+@pytest.mark.parametrize("dims,attrs", ND_CASES)
+def test_conv1d_and_conv3d_tucker2_chain(dims, attrs):
+    """Orthonormal factors (R_out = C_out - 1, R_in = C_in) and the projected weight as the solver's
+    1 x K core: the chain, in the conv's own dims, computes the conv with that output direction
+    removed (the full input side folded into the k core: two convs)."""
+    model = conv_nd_model(dims, attrs, size=9 if dims == 1 else 6, relu=True)
+    layer = find_layers(model)[0][0]
+    c_out, c_in = layer.out_features, layer.in_channels
+    rng = np.random.default_rng(6)
+    q_out, _ = np.linalg.qr(rng.standard_normal((c_out, c_out - 1)))  # R_out < C_out: three convs
+    q_in, _ = np.linalg.qr(rng.standard_normal((c_in, c_in)))
+    W = layer.weight.astype(np.float64).reshape(c_out, c_in, -1)
+    projected = np.einsum("oa,pa,pik->oik", q_out, q_out, W)  # W with one output direction removed
+    core = np.einsum("oa,oik,ib->abk", q_out, W, q_in).reshape(c_out - 1, c_in, 1, -1)  # the solver's 1 x K
+    factors = Tucker2Factors(q_out, core, q_in)
+    decomposition = Decomposition("tucker2", factors, layer.bias.astype(np.float64), factors.ranks, 0, 0, None, None)
+    compressed = apply_decompositions(model, [(layer, decomposition)])
+    onnx.checker.check_model(compressed, full_check=True)
+    assert [n.op_type for n in compressed.graph.node] == ["Conv", "Conv", "Relu"]  # the input side folded
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    index = next(i for i, t in enumerate(reference.graph.initializer) if t.name == "w")
+    reference.graph.initializer[index].CopyFrom(numpy_helper.from_array(
+        projected.reshape(c_out, c_in, *layer.kernel).astype(np.float32), "w"))
+    assert_same_outputs(reference, compressed, _nd_feed(dims, 1), rtol=1e-4, atol=1e-5, scale_atol=True)
 
 
 def test_bias_correction_folds_into_following_add():
