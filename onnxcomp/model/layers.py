@@ -269,11 +269,7 @@ def _conv_layer(node, name, index, constants, shapes) -> TargetLayer:
                          "no channel mode to factor")
     if groups > 1:
         raise _NotTarget(f"grouped convolution (group={groups})")
-    bias = None
-    if len(node.input) > 2 and node.input[2]:
-        bias = constants.get(node.input[2])
-        if bias is None:
-            raise _NotTarget("bias is not a constant")
+    bias = _constant_bias(node, constants)
     rank = weight.ndim - 2
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
@@ -293,6 +289,16 @@ def _conv_layer(node, name, index, constants, shapes) -> TargetLayer:
     )
 
 
+def _constant_bias(node, constants) -> np.ndarray | None:
+    """A Conv / ConvTranspose bias (input 2): its value, None without one; not a constant: not a target."""
+    if len(node.input) <= 2 or not node.input[2]:
+        return None
+    bias = constants.get(node.input[2])
+    if bias is None:
+        raise _NotTarget("bias is not a constant")
+    return bias
+
+
 def _conv_transpose_layer(node, name, index, constants, shapes) -> TargetLayer:
     """A ConvTranspose as the plain conv over its zero-stuffed input, with the flipped weight."""
     from .transposed import flip_transpose, transposed_geometry
@@ -303,11 +309,7 @@ def _conv_transpose_layer(node, name, index, constants, shapes) -> TargetLayer:
         raise _NotTarget(f"{weight.ndim - 2}-D ConvTranspose (only 2-D is supported)")
     if attrs.get("group", 1) != 1:
         raise _NotTarget(f"grouped ConvTranspose (group={attrs['group']})")
-    bias = None
-    if len(node.input) > 2 and node.input[2]:
-        bias = constants.get(node.input[2])
-        if bias is None:
-            raise _NotTarget("bias is not a constant")
+    bias = _constant_bias(node, constants)
     geometry = transposed_geometry(attrs, tuple(weight.shape[2:]))
     equivalent = flip_transpose(weight)  # (C_out, C_in, kh, kw)
     out_shape = shapes.get(node.output[0])
