@@ -243,8 +243,6 @@ def _conv_layer(node, name, index, constants, shapes) -> TargetLayer:
     if groups > 1 and weight.shape[1] == 1 and c_out == c_in:
         raise _NotTarget(f"depthwise convolution (group={groups} = channels): one kernel per channel, "
                          "no channel mode to factor")
-    if groups > 1:
-        raise _NotTarget(f"grouped convolution (group={groups})")
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = constants.get(node.input[2])
