@@ -68,7 +68,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     statistics = run.statistics(config.solve.norm)
     clock.lap("calibration")
     judge = run.judge(config.outputs, config.metric)
-    problems = {layer.name: layer_problem(layer, statistics.get(layer.stats_key) if statistics else None)
+    problems = {layer.name: layer_problem(layer, statistics.of_layer(layer) if statistics else None)
                 for layer in run.chosen}
     allocation, solved = _solve(run, config, problems, timer, judge)
     clock.lap("solve")
@@ -177,7 +177,7 @@ class _Run:
         if self.stats is not None:
             statistics = self.stats if isinstance(self.stats, Statistics) else Statistics.load(self.stats)
             statistics.check_model(fingerprint(self.model), "the statistics given with --stats")
-            missing = [layer.name for layer in self.chosen if layer.stats_key not in statistics]
+            missing = [layer.name for layer in self.chosen if any(key not in statistics for key in layer.stats_keys)]
             if missing:
                 raise OnnxcompError(
                     f"the statistics file has no entry for {len(missing)} layer(s) of this model, e.g. {missing[0]!r}")

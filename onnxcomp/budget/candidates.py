@@ -16,6 +16,7 @@ from ..config import CPForm, DefaultMultiple, Method, SolveConfig
 from ..decompose.cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from ..decompose.solve import LayerProblem
 from ..decompose.tucker2 import tucker2_cost
+from ..decompose.tucker2.surface import best_summed
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,27 @@ class Candidate:
 
 def svd_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int | None = None,
                    most: int = 128) -> list[Candidate]:
-    """Every cheaper rank (or ``most`` of them, evenly spread) with its exact error, from one spectrum."""
-    m, d = problem.weight.shape
-    spectrum = problem.spectrum(solve, xp)
-    total = float(spectrum.values.sum())
-    tails = np.concatenate([np.cumsum(spectrum.values[::-1])[::-1], [0.0]])
+    """Every cheaper rank (or ``most`` of them, evenly spread) with its exact error, from one spectrum
+    (a grouped conv: one per group, all groups at the rank, their errors and costs summed)."""
+    parts, groups = _parts(problem), problem.groups
+    m, d = parts[0].weight.shape
+    spectra = [part.spectrum(solve, xp).values for part in parts]
+    total = float(sum(values.sum() for values in spectra))
+    tails = sum(np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]]) for values in spectra)
     largest = (m * d - 1) // (m + d)  # the largest rank that is still cheaper than dense
-    return [Candidate(Method.SVD, (r,), r * (m + d), r * (m + d), float(tails[r] / total) if total > 0 else 0.0)
+    cost = groups * (m + d)
+    return [Candidate(Method.SVD, (r,), r * cost, r * cost, float(tails[r] / total) if total > 0 else 0.0)
             for r in candidate_ranks(largest, most, multiple)]
+
+
+def _parts(problem: LayerProblem) -> tuple[LayerProblem, ...]:
+    """The problems a curve sums: a grouped conv's groups (:mod:`onnxcomp.decompose.grouped`), else the layer."""
+    return problem.parts or (problem,)
+
+
+def _start(starts: list):
+    """A candidate's start: the layer's, or the list of its groups'."""
+    return starts[0] if len(starts) == 1 else starts
 
 
 def candidate_ranks(largest: int, most: int, multiple: int | None = None) -> list[int]:
@@ -86,22 +100,28 @@ def tucker2_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: 
     """
     if problem.pointwise:
         return svd_candidates(problem, solve, xp, multiple)
-    W = problem.conv_weight()
-    surface = problem.tucker2_surface(solve, xp)
+    parts = _parts(problem)
+    W = parts[0].conv_weight()
+    surfaces = [part.tucker2_surface(solve, xp) for part in parts]
     dense = float(W.size)
     pairs = []
     for fraction in fractions:
-        best = surface.best(fraction * dense, measure="macs", in_positions=problem.input_ratio,
-                            multiple=multiple or 1)
+        best = best_summed(surfaces, fraction * dense, measure="macs", in_positions=problem.input_ratio,
+                           multiple=multiple or 1)
         if best is not None and best[2] < dense and best[:2] not in pairs:
             pairs.append(best[:2])
-    scores = surface.swept(pairs, TUCKER2_CANDIDATE_SWEEPS, fit=lambda: problem.fit_matrix(solve))
-    surface.release()
+    scores = [surface.swept(pairs, TUCKER2_CANDIDATE_SWEEPS, fit=lambda part=part: part.fit_matrix(solve))
+              for surface, part in zip(surfaces, parts)]
+    reference = sum(surface.reference for surface in surfaces)
+    for surface in surfaces:
+        surface.release()
     out = []
-    for (r_out, r_in), (start, error) in zip(pairs, scores):
+    for i, (r_out, r_in) in enumerate(pairs):
         cost = tucker2_cost(*W.shape, r_out, r_in, in_positions=problem.input_ratio)
-        relative = error / surface.reference if surface.reference > 0 else 0.0
-        out.append(Candidate(Method.TUCKER2, (r_out, r_in), cost.params, cost.macs, relative, start=start))
+        error = sum(group[i][1] for group in scores)
+        relative = error / reference if reference > 0 else 0.0
+        out.append(Candidate(Method.TUCKER2, (r_out, r_in), problem.groups * cost.params,
+                             problem.groups * cost.macs, relative, start=_start([group[i][0] for group in scores])))
     return out
 
 
@@ -126,14 +146,16 @@ def cp_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int |
     form, out = solve.cp_form, []
     if form == "4way" and len(problem.kernel) != 2:
         return []  # no 4-way chain for a 1-D or 3-D kernel: the layer stays dense (cp_form_reason)
-    W = problem.conv_weight()
-    c_out, c_in, kh, kw = W.shape
-    S = problem.fit_matrix(solve)
+    parts = _parts(problem)
+    W = parts[0].conv_weight()
     for rank in _cp_candidate_ranks(W.shape, form, problem.input_ratio, multiple, fractions):
-        result = cp_decompose(W, S, rank, form=form, norm=solve.norm, max_iter=CP_CANDIDATE_SWEEPS, xp=xp)
-        cost = cp_cost(c_out, c_in, kh, kw, rank, form, in_positions=problem.input_ratio)
-        error = result.error / result.reference if result.reference > 0 else 0.0
-        out.append(Candidate(Method.CP, (rank,), cost.params, cost.macs, error, form=form, start=result))
+        results = [cp_decompose(part.conv_weight(), part.fit_matrix(solve), rank, form=form, norm=solve.norm,
+                                max_iter=CP_CANDIDATE_SWEEPS, xp=xp) for part in parts]
+        cost = cp_cost(*W.shape, rank, form, in_positions=problem.input_ratio)
+        reference = sum(result.reference for result in results)
+        error = sum(result.error for result in results) / reference if reference > 0 else 0.0
+        out.append(Candidate(Method.CP, (rank,), problem.groups * cost.params, problem.groups * cost.macs, error,
+                             form=form, start=_start(results)))
     return out
 
 

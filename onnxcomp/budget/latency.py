@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..decompose.factors import CPFactors, LowRank, Tucker2Factors
+from ..decompose.factors import CPFactors, GroupedFactors, LowRank, Tucker2Factors
 from ..decompose.solve import Decomposition
 from ..errors import OnnxcompError
 from ..io import write_json
@@ -120,8 +120,17 @@ def layer_model(layer: TargetLayer, input_shape, candidate: Candidate | None = N
 
 def placeholder_decomposition(layer: TargetLayer, candidate: Candidate) -> Decomposition:
     """Factors of the right shapes (random: the values do not change the time) for the rewrite pass."""
-    rng = np.random.default_rng(0)
+    factors = [_placeholder_factors(layer, candidate, np.random.default_rng(g)) for g in range(layer.groups)]
+    # A MatMul's bias correction is folded into the Add that follows it in real models: no extra node.
+    bias = None if layer.op_type == "MatMul" else (None if layer.bias is None else layer.bias.astype(np.float64))
+    return Decomposition(candidate.method, factors[0] if layer.groups == 1 else GroupedFactors(tuple(factors)), bias,
+                         candidate.rank, candidate.params, int(candidate.macs), None, None, {})
+
+
+def _placeholder_factors(layer: TargetLayer, candidate: Candidate, rng):
+    """Random factors of one group (the whole layer where it is not grouped)."""
     m, d = layer.weight.shape
+    m //= layer.groups
     kernel = layer.kernel
     c_in = layer.in_channels
 
@@ -142,10 +151,7 @@ def placeholder_decomposition(layer: TargetLayer, candidate: Candidate) -> Decom
         factors = CPFactors(form, a, b, **spatial)
     else:
         raise OnnxcompError(f"no latency model for method {candidate.method!r}")
-    # A MatMul's bias correction is folded into the Add that follows it in real models: no extra node.
-    bias = None if layer.op_type == "MatMul" else (None if layer.bias is None else layer.bias.astype(np.float64))
-    return Decomposition(candidate.method, factors, bias, candidate.rank, candidate.params, int(candidate.macs),
-                         None, None, {})
+    return factors
 
 
 def _dense_model(layer: TargetLayer, input_shape) -> onnx.ModelProto:

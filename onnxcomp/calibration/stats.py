@@ -94,6 +94,12 @@ class Statistics(dict):
         self.model = model
         self.row_mask = row_mask
 
+    def of_layer(self, layer):
+        """What ``layer``'s problem reads (``layer_problem``'s ``stats``): the statistic of its key, or
+        a list of one per group of a grouped conv (``TargetLayer.stats_keys``); None where missing."""
+        found = [self.get(key) for key in layer.stats_keys]
+        return found if layer.groups > 1 else found[0]
+
     def check_model(self, model_fingerprint: str, what: str = "the statistics") -> None:
         """A one-line error when these statistics were collected on another model."""
         if self.model is not None and self.model != model_fingerprint:

@@ -12,6 +12,7 @@ Each holds host NumPy arrays and knows its reconstruction and its size:
   ``W~[o,c,i,j] = sum_r A[o,r] B[c,r] H[i,r] V[j,r]`` (1x1, depthwise kh x 1,
   depthwise 1 x kw, 1x1), or ``form="3way"``
   ``W~[o,c,i,j] = sum_r A[o,r] B[c,r] K[r,i,j]`` (1x1, depthwise kh x kw, 1x1).
+- :class:`GroupedFactors`: one of the above per group of a grouped conv, at one rank.
 """
 
 from __future__ import annotations
@@ -114,6 +115,28 @@ class CPFactors(_HostArrays):
     def weight(self) -> np.ndarray:
         """The approximation W~ (C_out, C_in, kh, kw)."""
         return cp_reconstruct(self.a, self.b, self.h, self.v, kernel=self.kernel)
+
+
+@dataclass
+class GroupedFactors:
+    """A grouped conv's factors: one :class:`LowRank`, :class:`Tucker2Factors` or :class:`CPFactors`
+    per group, all at the same rank(s), so that each step of the chain is one grouped Conv."""
+
+    parts: tuple  # per group, in group order
+
+    @property
+    def params(self) -> int:
+        return sum(part.params for part in self.parts)
+
+    def matrix(self) -> np.ndarray:
+        """The approximation as the layer's matrix (C_out, C_in / G * K): the groups' rows stacked."""
+        approx = [part.matrix() if isinstance(part, LowRank) else part.weight() for part in self.parts]
+        return np.concatenate([a.reshape(a.shape[0], -1) for a in approx])
+
+
+def factor_parts(factors) -> tuple:
+    """Each group's factors (a layer that is not grouped is one group)."""
+    return factors.parts if isinstance(factors, GroupedFactors) else (factors,)
 
 
 def tucker2_reconstruct(u_out, core, u_in):

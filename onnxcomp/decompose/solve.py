@@ -34,8 +34,15 @@ class LayerProblem:
     stats: InputStats | None  # None: data-free
     input_ratio: float = 1.0  # input positions per output position (stride_h * stride_w for a conv)
     positions: int | None = None  # output rows per sample (pixels, tokens); None: unknown
+    # A grouped conv: each group's own problem (its rows of W, its input channels' statistics; see
+    # grouped.py), and ``stats`` is group 0's (every group's have the same rows). Empty: not grouped.
+    parts: tuple = ()
     _spectra: dict = field(default_factory=dict, repr=False)  # (norm, centered) -> Spectrum
     _surfaces: dict = field(default_factory=dict, repr=False)  # (norm, centered) -> Tucker-2 ProxySurface
+
+    @property
+    def groups(self) -> int:
+        return len(self.parts) or 1
 
     @property
     def pointwise(self) -> bool:
@@ -87,19 +94,29 @@ class Decomposition:
     info: dict = field(default_factory=dict)
 
 
-def layer_problem(layer, stats: InputStats | None) -> LayerProblem:
-    """The problem of a target layer (:class:`onnxcomp.model.TargetLayer`) with its input statistics."""
-    if stats is not None and stats.dim != layer.in_features:
-        raise OnnxcompError(
-            f"statistics for layer {layer.name!r} have dimension {stats.dim}, the layer reads {layer.in_features}"
-        )
+def layer_problem(layer, stats) -> LayerProblem:
+    """The problem of a target layer (:class:`onnxcomp.model.TargetLayer`) with its input statistics:
+    an :class:`InputStats`, one per group for a grouped conv (``layer.stats_keys``), or None."""
+    grouped = layer.groups > 1
+    every = [stats] if not grouped else [None] * layer.groups if stats is None else list(stats)
+    for group_stats in every:
+        if group_stats is not None and group_stats.dim != layer.in_features:
+            raise OnnxcompError(f"statistics for layer {layer.name!r} have dimension {group_stats.dim}, "
+                                f"the layer reads {layer.in_features}")
+    stats = every[0]
     bias = None if layer.bias is None else layer.bias.astype(np.float64)
     # A strided conv's first 1x1 conv of a Tucker-2 chain runs at the input resolution.
     input_ratio = float(np.prod(layer.conv.strides)) if layer.conv is not None else 1.0
     # Output rows per sample: from shape inference, else from the calibration statistics.
     positions = layer.positions if layer.positions is not None else (
         None if stats is None else round(stats.positions))
-    return LayerProblem(layer.name, layer.weight.astype(np.float64), bias, layer.kernel, stats, input_ratio, positions)
+    problem = LayerProblem(layer.name, layer.weight.astype(np.float64), bias, layer.kernel, stats, input_ratio,
+                           positions)
+    if grouped:
+        from .grouped import group_parts  # grouped.py builds on this module
+
+        problem.parts = group_parts(problem, every)
+    return problem
 
 
 # Layer name -> its Decomposition, or the reason (a string) why it stays dense.
@@ -139,7 +156,11 @@ def solve_layer(problem: LayerProblem, solve: SolveConfig, xp=np, start=None,
     if solve.norm is Norm.DATA and problem.stats is None:
         raise OnnxcompError("the data norm needs calibration data or a statistics file (or use --norm frobenius)")
     began = time.perf_counter()
-    if sweeps is not None and solve.method is Method.TUCKER2:
+    if problem.parts:
+        from .grouped import solve_grouped  # grouped.py builds on this module
+
+        result = solve_grouped(problem, solve, xp, start, sweeps)
+    elif sweeps is not None and solve.method is Method.TUCKER2:
         result = solve_tucker2(problem, solve, xp, start, sweeps=sweeps)
     else:
         result = SOLVERS[solve.method](problem, solve, xp, start)

@@ -267,8 +267,6 @@ def _conv_layer(node, name, index, constants, shapes) -> TargetLayer:
     if groups > 1 and weight.shape[1] == 1 and c_out == c_in:
         raise _NotTarget(f"depthwise convolution (group={groups} = channels): one kernel per channel, "
                          "no channel mode to factor")
-    if groups > 1:
-        raise _NotTarget(f"grouped convolution (group={groups})")
     bias = _constant_bias(node, constants)
     rank = weight.ndim - 2
     auto_pad = attrs.get("auto_pad", b"NOTSET")

@@ -94,6 +94,30 @@ class GraphEditor:
 
 
 
+def grouped_steps(chains: list[list[tuple[str, np.ndarray, dict]]]) -> list[tuple[str, np.ndarray, dict]]:
+    """One chain of Convs from each group's own (the same steps, of the same shapes, in every group):
+    each step's weights stacked on the output axis and its ``group`` times the number of groups, so
+    the step is one grouped Conv whose group g computes group g's step. Steps are (weight name,
+    weight, attributes); one chain is returned as it is."""
+    if len(chains) == 1:
+        return chains[0]
+    steps = []
+    for step in zip(*chains):
+        name, _, attrs = step[0]
+        stacked = np.concatenate([weight for _, weight, _ in step])
+        steps.append((name, stacked, {**attrs, "group": len(chains) * attrs.get("group", 1)}))
+    return steps
+
+
+def write_conv_chain(editor: GraphEditor, layer, steps: list[tuple[str, np.ndarray, dict]], bias, dtype) -> None:
+    """Replace the node of ``layer`` by one Conv per step (weight name, weight, attributes), the
+    (corrected) bias on the last one."""
+    inputs = [[editor.constant(f"{layer.name}/{name}", weight, dtype)] for name, weight, _ in steps]
+    if bias is not None:
+        inputs[-1].append(editor.constant(f"{layer.name}/bias", bias, dtype))
+    editor.chain(editor.node(layer.output), [("Conv", extra, attrs) for extra, (_, _, attrs) in zip(inputs, steps)])
+
+
 def pointwise_weight(matrix: np.ndarray, spatial_dims: int) -> np.ndarray:
     """A (C_out, C_in) matrix as the weight of a 1x1 conv (1 for Conv1d, 1x1x1 for Conv3d)."""
     return matrix.reshape(*matrix.shape, *(1,) * spatial_dims)

@@ -1,7 +1,8 @@
 """SVD rewrite: one layer ``W`` becomes two thinner layers ``second @ first``.
 
 - Conv kxk: kxk conv C_in -> r (the original strides, pads, dilations, auto_pad),
-  then 1x1 conv r -> C_out with the bias (1-D and 3-D convs alike, in their own dims);
+  then 1x1 conv r -> C_out with the bias (1-D and 3-D convs alike, in their own dims; a grouped
+  conv's groups as one grouped Conv per step, ``group`` kept);
 - Gemm: Gemm (A -> r, transA kept) then Gemm (r -> N) with the bias as C;
 - MatMul: MatMul (K -> r) then MatMul (r -> N), plus an Add when there is a bias
   correction to carry.
@@ -11,25 +12,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..decompose.factors import factor_parts
 from ..decompose.solve import Decomposition
 from ..model import TargetLayer
-from .common import GraphEditor, constant_value, pointwise_weight
+from .common import GraphEditor, constant_value, grouped_steps, pointwise_weight, write_conv_chain
 
 SPATIAL_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
 
 
 def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposition) -> None:
-    node = editor.node(layer.output)
-    first, second = decomposition.factors.first, decomposition.factors.second
     bias, dtype, base = decomposition.bias, layer.weight.dtype, layer.name
-    rank = first.shape[0]
     if layer.op_type == "Conv":
         spatial = {k: v for k, v in layer.attrs.items() if k in SPATIAL_ATTRS}
-        steps = [
-            ("Conv", [editor.constant(f"{base}/first_weight", first.reshape(rank, -1, *layer.kernel), dtype)], spatial),
-            ("Conv", _with_bias(editor, base, pointwise_weight(second, len(layer.kernel)), bias, dtype), {}),
-        ]
-    elif layer.op_type == "Gemm":
+        chains = [[("first_weight", f.first.reshape(f.rank, -1, *layer.kernel), spatial),
+                   ("second_weight", pointwise_weight(f.second, len(layer.kernel)), {})]
+                  for f in factor_parts(decomposition.factors)]
+        write_conv_chain(editor, layer, grouped_steps(chains), bias, dtype)
+        return
+    node = editor.node(layer.output)
+    first, second = decomposition.factors.first, decomposition.factors.second
+    rank = first.shape[0]
+    if layer.op_type == "Gemm":
         first_inputs = [editor.constant(f"{base}/first_weight", first.T, dtype)]
         second_inputs = _with_bias(editor, base, second.T, bias, dtype)
         if editor.opset < 11:  # Gemm's C became optional in opset 11: before, a zero bias is written

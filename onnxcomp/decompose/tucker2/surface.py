@@ -127,36 +127,8 @@ class ProxySurface:
         to a multiple where one fits); beyond ``GRID`` values a spread of them, then every grid value
         between the best one's neighbours.
         """
-        c_out, c_in = self.shape[:2]
-        m = max(1, int(multiple))
-        grid = list(range(m, c_in + 1, m)) if c_in >= m else list(range(1, c_in + 1))
-        scored: dict[int, tuple | None] = {}
-
-        def score(r_in):
-            if r_in not in scored:
-                r_out = _max_r_out(self.shape, r_in, budget, measure, in_positions)
-                if m <= r_out < c_out:  # C_out itself is folded into the core: no rank to round
-                    r_out = r_out // m * m
-                scored[r_in] = None if r_out < 1 else (
-                    r_out, r_in, _cost_of(self.shape, r_out, r_in, measure, in_positions),
-                    self.error(r_out, r_in))
-            return scored[r_in]
-
-        picks = grid if len(grid) <= GRID else [grid[i] for i in np.unique(
-            np.linspace(0, len(grid) - 1, GRID).round().astype(int))]
-        for r_in in picks:
-            score(r_in)
-        valid = sorted((v for v in scored.values() if v is not None), key=lambda v: v[1])
-        if not valid:
-            return None
-        if len(grid) > GRID:  # every grid value between the best spread value's neighbours
-            i = min(range(len(valid)), key=lambda j: valid[j][3])
-            lo, hi = valid[max(i - 1, 0)][1], valid[min(i + 1, len(valid) - 1)][1]
-            for r_in in grid:
-                if lo < r_in < hi:
-                    score(r_in)
-            valid = [v for v in scored.values() if v is not None]
-        return min(valid, key=lambda v: (v[3], v[2]))
+        return best_pair(self.shape, self.error, budget, measure=measure, in_positions=in_positions,
+                         multiple=multiple)
 
     def swept(self, pairs, sweeps: int = 1, fit=None) -> list[tuple[np.ndarray, float]]:
         """For each (R_out, R_in): ``sweeps`` ALS sweeps from :meth:`start`, on one problem for all
@@ -182,3 +154,43 @@ class ProxySurface:
         """Drop the problem the surface was built on (a copy of S and products of it): what stays
         is small (the bases and C_out x C_in*K per basis)."""
         self._prob = None
+
+
+def best_summed(surfaces, budget: float, **options):
+    """:meth:`ProxySurface.best` for the groups of a grouped conv, which share one pair: the pair
+    with the smallest sum of the groups' proxy errors (the surfaces are of equal shapes)."""
+    return best_pair(surfaces[0].shape, lambda r_out, r_in: sum(s.error(r_out, r_in) for s in surfaces), budget,
+                     **options)
+
+
+def best_pair(shape, error, budget: float, *, measure: str = "macs", in_positions: float = 1.0, multiple: int = 1):
+    """:meth:`ProxySurface.best` for a conv of ``shape`` whose pairs score ``error(r_out, r_in)``."""
+    c_out, c_in = shape[:2]
+    m = max(1, int(multiple))
+    grid = list(range(m, c_in + 1, m)) if c_in >= m else list(range(1, c_in + 1))
+    scored: dict[int, tuple | None] = {}
+
+    def score(r_in):
+        if r_in not in scored:
+            r_out = _max_r_out(shape, r_in, budget, measure, in_positions)
+            if m <= r_out < c_out:  # C_out itself is folded into the core: no rank to round
+                r_out = r_out // m * m
+            scored[r_in] = None if r_out < 1 else (
+                r_out, r_in, _cost_of(shape, r_out, r_in, measure, in_positions), error(r_out, r_in))
+        return scored[r_in]
+
+    picks = grid if len(grid) <= GRID else [grid[i] for i in np.unique(
+        np.linspace(0, len(grid) - 1, GRID).round().astype(int))]
+    for r_in in picks:
+        score(r_in)
+    valid = sorted((v for v in scored.values() if v is not None), key=lambda v: v[1])
+    if not valid:
+        return None
+    if len(grid) > GRID:  # every grid value between the best spread value's neighbours
+        i = min(range(len(valid)), key=lambda j: valid[j][3])
+        lo, hi = valid[max(i - 1, 0)][1], valid[min(i + 1, len(valid) - 1)][1]
+        for r_in in grid:
+            if lo < r_in < hi:
+                score(r_in)
+        valid = [v for v in scored.values() if v is not None]
+    return min(valid, key=lambda v: (v[3], v[2]))
