@@ -54,7 +54,7 @@ def test_unsupported_layers_are_listed_with_reasons():
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
     net (float[1, 4, 8, 8] x, float[1, 8, 8, 4] z) => (float[1, 4, 8, 8] y, float[1, 8, 8, 8] u) {
-        y = Conv <group = 2, pads = [1, 1, 1, 1]> (x, wg)
+        y = Conv <group = 4, pads = [1, 1, 1, 1]> (x, wg)
         t = Transpose <perm = [0, 2, 3, 1]> (y)
         u = MatMul (z, t2)
         t2 = Identity (t3)
@@ -62,11 +62,11 @@ def test_unsupported_layers_are_listed_with_reasons():
     }
     """
     model = onnx.parser.parse_model(text)
-    model.graph.initializer.append(numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float32), "wg"))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "wg"))
     layers, skipped = find_layers(model)
     assert layers == []
     reasons = {s.op_type: s.reason for s in skipped}
-    assert "grouped" in reasons["Conv"] and "not a constant" in reasons["MatMul"]
+    assert "depthwise" in reasons["Conv"] and "not a constant" in reasons["MatMul"]
 
 
 # A MatMul whose weight reaches it through an Identity (as some exporters write shared weights).
