@@ -65,10 +65,6 @@ class Prepared:
         return compressed
 
 
-def _value_info(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
-    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-
-
 def prepare_model(model: onnx.ModelProto, initializer_inputs: str = "constant") -> Prepared:
     """The model the stages work on (a copy; ``model`` is not changed)."""
     if initializer_inputs not in INITIALIZER_INPUTS:
@@ -103,11 +99,11 @@ def fold_layer_weights(model: onnx.ModelProto) -> list[str]:
     quantized model); returns the folded tensor names."""
     graph = model.graph
     known, producer = _known_constants(graph), _producers(graph)
-    wanted = [name for name, cone in _computed_weights(graph, known, producer).items() if not _quantizer(cone)]
-    if not wanted:
+    cones = {name: cone for name, cone in _computed_weights(graph, known, producer).items() if not _quantizer(cone)}
+    if not cones:
         return []
-    values = _evaluate(model, wanted, producer, known)
-    _replace_with_initializers(graph, values, producer, known)
+    values = _evaluate(model, cones)
+    _replace_with_initializers(graph, values, producer, [n for name in values for n in cones[name]])
     return list(values)
 
 
@@ -168,28 +164,33 @@ def _constant_cone(name: str, producer: dict, known: set[str]) -> list[onnx.Node
     return list(cone.values())
 
 
-def _evaluate(model: onnx.ModelProto, names: list[str], producer: dict, known: set[str]) -> dict[str, np.ndarray]:
-    """The values of ``names``, computed by onnxruntime on the subgraph that produces them; a weight
+def _evaluate(model: onnx.ModelProto, cones: dict[str, list]) -> dict[str, np.ndarray]:
+    """The values of the tensors ``cones`` computes (name -> its nodes), by onnxruntime; a weight
     onnxruntime cannot compute (an op or opset it refuses) is left out, and its layer stays dense."""
     try:
-        return _run_cones(model, names, producer, known)
+        return _run_cones(model, list(cones), [n for cone in cones.values() for n in cone])
     except Exception:
         values = {}
-        for name in names:  # one by one: keep the weights that can be computed
+        for name, cone in cones.items():  # one by one: keep the weights that can be computed
             try:
-                values.update(_run_cones(model, [name], producer, known))
+                values.update(_run_cones(model, [name], cone))
             except Exception:
                 pass
         return values
 
 
-def _run_cones(model: onnx.ModelProto, names: list[str], producer: dict, known: set[str]) -> dict[str, np.ndarray]:
+def _with_constants(graph: onnx.GraphProto, nodes: list) -> set[int]:
+    """The ids of ``nodes`` and of the Constant nodes they read."""
+    read = {t for n in nodes for t in n.input}
+    return {id(n) for n in nodes} | {id(n) for n in graph.node if n.op_type == "Constant" and n.output[0] in read}
+
+
+def _run_cones(model: onnx.ModelProto, names: list[str], nodes: list) -> dict[str, np.ndarray]:
     from ..runtime import make_session
 
-    nodes = {id(n) for name in names for n in _constant_cone(name, producer, known)}
-    needed = {t for n in model.graph.node if id(n) in nodes for t in n.input}
-    constants = [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in needed]
-    order = [n for n in model.graph.node if id(n) in nodes or n in constants]  # the graph's topological order
+    chosen = _with_constants(model.graph, nodes)
+    order = [n for n in model.graph.node if id(n) in chosen]  # the graph's topological order
+    needed = {t for n in order for t in n.input}
     graph = onnx.helper.make_graph(order, "fold", [], [], [t for t in model.graph.initializer if t.name in needed])
     # IR >= 4: initializers need not be inputs (IR 3 models are read with theirs taken as constants)
     sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=max(model.ir_version, 4))
@@ -200,23 +201,21 @@ def _run_cones(model: onnx.ModelProto, names: list[str], producer: dict, known: 
     return dict(zip(names, values))
 
 
-def _replace_with_initializers(graph: onnx.GraphProto, values: dict, producer: dict, known: set[str]) -> None:
-    """Each folded tensor becomes an initializer of its name; the nodes of its subgraph that nothing
-    reads any more go (a node with another output still read stays, that output unchanged)."""
-    nodes = [n for name in values for n in _constant_cone(name, producer, known)]
-    read = {t for n in nodes for t in n.input}
-    constants = [n for n in graph.node if n.op_type == "Constant" and n.output[0] in read]
-    cones = {id(n) for n in nodes + constants}
+def _replace_with_initializers(graph: onnx.GraphProto, values: dict, producer: dict, nodes: list) -> None:
+    """Each folded tensor becomes an initializer of its name; the ``nodes`` that computed them go where
+    nothing reads them any more (a node with another output still read stays, that output unchanged)."""
+    candidates = _with_constants(graph, nodes)
+    weights = {t for n in nodes for t in n.input}
     for name, value in values.items():
         node = producer[name]
         node.output[list(node.output).index(name)] = f"{name}__folded"  # no longer its producer
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-    _remove_unread(graph, cones)
+    _remove_unread(graph, candidates, weights)
 
 
-def _remove_unread(graph: onnx.GraphProto, candidates: set[int]) -> None:
-    """Remove the candidate nodes none of whose outputs is read (repeatedly), then the initializers
-    nothing reads any more that only they read."""
+def _remove_unread(graph: onnx.GraphProto, candidates: set[int], initializers: set[str]) -> None:
+    """Remove the candidate nodes none of whose outputs is read (repeatedly), then those of
+    ``initializers`` that nothing reads any more (the graph's other initializers stay as they are)."""
     outputs = {o.name for o in graph.output}
     changed = True
     while changed:
@@ -228,7 +227,7 @@ def _remove_unread(graph: onnx.GraphProto, candidates: set[int]) -> None:
                 changed = True
     read = _read_names(graph)
     inputs = {i.name for i in graph.input}
-    kept = [t for t in graph.initializer if t.name in read or t.name in inputs]
+    kept = [t for t in graph.initializer if t.name not in initializers or t.name in read or t.name in inputs]
     del graph.initializer[:]
     graph.initializer.extend(kept)
 
