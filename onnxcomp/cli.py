@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                                "onnxcomp writes never hold any); many CPUs compute with them slowly")
     compress.add_argument("--no-latency-check", dest="check_latency", action="store_false",
                           help="do not profile the result (time in rewritable layers, Amdahl floor, latency guard)")
+    compress.add_argument("--fail-if-unchanged", action="store_true",
+                          help="exit 2 when the model has no compressible layer (default: write it unchanged, warn)")
     compress.add_argument("--stats", help="statistics file from `onnxcomp calibrate` (instead of collecting)")
     compress.add_argument("--report", help="write the per-layer report as JSON here")
     compress.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the solvers run")
@@ -168,6 +170,7 @@ def _bench_command(commands) -> None:
     bench.add_argument("--row-mask", metavar="INPUT|auto|none", default="auto",
                        help="a [batch, seq] 0/1 input marking padding: its zero positions of [N, seq, F] outputs are "
                             "left out of the comparison (default auto: attention_mask or input_mask if present)")
+    _batch_axis_argument(bench)
     bench.add_argument("--json", help="also write the results as JSON here")
     bench.set_defaults(run=_bench)
 
@@ -208,6 +211,14 @@ def _initializer_inputs_argument(parser: argparse.ArgumentParser) -> None:
                         help="initializers also listed as graph inputs (IR 3 exports): constant weights (default; "
                              "the compressed model lists them again, except the replaced weights) or refuse (they "
                              "stay overridable and their layers dense)")
+    _batch_axis_argument(parser)
+
+
+def _batch_axis_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-axis", dest="batch_axes", action="append", default=[], metavar="NAME:AXIS|none",
+                        help="the sample axis of an input or output where the graph cannot tell (default: read from "
+                             "the dim name the inputs share, e.g. a state [2, batch, 128] on axis 1; scalars and fixed "
+                             "tensors have none: their one value serves every sample); repeatable")
 
 
 def _input_shape_argument(parser: argparse.ArgumentParser) -> None:
@@ -251,7 +262,8 @@ def _calibrate(args) -> int:
     statistics = calibrate(load_model(args.input), args.data, input_shapes=args.input_shapes,
                            skip=args.skip, batch_size=args.batch_size, progress=args.progress,
                            row_mask=args.row_mask, threads=args.threads, drop_padding_rows=args.drop_padding_rows,
-                           precision=args.precision, initializer_inputs=args.initializer_inputs)
+                           precision=args.precision, initializer_inputs=args.initializer_inputs,
+                           batch_axes=args.batch_axes)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
     statistics.save(args.output)
@@ -291,7 +303,7 @@ def _api_options(function, args) -> dict:
 def _inspect(args) -> int:
     from .model.prepare import prepare_model
 
-    prepared = prepare_model(load_model(args.input), args.initializer_inputs)
+    prepared = prepare_model(load_model(args.input), args.initializer_inputs, args.batch_axes)
     model = prepared.model
     for note in prepared.notes:
         print(f"note: {note}")

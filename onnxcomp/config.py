@@ -23,6 +23,7 @@ from enum import Enum
 import numpy as np
 
 from .errors import OnnxcompError
+from .model.sample_axes import parse_batch_axes
 
 
 class Choice(str, Enum):
@@ -251,6 +252,8 @@ class CompressConfig:
     row_mask: str | None = "auto"  # the [batch, seq] padding mask input; "auto": a common name; None: none
     drop_padding_rows: bool = False  # leave the mask's padding rows out of the statistics too
     initializer_inputs: str = "constant"  # initializers also listed as inputs: "constant" or "refuse" (overridable)
+    fail_if_unchanged: bool = False  # no compressible layer: an error, instead of the model written unchanged
+    batch_axes: dict = field(default_factory=dict)  # input/output name -> its sample axis (None: none), where the graph can't tell
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
@@ -260,6 +263,7 @@ class CompressConfig:
         object.__setattr__(self, "outputs", specs)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise OnnxcompError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        object.__setattr__(self, "batch_axes", parse_batch_axes(self.batch_axes))
         if self.initializer_inputs not in ("constant", "refuse"):
             raise OnnxcompError(f"--initializer-inputs must be constant or refuse, got {self.initializer_inputs!r}")
         if self.row_mask is not None and (not isinstance(self.row_mask, str) or not self.row_mask):
@@ -278,7 +282,8 @@ class CompressConfig:
                      provider="cpu", threads=None, latency_cache=None, skip=(), input_shapes=None,
                      batch_size=32, precision="float32", device="cpu", progress=True, outputs=(), metric="fidelity",
                      max_drop=None, minimize="macs", flush_denormals=False, check_latency=True,
-                     row_mask="auto", drop_padding_rows=False, initializer_inputs="constant") -> "CompressConfig":
+                     row_mask="auto", drop_padding_rows=False, initializer_inputs="constant",
+                     batch_axes=None, fail_if_unchanged=False) -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
@@ -297,7 +302,8 @@ class CompressConfig:
         return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
                    _input_shapes(input_shapes), batch_size, precision, device, progress, tuple(outputs or ()), metric,
                    bool(flush_denormals), bool(check_latency), row_mask, bool(drop_padding_rows),
-                   initializer_inputs=initializer_inputs)
+                   initializer_inputs=initializer_inputs, batch_axes=batch_axes or {},
+                   fail_if_unchanged=bool(fail_if_unchanged))
 
     @property
     def threads(self) -> int:

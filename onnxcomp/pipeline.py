@@ -22,7 +22,7 @@ from .decompose.backend import get_backend
 from .decompose.solve import layer_problem, solve_layers
 from .errors import OnnxcompError
 from .judge import Judge
-from .model import as_model, find_layers, fingerprint, select_layers
+from .model import NothingToCompress, as_model, find_layers, fingerprint, select_layers
 from .model.denormals import flush_written
 from .model.downstream import outputs_reached
 from .model.prepare import prepare_model
@@ -59,11 +59,15 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     timer = timer or Timer(latency.provider.value, latency.threads)
     if config.budget and config.budget.kind is BudgetKind.LATENCY:
         execution_providers(latency.provider.value)  # fail before calibrating if the provider is missing
-    prepared = prepare_model(as_model(model), config.initializer_inputs)
+    given = as_model(model)
+    prepared = prepare_model(given, config.initializer_inputs, config.batch_axes)
     model = prepared.model
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
                validation_data, row_mask=config.row_mask, threads=config.threads,
-               drop_padding_rows=config.drop_padding_rows, precision=config.precision.value)
+               drop_padding_rows=config.drop_padding_rows, precision=config.precision.value,
+               nothing_ok=not config.fail_if_unchanged)
+    if not run.chosen:
+        return _unchanged(given, run, config, prepared)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     clock.lap("calibration")
@@ -101,16 +105,29 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     return prepared.restore(compressed), Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
 
+def _unchanged(given: onnx.ModelProto, run: "_Run", config: CompressConfig, prepared) -> tuple:
+    """No layer to compress: the model as given (a copy), and a report that says why. A pipeline
+    over many models must not stop at one whose layers are all depthwise."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(given)
+    rows = layer_rows(run.layers, [], run.skipped, {}, {})
+    totals = model_totals(run.model, run.model, run.shapes, run.sample, 0, len(run.layers))
+    warning = (f"{run.nothing}: the model is written unchanged (fail_if_unchanged=True / --fail-if-unchanged "
+               "makes this an error)")
+    return copy, Report(config.settings(), rows, totals, None, {}, [*prepared.notes, warning])
+
+
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True,
               row_mask: str | None = "auto", threads: int | None = None, drop_padding_rows: bool = False,
-              precision: str = "float32", initializer_inputs: str = "constant") -> Statistics:
+              precision: str = "float32", initializer_inputs: str = "constant", batch_axes=None) -> Statistics:
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
     and reuse with ``stats=``. ``row_mask``, ``threads``, ``drop_padding_rows``, ``precision`` (of the
-    products: "float32" or "float64"), ``initializer_inputs``: as :func:`compress`'s."""
+    products: "float32" or "float64"), ``initializer_inputs``, ``batch_axes``: as :func:`compress`'s."""
     config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask,
-                                         threads=threads, precision=precision, initializer_inputs=initializer_inputs)
+                                         threads=threads, precision=precision, initializer_inputs=initializer_inputs,
+                                         batch_axes=batch_axes)
     with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
-        working = prepare_model(as_model(model), initializer_inputs).model
+        working = prepare_model(as_model(model), initializer_inputs, config.batch_axes).model
         run = _Run(working, data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
                    row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows,
                    precision=config.precision.value)
@@ -122,7 +139,8 @@ class _Run:
 
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
                  progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None,
-                 threads: int | None = None, drop_padding_rows: bool = False, precision: str = "float32"):
+                 threads: int | None = None, drop_padding_rows: bool = False, precision: str = "float32",
+                 nothing_ok: bool = False):
         self.model, self.data, self.stats, self.threads = model, data, stats, threads
         self.row_mask = resolve_row_mask(model, row_mask)
         self.drop_padding_rows = drop_padding_rows
@@ -152,7 +170,13 @@ class _Run:
         # What latency is measured on: one sample, or the batch a fixed-batch model takes.
         self.timing_feed = example if fixed_batch(model_inputs(model)) else self.sample
         self.layers, self.skipped = find_layers(model, self.shapes)
-        self.chosen = select_layers(self.layers, self.skipped, skip)
+        self.nothing = None  # why no layer can be compressed (``nothing_ok``: then nothing is chosen)
+        try:
+            self.chosen = select_layers(self.layers, self.skipped, skip)
+        except NothingToCompress as nothing:
+            if not nothing_ok:
+                raise
+            self.chosen, self.nothing = [], str(nothing)
 
     def judge(self, outputs, metric) -> Judge | None:
         """The judge of candidate models, on the validation samples (None: no data given)."""
@@ -193,7 +217,7 @@ class _Run:
         return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
                                   batch_size=self.batch_size, progress=self.progress, total=total,
                                   row_mask=self.row_mask if self.drop_padding_rows else None, threads=self.threads,
-                                  precision=self.precision)
+                                  precision=self.precision, laid_out=True)
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):

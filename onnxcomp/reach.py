@@ -239,7 +239,7 @@ def model_shares(timer: Timer, model, layers, input_shapes: dict, data=None, bat
         from .bench.data import read_held_out  # a .npz may carry labels beside the inputs, as for bench
 
         held_out = read_held_out(data, None, model, model_inputs(model))
-        first = next(iter_feeds(held_out.feeds, model, batch_size=fixed or batch), None)
+        first = next(iter_feeds(held_out.feeds, model, batch_size=fixed or batch, laid_out=True), None)
         if first is None:
             return [], "the data is empty"
         source = "the first samples of the data"

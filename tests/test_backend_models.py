@@ -3,7 +3,8 @@
 Each model with a Conv, ConvTranspose, Gemm or MatMul that onnxruntime runs is compressed with its
 test input plus 15 perturbed copies as calibration data: ``keep=1.0`` must give the original's
 output on the test input (1e-4 relative) with the same inputs and outputs; ``keep=0.5`` a model that
-passes onnx.checker and runs with the original's output names and shapes, finite. Cases onnxcomp
+passes onnx.checker and runs with the original's output names and shapes, finite (a model whose
+layers all stay dense, plain depthwise convolutions, is written unchanged with a warning). Cases onnxcomp
 cannot do yet are strict xfails with the reason, so one that starts passing must be moved out.
 """
 
@@ -23,8 +24,6 @@ LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # The zoo-shaped `light` models that run in a few seconds (the others take minutes: CI time).
 FAST_LIGHT = ("light_squeezenet", "light_shufflenet", "light_densenet121")
 NOT_YET = {
-    **{f"test_Conv2d_depthwise{case}": "plain depthwise convolutions only: every layer stays dense, and the "
-       "write-unchanged-with-a-warning path is not there yet" for case in ("", "_padded", "_strided")},
     "test_Linear_no_bias": "opset 6: the MatMul chain's bias Add has no onnxruntime kernel before opset 7",
 }
 

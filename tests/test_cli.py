@@ -104,3 +104,31 @@ def test_cp_method_end_to_end(capsys, tmp_path, small_model, form):
     assert row["method"] == "cp" and row["rank"] == [3] and row["info"]["form"] == form
     ops = [n.op_type for n in load_model(out).graph.node]
     assert ops.count("Conv") == (4 if form == "4way" else 3)
+
+
+DEPTHWISE = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[N, 4, 6, 6] x) => (float[N, 4, 6, 6] y) {
+    y = Conv <group = 4, pads = [1, 1, 1, 1]> (x, W)
+}
+"""
+
+
+def test_a_model_whose_layers_all_stay_dense_is_written_unchanged(tmp_path, capsys):
+    from models import build
+
+    model = build(DEPTHWISE, W=(4, 1, 3, 3))
+    source, out, data = tmp_path / "dw.onnx", tmp_path / "out.onnx", tmp_path / "c.npz"
+    onnx.save(model, source)
+    x = np.random.default_rng(0).standard_normal((20, 4, 6, 6)).astype(np.float32)
+    np.savez(data, x=x)
+    assert main(["compress", str(source), str(out), "--data", str(data), "--target-macs", "0.5", "--quiet",
+                 "--report", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "depthwise" in printed and "the model is written unchanged" in printed
+    assert load_model(out) == model
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["totals"]["macs_before"] == report["totals"]["macs_after"] == 4 * 9 * 36
+    assert_cli_error(capsys, ["compress", source, tmp_path / "o2.onnx", "--data", data, "--target-macs", "0.5",
+                              "--fail-if-unchanged"], "no compressible layers", None)
+    assert not (tmp_path / "o2.onnx").exists()

@@ -107,11 +107,12 @@ CASES = {
     "no layers": ("a model without Conv/Gemm/MatMul layers with constant weights",
                   lambda f: ["compress", _model(f, onnx.parser.parse_model(
                       '<ir_version: 8, opset_import: ["" : 17]> net (float[1, 4] x) => (float[1, 4] y) '
-                      '{ y = Relu (x) }')), f / "out.onnx", "--keep", "0.5", "--norm", "frobenius"],
+                      '{ y = Relu (x) }')), f / "out.onnx", "--keep", "0.5", "--norm", "frobenius",
+                      "--fail-if-unchanged"],
                   "no compressible layers"),
     "shared weights only": ("every layer's weight is shared with another node",
                             lambda f: ["compress", _shared_weights(f), f / "out.onnx", "--data", _data(f),
-                                       "--target-params", "0.5"],
+                                       "--target-params", "0.5", "--fail-if-unchanged"],
                             "is shared with 1 other node input"),
     "output is the input": ("writing the compressed model over the original",
                             lambda f: ["compress", _model(f), f / "model.onnx", "--data", _data(f), "--keep", "0.5"],

@@ -55,6 +55,7 @@ def bench(
     eval_batch_size: int | None = None,
     floor: bool = True,
     row_mask: str | None = "auto",
+    batch_axes=None,
 ) -> BenchResult:
     """Compare ``compressed`` with ``original`` on held-out ``data``.
 
@@ -62,7 +63,7 @@ def bench(
     ``data``: a .npz path (input name -> array; a ``labels`` array that is not a
     model input is taken as the labels), a .npy path (single-input models), a
     dict of arrays, one array, or an iterable / ``CalibrationDataReader`` of feed
-    dicts (concatenated). The first axis is the sample axis.
+    dicts (concatenated), with each input's samples on its sample axis (read from the model).
     ``labels``: class indices, an array or a .npy path (or a .npz holding ``labels``).
     ``provider``: "cpu" or "cuda". ``threads``: intra-op threads (default: onnxruntime's).
     ``batch_sizes``: the batch sizes timed. ``repeats``: timed A/B pairs per batch
@@ -72,7 +73,8 @@ def bench(
     floor of each timed batch size, the chains slower than their dense layer, and what setting
     subnormal weights to 0 buys (:mod:`onnxcomp.bench.reach`). ``row_mask``: as ``compress``'s
     (default: ``attention_mask``/``input_mask`` if the model has one): the padding positions of
-    [N, seq, F] outputs are left out of the comparison.
+    [N, seq, F] outputs are left out of the comparison. ``batch_axes``: as ``compress``'s (input or
+    output name -> its sample axis, None for none, where the graph cannot tell).
     """
     batch_sizes = _positive_ints(batch_sizes, "batch sizes")
     _check_counts(repeats, warmup, threads)
@@ -80,7 +82,7 @@ def bench(
     _positive_ints([eval_batch], "evaluation batch size")
     providers = execution_providers(provider)
 
-    pair = ModelPair.open(original, compressed, providers, threads)
+    pair = ModelPair.open(original, compressed, providers, threads, batch_axes)
     inputs = model_inputs(pair.reference)
     held_out = read_held_out(data, labels, pair.reference, inputs)
     fixed = fixed_batch(inputs)

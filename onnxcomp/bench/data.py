@@ -14,6 +14,7 @@ import numpy as np
 
 from ..calibration.readers import iter_feeds, read_arrays, whole_set_length
 from ..errors import OnnxcompError, first_line
+from ..model.sample_axes import SampleAxes
 from ..runtime import repeated
 
 LABELS_KEY = "labels"
@@ -95,6 +96,8 @@ def _read_feeds(data, model, names: list[str]) -> tuple[dict, np.ndarray | None,
             f"cannot read data of type {type(data).__name__}: give a .npz/.npy path, arrays or feed dicts")
     if isinstance(feeds, dict) and LABELS_KEY in feeds and LABELS_KEY not in names:
         found = feeds.pop(LABELS_KEY)
+    if isinstance(feeds, dict) and where is not None:  # a whole set as given: samples on axis 0 for the model
+        feeds = SampleAxes.of_model(model).canonical_feed(feeds)
     if not isinstance(feeds, dict):  # one array
         if len(names) != 1:
             raise OnnxcompError(

@@ -28,7 +28,7 @@ def compare_on_data(pair: ModelPair, data: HeldOutData, batch: int, fixed: int |
     if fixed and samples and samples % fixed:
         source = first_samples(data.feeds, -(-samples // fixed) * fixed, samples)
     # The shared reader checks every batch: names, dtypes (no silent casts), shapes, NaN/Inf.
-    for index, feed in enumerate(iter_feeds(source, pair.reference, batch_size=batch)):
+    for index, feed in enumerate(iter_feeds(source, pair.reference, batch_size=batch, laid_out=True)):
         real = min(batch, samples - index * batch)
         reference, candidate = pair.run(feed)
         if fixed and real < fixed:

@@ -10,6 +10,7 @@ import onnx
 
 from ..errors import OnnxcompError
 from ..model import count_macs, count_params, load_model
+from ..model.sample_axes import find_sample_axes, parse_batch_axes, with_samples_first
 from ..runtime import open_session
 from .result import ModelInfo
 
@@ -27,11 +28,17 @@ class ModelPair:
     pairing: list[int] | None  # index of each original output among the compressed outputs (None: by position)
 
     @classmethod
-    def open(cls, original, compressed, providers, threads: int | None) -> "ModelPair":
-        """Both models from .onnx paths or ModelProtos; their inputs must be the same."""
+    def open(cls, original, compressed, providers, threads: int | None, batch_axes=None) -> "ModelPair":
+        """Both models from .onnx paths or ModelProtos; their inputs must be the same. Where an input
+        or output has its samples on another axis than 0 (``batch_axes``: where the graph cannot tell),
+        both are compared as working models that have them on axis 0 (:mod:`onnxcomp.model.sample_axes`)."""
         loaded = [_load(model, which) for model, which in zip((original, compressed), WHICH)]
+        axes = find_sample_axes(loaded[0][0], parse_batch_axes(batch_axes))
+        if axes:
+            loaded = [(_samples_first(model, axes), path) for model, path in loaded]
         # A model that came from a file is opened from it (its external data stays where it is).
-        sessions = tuple(open_session(path if path is not None else model, f"the {which} model", providers, threads)
+        sessions = tuple(open_session(path if path is not None and not axes else model, f"the {which} model",
+                                      providers, threads)
                          for (model, path), which in zip(loaded, WHICH))
         _check_same_inputs(*sessions)
         return cls(
@@ -56,6 +63,13 @@ class ModelPair:
         """Both models' sizes, MACs counted at the data's per-sample input shapes."""
         return tuple(_model_info(model, path, feeds, session)
                      for model, path, session in zip(self.models, self.paths, self.sessions))
+
+
+def _samples_first(model: onnx.ModelProto, axes) -> onnx.ModelProto:
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    with_samples_first(working, axes)
+    return working
 
 
 def _load(model, which: str) -> tuple[onnx.ModelProto, str | None]:

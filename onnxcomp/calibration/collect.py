@@ -93,6 +93,7 @@ def collect_statistics(
     row_mask: RowMask | None = None,
     threads: int | None = None,
     precision: str = "float32",
+    laid_out: bool = False,
 ) -> Statistics:
     """Input statistics of ``layers`` on calibration ``data``, keyed by ``layer.stats_key``.
 
@@ -105,7 +106,8 @@ def collect_statistics(
     ``precision``: of the products, ``"float32"`` (each block's products in float32, summed in
     float64 across blocks and batches; float64 and float16 activations too) or ``"float64"``;
     ``row_mask``: the model input whose zeros mark token rows to leave out (padding), see
-    :mod:`onnxcomp.calibration.rowmask`; ``threads``: onnxruntime's intra-op threads (default: its own choice).
+    :mod:`onnxcomp.calibration.rowmask`; ``threads``: onnxruntime's intra-op threads (default: its own choice);
+    ``laid_out``: ``data`` is batches :func:`~onnxcomp.calibration.readers.iter_feeds` gave for ``model`` before.
     """
     dtype = np.dtype(Precision.parse(precision, "--precision").value)
     model = as_model(model)
@@ -119,7 +121,7 @@ def collect_statistics(
     input_names = [i.name for i in model_inputs(model)]
     total = total if total is not None else count_samples(data, model)
     with tqdm(total=total, unit="sample", desc="calibration", disable=not progress) as bar:
-        for index, feed in enumerate(iter_feeds(data, model, batch_size)):
+        for index, feed in enumerate(iter_feeds(data, model, batch_size, laid_out=laid_out)):
             collector.add(feed, index)
             bar.update(feed_samples(feed, input_names))
     statistics = collector.statistics()

@@ -31,6 +31,7 @@ import onnx
 
 from ..errors import OnnxcompError, first_line
 from ..model import as_model
+from ..model.sample_axes import SampleAxes
 
 Feed = dict[str, np.ndarray]
 
@@ -68,18 +69,21 @@ def _model_input(info: onnx.ValueInfoProto) -> ModelInput:
     return ModelInput(info.name, None if dtype is None else np.dtype(dtype), dims)
 
 
-def iter_feeds(data, model, batch_size: int = 32) -> Iterator[Feed]:
+def iter_feeds(data, model, batch_size: int = 32, *, laid_out: bool = False) -> Iterator[Feed]:
     """Validated feed dicts, one per batch, from any supported calibration data.
 
-    Whole sets are split into batches of ``batch_size`` along axis 0 (or of the
+    Whole sets are split into batches of ``batch_size`` along the sample axis (or of the
     model's fixed batch size when all its inputs fix their first dimension);
-    readers and iterables are taken batch by batch as given.
+    readers and iterables are taken batch by batch as given. Every batch comes with its
+    samples on axis 0, as a working model takes them (:mod:`onnxcomp.model.sample_axes`);
+    ``laid_out``: the data is batches this function gave before (already laid out so).
     """
     if batch_size < 1:
         raise OnnxcompError(f"batch size must be at least 1, got {batch_size}")
     inputs = model_inputs(model)
     batches = 0
-    for index, feed in enumerate(_raw_batches(data, inputs, batch_size)):
+    axes = SampleAxes() if laid_out else SampleAxes.of_model(as_model(model))
+    for index, feed in enumerate(_raw_batches(data, inputs, batch_size, axes)):
         yield _validated(feed, inputs, f"batch {index}")
         batches += 1
     if batches == 0:
@@ -91,16 +95,16 @@ def count_samples(data, model) -> int | None:
     inputs = model_inputs(model)
     if not inputs:
         return None
+    axes = SampleAxes.of_model(as_model(model))
     if isinstance(data, (str, os.PathLike)):
         with _opened_file(Path(data), inputs) as streams:
-            return whole_set_length(streams)
+            return whole_set_length(_samples_first(streams, axes, inputs)[0])
     if isinstance(data, np.ndarray):
         return len(data) if data.ndim else None
     if isinstance(data, Mapping):
-        first = data.get(inputs[0].name)
-        return len(first) if isinstance(first, np.ndarray) and first.ndim else None
+        return axes.samples_of({name: value for name, value in data.items() if isinstance(value, np.ndarray)})
     if isinstance(data, Sequence):
-        return _sequence_length(data, inputs[0].name)
+        return _sequence_length(data, inputs[0].name, axes)
     return None
 
 
@@ -110,33 +114,32 @@ def feed_samples(feed: Feed, model_input_names: Sequence[str]) -> int:
     return int(first.shape[0]) if first.ndim else 1
 
 
-def _sequence_length(items: Sequence, first_input: str) -> int | None:
+def _sequence_length(items: Sequence, first_input: str, axes: SampleAxes) -> int | None:
     total = 0
     for item in items:
-        value = item.get(first_input) if isinstance(item, Mapping) else item
-        shape = np.shape(value) if value is not None else ()
-        if not shape:
+        count = axes.samples_of(item if isinstance(item, Mapping) else {first_input: item})
+        if count is None:
             return None
-        total += shape[0]
+        total += count
     return total
 
 
 # ---------------------------------------------------------------- sources
 
 
-def _raw_batches(data, inputs: list[ModelInput], batch_size: int) -> Iterator:
-    """Unvalidated batches, whatever kind of data this is."""
+def _raw_batches(data, inputs: list[ModelInput], batch_size: int, axes: SampleAxes) -> Iterator:
+    """Unvalidated batches with every input's samples on axis 0, whatever kind of data this is."""
     if isinstance(data, (str, os.PathLike)):
-        return _file_batches(Path(data), inputs, batch_size)
+        return _file_batches(Path(data), inputs, batch_size, axes)
     if isinstance(data, np.ndarray):
-        return _split(_ArrayStream.of_mapping({_single_input(inputs, "an array"): data}), inputs, batch_size)
+        return _split(_ArrayStream.of_mapping({_single_input(inputs, "an array"): data}), inputs, batch_size, axes)
     if isinstance(data, Mapping):
         _check_names(data, inputs, "calibration data")
-        return _split(_ArrayStream.of_mapping(data), inputs, batch_size)
+        return _split(_ArrayStream.of_mapping(data), inputs, batch_size, axes)
     if callable(getattr(data, "get_next", None)):
-        return iter(data.get_next, None)
+        return _batches_first(iter(data.get_next, None), axes, inputs)
     if isinstance(data, Iterable):
-        return _items_as_feeds(data, inputs)
+        return _batches_first(_items_as_feeds(data, inputs), axes, inputs)
     raise OnnxcompError(
         f"unsupported calibration data of type {type(data).__name__}: expected a CalibrationDataReader, "
         "an iterable of dicts or arrays, an array, a dict of arrays, or a .npy/.npz path"
@@ -183,12 +186,65 @@ def whole_set_length(arrays: Mapping, what: str = "calibration") -> int:
     return next(iter(lengths.values()), 0)
 
 
-def _split(streams: Mapping, inputs: list[ModelInput], batch_size: int) -> Iterator[Feed]:
+def _split(streams: Mapping, inputs: list[ModelInput], batch_size: int, axes: SampleAxes) -> Iterator[Feed]:
+    streams, held = _samples_first(streams, axes, inputs)
     total = whole_set_length(streams)
     batch = fixed_batch(inputs) or batch_size
     for start in range(0, total, batch):
         count = min(batch, total - start)
-        yield {name: stream.read(count) for name, stream in streams.items()}
+        feed = {name: stream.read(count) for name, stream in streams.items()}
+        yield {**feed, **{name: axes.canonical_array(name, value, count) for name, value in held.items()}}
+
+
+def _samples_first(streams: Mapping, axes: SampleAxes, inputs: list[ModelInput]) -> tuple[dict, dict]:
+    """(the streams of the inputs with a sample axis, read along it; the one value of each input
+    without one) for a whole set in the original model's layout."""
+    batched, held = {}, {}
+    dims = {i.name: i.dims for i in inputs}
+    for name, stream in streams.items():
+        axis = axes.inputs.get(name, 0)
+        if axis is None:
+            held[name] = _held_value(name, stream.whole(), dims.get(name))
+        elif axis:
+            whole = stream.array if isinstance(stream, _ArrayStream) else stream.whole()
+            batched[name] = _ArrayStream(axes.canonical_array(name, whole, None))  # a view: read a batch at a time
+        else:
+            batched[name] = stream
+    return batched, held
+
+
+def _held_value(name: str, value: np.ndarray, dims: list | None) -> np.ndarray:
+    """An input without a sample axis: the data must give its one value (the working model's input
+    has a sample axis in front of the original's dims)."""
+    if dims is not None and value.ndim != len(dims) - 1:
+        raise OnnxcompError(
+            f"input {name!r} has no sample axis (the model takes one value of rank {len(dims) - 1} for every "
+            f"sample), but the data gives shape {value.shape}: give its one value, or --batch-axis {name}:AXIS "
+            "if the data holds one per sample")
+    return value
+
+
+def _batches_first(feeds: Iterator, axes: SampleAxes, inputs: list[ModelInput]) -> Iterator:
+    """A reader's or an iterable's batches in the working model's layout. An input without a sample
+    axis must keep one value: the working model takes sample 0's for a whole batch."""
+    if not axes.inputs:
+        yield from feeds
+        return
+    dims = {i.name: i.dims for i in inputs}
+    first: dict = {}
+    for index, feed in enumerate(feeds):
+        if not isinstance(feed, Mapping):
+            yield feed  # the validation names what it is
+            continue
+        for name, axis in axes.inputs.items():
+            if axis is None and name in feed:
+                value = _held_value(name, np.asarray(feed[name]), dims.get(name))
+                if not np.array_equal(first.setdefault(name, value), value):
+                    raise OnnxcompError(
+                        f"input {name!r} has no sample axis, but calibration batch {index} gives it another value "
+                        "than batch 0: every batch must give it the same value (or give it a sample axis "
+                        f"with --batch-axis {name}:AXIS)")
+        yield axes.canonical_feed(dict(feed))
 
 
 class _ArrayStream:
@@ -246,9 +302,9 @@ def open_arrays(path: str | os.PathLike, what: str = "calibration", *, archive: 
         raise OnnxcompError(f"{what} file {path}: expected a .npy or .npz file")
 
 
-def _file_batches(path: Path, inputs: list[ModelInput], batch_size: int) -> Iterator[Feed]:
+def _file_batches(path: Path, inputs: list[ModelInput], batch_size: int, axes: SampleAxes) -> Iterator[Feed]:
     with _opened_file(path, inputs) as streams:
-        yield from _split(streams, inputs, batch_size)
+        yield from _split(streams, inputs, batch_size, axes)
 
 
 @contextmanager

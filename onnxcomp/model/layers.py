@@ -371,9 +371,15 @@ def select_layers(layers: list[TargetLayer], skipped: list[Skipped], skip) -> li
     or a name in ``skip`` matches nothing (a typo must not compress what the user meant to keep)."""
     _check_skip(skip, layers, skipped)
     chosen = [layer for layer in layers if not any(s in (layer.name, layer.op_type) for s in skip)]
+    if not layers:
+        raise NothingToCompress(_no_layers_message(layers, skipped))
     if not chosen:
         raise OnnxcompError(_no_layers_message(layers, skipped))
     return chosen
+
+
+class NothingToCompress(OnnxcompError):
+    """The model has no layer that can be compressed (each refused with its reason, or none at all)."""
 
 
 def _check_skip(skip, layers, skipped) -> None:

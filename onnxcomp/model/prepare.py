@@ -19,13 +19,14 @@ weights that the rewrite replaced (they no longer exist).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxcompError
+from .sample_axes import SampleAxes, find_sample_axes, parse_batch_axes, restore_layout, with_samples_first
 
 INITIALIZER_INPUTS = ("constant", "refuse")
 
@@ -46,11 +47,15 @@ class Prepared:
     original_inputs: tuple  # the original's graph inputs (ValueInfoProto), in order
     unread_initializers: tuple = ()  # initializer inputs no node reads: the rewrite's cleanup drops them
     notes: tuple[str, ...] = ()  # one line each, for the report's warnings
+    sample_axes: SampleAxes = field(default_factory=SampleAxes)  # inputs/outputs the working model batches on 0
+    original_outputs: tuple = ()  # the original's graph outputs (ValueInfoProto)
 
     def restore(self, compressed: onnx.ModelProto) -> onnx.ModelProto:
         """``compressed`` (changed in place) with the original's input list, in its order: every input
-        is listed again, except the weights that no longer exist (replaced by the rewrite)."""
+        is listed again, except the weights that no longer exist (replaced by the rewrite); inputs and
+        outputs in the original's layout."""
         graph = compressed.graph
+        restore_layout(compressed, self.sample_axes, self.original_inputs, self.original_outputs)
         for tensor in self.unread_initializers:
             if tensor.name not in {t.name for t in graph.initializer}:
                 graph.initializer.append(tensor)
@@ -65,8 +70,9 @@ class Prepared:
         return compressed
 
 
-def prepare_model(model: onnx.ModelProto, initializer_inputs: str = "constant") -> Prepared:
-    """The model the stages work on (a copy; ``model`` is not changed)."""
+def prepare_model(model: onnx.ModelProto, initializer_inputs: str = "constant", batch_axes=None) -> Prepared:
+    """The model the stages work on (a copy; ``model`` is not changed). ``batch_axes``: input or output
+    name -> its sample axis (an int, or None for an input without one) where the graph cannot tell."""
     if initializer_inputs not in INITIALIZER_INPUTS:
         raise OnnxcompError(f"initializer_inputs must be one of {', '.join(INITIALIZER_INPUTS)}, "
                             f"got {initializer_inputs!r}")
@@ -91,7 +97,11 @@ def prepare_model(model: onnx.ModelProto, initializer_inputs: str = "constant") 
     read = _read_names(graph)  # after the fold: the inputs of the subgraphs it removed are unread now
     originals = {t.name: t for t in model.graph.initializer}
     unread = tuple(originals[i.name] for i in listed if i.name not in read)
-    return Prepared(work, tuple(model.graph.input), unread, tuple(notes))
+    axes = find_sample_axes(work, parse_batch_axes(batch_axes))
+    with_samples_first(work, axes)
+    if axes:
+        notes.append(axes.describe())
+    return Prepared(work, tuple(model.graph.input), unread, tuple(notes), axes, tuple(model.graph.output))
 
 
 def fold_layer_weights(model: onnx.ModelProto) -> list[str]:

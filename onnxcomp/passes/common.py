@@ -90,7 +90,35 @@ class GraphEditor:
             setattr(model, field, getattr(original, field))
         del model.metadata_props[:]
         model.metadata_props.extend(original.metadata_props)
+        _hoist_outer_initializers(model, original)
         return model
+
+
+def _hoist_outer_initializers(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """The main graph's initializers back where they were: onnx-graphsurgeon's export writes a copy
+    of each into every subgraph that reads it (both branches of an If: the weights twice over)."""
+    outer = {t.name for t in original.graph.initializer}
+    moved: dict[str, onnx.TensorProto] = {}
+    for body in _subgraphs(model.graph):
+        kept = []
+        for tensor in body.initializer:
+            (moved.setdefault(tensor.name, tensor) if tensor.name in outer else kept.append(tensor))
+        if len(kept) < len(body.initializer):
+            taken = [onnx.TensorProto() for _ in kept]
+            for copy, tensor in zip(taken, kept):
+                copy.CopyFrom(tensor)
+            del body.initializer[:]
+            body.initializer.extend(taken)
+    present = {t.name for t in model.graph.initializer}
+    model.graph.initializer.extend(t for name, t in moved.items() if name not in present)
+
+
+def _subgraphs(graph: onnx.GraphProto):
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                yield body
+                yield from _subgraphs(body)
 
 
 
