@@ -140,7 +140,7 @@ class Report:
                 lines.append(_search_line(target["search"]))
         if self.seconds:
             lines.append("time: " + ", ".join(f"{stage} {s:.2f}s" for stage, s in self.seconds.items()))
-        lines += _fidelity_lines(self.fidelity)
+        lines += _fidelity_lines(self.fidelity, changed=bool(t["layers_found"]))
         scores = self.settings.get("scores")
         if scores:
             original, compressed = scores["original"] + 0.0, scores["compressed"] + 0.0  # no "-0"
@@ -244,10 +244,10 @@ def _search_line(search: dict) -> str:
             f"is {search['fraction']:.1%} (fraction tried: drop = {tried})")
 
 
-def _fidelity_lines(fidelity: Fidelity | None) -> list[str]:
+def _fidelity_lines(fidelity: Fidelity | None, changed: bool = True) -> list[str]:
     """The judge's verdict, labelled with where its samples came from (held-out or in-sample)."""
     if fidelity is None:
-        return ["fidelity: not measured (no data given)"]
+        return ["fidelity: not measured (" + ("no data given)" if changed else "the model is unchanged)")]
     where = ("held-out" if fidelity.held_out else "IN-SAMPLE") + f", {fidelity.source}"
     agreement = "" if fidelity.top1_agreement is None else f", top-1 agreement {fidelity.top1_agreement:.1%}"
     lines = [f"fidelity ({where}): standardised error {fidelity.standardized:.4g}{agreement}"]
