@@ -51,9 +51,13 @@ def test_ir3_initializer_inputs_are_constants_and_the_signature_is_kept():
 
 
 def test_refuse_keeps_initializer_inputs_overridable():
+    data, model = RNG.standard_normal((40, 12)).astype(np.float32), _ir3_mlp()
     with pytest.raises(OnnxcompError, match="graph input with a default"):
-        onnxcomp.compress(_ir3_mlp(), RNG.standard_normal((40, 12)).astype(np.float32), rank=2,
-                          initializer_inputs="refuse", progress=False, check_latency=False)
+        onnxcomp.compress(model, data, rank=2, initializer_inputs="refuse", progress=False, check_latency=False,
+                          fail_if_unchanged=True)
+    unchanged, report = onnxcomp.compress(model, data, rank=2, initializer_inputs="refuse", progress=False,
+                                          check_latency=False)
+    assert unchanged == model and "written unchanged" in report.warnings[-1]
 
 
 def _folded_model():
