@@ -1,13 +1,16 @@
-"""End-to-end `onnxcomp compress` time on a ResNet-50-shaped model (random weights).
+"""End-to-end `onnxcomp compress` time on a ResNet-50- or ResNeXt-50-shaped model (random weights).
 
 Runs the real command line in a child process with 64 calibration images and
 prints the wall time, the split (calibration / solve / rewrite / check) from
-the report, and the child's peak memory. Target (issue 14): < 60 s on 2 cores, and with
+the report, and the child's peak memory. ``--arch resnet50 resnext50`` runs both, one after the
+other on the same images, and prints their times side by side with how many of ResNeXt's grouped
+3x3 convs (groups = 32) were rewritten. Target (issue 14): < 60 s on 2 cores, and with
 ``--under-load`` (the same command twice: quiet, then while another process spins on one core)
 at most 2x the quiet time.
 
     python benchmarks/compress_resnet50.py [--images 64] [--method svd] [--rule "--target-macs 0.5"]
         [--device cpu|cuda|auto] [--image-size 224] [--json result.json] [--save DIR] [--under-load]
+        [--arch resnet50|resnext50 ...]
 
 ``--device`` is `compress --device` (where the solvers run; calibration runs on
 onnxruntime's CPU provider either way). ``--image-size`` builds the model for
@@ -50,12 +53,15 @@ def smooth_images(count: int, seed: int = 0, size: int = 224) -> np.ndarray:
     return np.repeat(np.repeat(coarse, 16, axis=2), 16, axis=3) + noise
 
 
-def model_path(image_size: int) -> Path:
+ARCHS = {"resnet50": (1, 64), "resnext50": (32, 4)}  # (groups, width per group) of the bottlenecks' 3x3 convs
+
+
+def model_path(image_size: int, arch: str = "resnet50") -> Path:
     """The cached model for this input size (built on first use)."""
     CACHE.mkdir(exist_ok=True)
-    path = CACHE / ("resnet50.onnx" if image_size == 224 else f"resnet50_{image_size}.onnx")
+    path = CACHE / (f"{arch}.onnx" if image_size == 224 else f"{arch}_{image_size}.onnx")
     if not path.exists():
-        build_resnet50(path, image_size=image_size)
+        build_resnet50(path, image_size=image_size, groups=ARCHS[arch][0], width_per_group=ARCHS[arch][1])
     return path
 
 
@@ -71,9 +77,19 @@ def main() -> None:
     parser.add_argument("--save", help="keep the models, report and images in this folder")
     parser.add_argument("--under-load", action="store_true",
                         help="run twice: quiet, then with a competing process on one core; print the ratio")
+    parser.add_argument("--arch", nargs="+", default=["resnet50"], choices=sorted(ARCHS),
+                        help="the model(s): resnet50 (default), resnext50 (32x4d, grouped 3x3 convs), or both")
     args = parser.parse_args()
+    summaries = [run(args, arch) for arch in args.arch]
+    if len(summaries) > 1:
+        print("\nside by side (the same images, one after the other):")
+        for line in summaries:
+            print("  " + line)
 
-    model = model_path(args.image_size)
+
+def run(args, arch: str) -> str:
+    """One model's compress run, printed; returns its one-line summary."""
+    model = model_path(args.image_size, arch)
     with tempfile.TemporaryDirectory() as tmp:
         data, out, report = Path(tmp) / "calib.npy", Path(tmp) / "small.onnx", Path(tmp) / "report.json"
         np.save(data, smooth_images(args.images, size=args.image_size))
@@ -109,19 +125,27 @@ def main() -> None:
     else:
         print("split: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items()))
     t = result["totals"]
+    grouped = [row for row in result["layers"] if row["name"].endswith(".conv2")] if ARCHS[arch][0] > 1 else []
+    rewritten = sum(row["status"] == "compressed" for row in grouped)
     print(f"MACs per sample: {t['macs_before'] / 1e9:.2f} G -> {t['macs_after'] / 1e9:.2f} G; "
           f"params {t['params_before'] / 1e6:.1f} M -> {t['params_after'] / 1e6:.1f} M; "
-          f"layers compressed {t['layers_compressed']} of {t['layers_found']}")
+          f"layers compressed {t['layers_compressed']} of {t['layers_found']}"
+          + (f"; grouped 3x3 convs rewritten {rewritten} of {len(grouped)}" if grouped else ""))
     if args.json:
         numbers = {
-            "model": model.name, "images": args.images, "image_size": args.image_size, "method": args.method,
+            "model": model.name, "arch": arch, "images": args.images, "image_size": args.image_size, "method": args.method,
             "rule": args.rule, "device": args.device, "report_device": result["settings"].get("device"),
             "wall_seconds": wall, "loaded_wall_seconds": loaded if args.under_load else None,
             "peak_mb": peak_mb, "seconds": result["seconds"], "totals": t,
             "fidelity_standardized": result.get("fidelity", {}).get("standardized"),
             "machine": platform.platform(), "cpus": os.cpu_count(),
         }
-        Path(args.json).write_text(json.dumps(numbers, indent=1, default=float))
+        json_path = Path(args.json) if len(args.arch) == 1 else Path(args.json).with_suffix(f".{arch}.json")
+        json_path.write_text(json.dumps(numbers, indent=1, default=float))
+    split = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
+    return (f"{arch}: {wall:.1f} s ({split}); MACs {t['macs_after'] / t['macs_before']:.1%} kept, "
+            f"{t['layers_compressed']} of {t['layers_found']} layers compressed"
+            + (f", grouped {rewritten} of {len(grouped)}" if grouped else ""))
 
 
 if __name__ == "__main__":

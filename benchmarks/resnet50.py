@@ -1,13 +1,14 @@
-"""A ResNet-50-shaped ONNX model with random weights, for benchmarks.
+"""A ResNet-50- or ResNeXt-50 (32x4d)-shaped ONNX model with random weights, for benchmarks.
 
 Same layer shapes as torchvision's ``resnet50`` with batch norm folded into the
 convolutions (so every conv has a bias): 7x7/2 stem, 3x3/2 max pool, bottleneck
 stages [3, 4, 6, 3] (1x1, 3x3 with the stage's stride, 1x1), projection
 shortcuts, ReLU, Add, global average pool, Flatten, Gemm 2048 -> 1000.
-Weights are He-initialised; the values mean nothing, the shapes and the work
-per sample are what the benchmarks need.
+``groups=32, width_per_group=4`` gives torchvision's ``resnext50_32x4d``: each bottleneck's 3x3 conv
+grouped in 32, its width twice ResNet-50's. Weights are He-initialised; the values mean nothing,
+the shapes and the work per sample are what the benchmarks need.
 
-    python benchmarks/resnet50.py resnet50.onnx [--seed 0] [--batch-dim N] [--image-size 224]
+    python benchmarks/resnet50.py resnet50.onnx [--seed 0] [--batch-dim N] [--image-size 224] [--resnext]
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ class _Builder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
 
-    def conv(self, name, x, c_in, c_out, kernel, stride=1, relu=True):
-        fan_in = c_in * kernel * kernel
-        weight = self.rng.standard_normal((c_out, c_in, kernel, kernel)) * np.sqrt(2.0 / fan_in)
+    def conv(self, name, x, c_in, c_out, kernel, stride=1, relu=True, group=1):
+        fan_in = c_in // group * kernel * kernel
+        weight = self.rng.standard_normal((c_out, c_in // group, kernel, kernel)) * np.sqrt(2.0 / fan_in)
         bias = self.rng.standard_normal(c_out) * 0.01
         self._add(f"{name}.weight", weight)
         self._add(f"{name}.bias", bias)
@@ -40,7 +41,7 @@ class _Builder:
         out = f"{name}.out"
         self.nodes.append(helper.make_node(
             "Conv", [x, f"{name}.weight", f"{name}.bias"], [out], name=name,
-            kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4,
+            kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4, group=group,
         ))
         return self.relu(f"{name}.relu", out) if relu else out
 
@@ -48,10 +49,11 @@ class _Builder:
         self.nodes.append(helper.make_node("Relu", [x], [f"{name}.out"], name=name))
         return f"{name}.out"
 
-    def bottleneck(self, name, x, c_in, width, stride):
-        c_out = width * EXPANSION
+    def bottleneck(self, name, x, c_in, planes, stride, groups=1, width_per_group=64):
+        c_out = planes * EXPANSION
+        width = planes * width_per_group // 64 * groups  # torchvision's Bottleneck
         y = self.conv(f"{name}.conv1", x, c_in, width, 1)
-        y = self.conv(f"{name}.conv2", y, width, width, 3, stride)
+        y = self.conv(f"{name}.conv2", y, width, width, 3, stride, group=groups)
         y = self.conv(f"{name}.conv3", y, width, c_out, 1, relu=False)
         shortcut = x
         if stride != 1 or c_in != c_out:
@@ -73,10 +75,11 @@ class _Builder:
 
 
 def build_resnet50(path: str | Path | None, seed: int = 0, batch_dim: str | int = "N",
-                   image_size: int = 224) -> onnx.ModelProto:
+                   image_size: int = 224, groups: int = 1, width_per_group: int = 64) -> onnx.ModelProto:
     """Build the model, write it to ``path`` (unless None) and return it.
 
-    ``image_size``: the input's height and width (224 is ResNet-50's; smaller ones make quick dry runs)."""
+    ``image_size``: the input's height and width (224 is ResNet-50's; smaller ones make quick dry runs).
+    ``groups``, ``width_per_group``: the bottlenecks' 3x3 convs (32, 4: ResNeXt-50 32x4d)."""
     b = _Builder(seed)
     x = b.conv("conv1", "input", 3, 64, 7, stride=2)
     b.nodes.append(helper.make_node(
@@ -85,7 +88,8 @@ def build_resnet50(path: str | Path | None, seed: int = 0, batch_dim: str | int 
     x, channels = "maxpool.out", 64
     for stage, (width, blocks, stride) in enumerate(STAGES, start=1):
         for block in range(blocks):
-            x, channels = b.bottleneck(f"layer{stage}.{block}", x, channels, width, stride if block == 0 else 1)
+            x, channels = b.bottleneck(f"layer{stage}.{block}", x, channels, width, stride if block == 0 else 1,
+                                       groups, width_per_group)
     b.classifier(x, channels, 1000)
     graph = helper.make_graph(
         b.nodes, "resnet50",
@@ -107,9 +111,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-dim", default="N", help="symbolic name or a fixed size for the batch dimension")
     parser.add_argument("--image-size", type=int, default=224, help="input height and width (default 224)")
+    parser.add_argument("--resnext", action="store_true", help="ResNeXt-50 32x4d: grouped 3x3 convs")
     args = parser.parse_args()
     batch_dim = int(args.batch_dim) if args.batch_dim.isdigit() else args.batch_dim
-    model = build_resnet50(args.path, args.seed, batch_dim, args.image_size)
+    model = build_resnet50(args.path, args.seed, batch_dim, args.image_size,
+                           *((32, 4) if args.resnext else (1, 64)))
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     print(f"wrote {args.path}: {len(model.graph.node)} nodes, {params / 1e6:.2f} M parameters")
 
