@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 
 import onnx
 
@@ -62,6 +63,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     given = as_model(model)
     prepared = prepare_model(given, config.initializer_inputs, config.batch_axes)
     model = prepared.model
+    config, opset_notes = _for_opset(config, model)
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
                validation_data, row_mask=config.row_mask, threads=config.threads,
                drop_padding_rows=config.drop_padding_rows, precision=config.precision.value,
@@ -100,9 +102,24 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["target"] = target_settings(config.budget, allocation, totals)
         if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
-    warnings = [*prepared.notes, *data_warnings(problems, solved, statistics, config.budget is not None, judge),
+    warnings = [*prepared.notes, *opset_notes, *data_warnings(problems, solved, statistics, config.budget is not None, judge),
                 *guard_warnings(measured)]
     return prepared.restore(compressed), Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
+
+
+# Below this opset onnxruntime has no Add kernel, which the bias correction of a MatMul chain needs.
+FIRST_ADD_OPSET = 7
+
+
+def _for_opset(config: CompressConfig, model: onnx.ModelProto) -> tuple[CompressConfig, list[str]]:
+    """The config the model's opset can carry out: below opset 7 the fit is uncentered (its optimum
+    needs no bias change, so no Add node), with a warning."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset >= FIRST_ADD_OPSET or not config.solve.centered or config.solve.norm is not Norm.DATA:
+        return config, []
+    note = (f"opset {opset}: the layers are fitted uncentered (as with --uncentered): the mean correction of a "
+            f"MatMul chain's bias needs an Add node, which onnxruntime runs from opset {FIRST_ADD_OPSET} on")
+    return replace(config, solve=replace(config.solve, centered=False)), [note]
 
 
 def _unchanged(given: onnx.ModelProto, run: "_Run", config: CompressConfig, prepared) -> tuple:

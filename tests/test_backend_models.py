@@ -23,9 +23,7 @@ DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
 LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # The zoo-shaped `light` models that run in a few seconds (the others take minutes: CI time).
 FAST_LIGHT = ("light_squeezenet", "light_shufflenet", "light_densenet121")
-NOT_YET = {
-    "test_Linear_no_bias": "opset 6: the MatMul chain's bias Add has no onnxruntime kernel before opset 7",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def _cases():

@@ -223,3 +223,29 @@ def test_the_callers_model_is_not_changed():
     before, print_before = model.SerializeToString(), fingerprint(model)
     apply_decompositions(model, full_rank_plan(model))
     assert model.SerializeToString() == before and fingerprint(model) == print_before
+
+
+def test_an_opset_6_matmul_is_fitted_uncentered_and_runs_in_onnxruntime():
+    """Before opset 7 onnxruntime has no Add: the chain must not need one. The uncentered data-aware
+    optimum is [W S^1/2]_r S^-1/2 with S the raw second moment (a dense NumPy solve)."""
+    import onnxcomp
+
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((6, 4)).astype(np.float32)  # x @ weight
+    model = onnx.parser.parse_model("""
+        <ir_version: 3, opset_import: ["" : 6]>
+        g (float[N, 6] x) => (float[N, 4] y) { y = MatMul(x, w) }
+        """)
+    model.graph.initializer.append(numpy_helper.from_array(weight, "w"))
+    x = (rng.standard_normal((200, 6)) @ rng.standard_normal((6, 6)) + 2.0).astype(np.float32)  # off-centre
+    stats = onnxcomp.calibrate(model, x, progress=False, precision="float64")
+    small, report = onnxcomp.compress(model, stats=stats, rank=2, norm="data", progress=False, check_latency=False)
+    assert "fitted uncentered" in " ".join(report.warnings)
+    assert "Add" not in {n.op_type for n in small.graph.node}
+    got = make_session(small).run(None, {"x": x})[0]
+    second = x.astype(np.float64).T @ x.astype(np.float64) / len(x)
+    values, vectors = np.linalg.eigh(second)
+    root = vectors @ np.diag(np.sqrt(values)) @ vectors.T
+    u, s, vt = np.linalg.svd(weight.T.astype(np.float64) @ root)
+    best = (u[:, :2] * s[:2]) @ vt[:2] @ np.linalg.inv(root)
+    np.testing.assert_allclose(got, x @ best.T, rtol=1e-4, atol=1e-4 * np.abs(got).max())
