@@ -242,6 +242,7 @@ class _Collector:
         scratch: dict = {}  # one float32 block Gram per dimension, shared by the sums
         self.sums = {t.key: _GramSums(t.dim, dtype, scratch) for t in targets}
         self.buffer = _BlockBuffer(block_bytes, dtype)
+        self.wide: _BlockBuffer | None = None  # float64 blocks for activations too large for float32 sums
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         values = dict(feed)
@@ -262,16 +263,29 @@ class _Collector:
             target.check_shape(tensor.shape)
             tensor = target.read(tensor)
             rows, samples = target.rows_and_samples(tensor.shape)
+            buffer = self._buffer_for(tensor, rows)
             plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
             if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
-                self.sums[target.key].add_shifted(plan, tensor, self.buffer, rows, samples)
+                self.sums[target.key].add_shifted(plan, tensor, buffer, rows, samples)
                 continue
             keep = None if target.conv is not None or target.trans_a else kept_rows(tensor.shape, mask)
             if keep is not None:
                 rows = int(np.count_nonzero(keep))
                 self.masked.add(target.key, rows, keep.size)
-            blocks = _row_blocks(target, tensor, self.buffer.rows(target.dim), keep)
-            self.sums[target.key].add(blocks, rows, samples)
+            blocks = _row_blocks(target, tensor, buffer.rows(target.dim), keep)
+            self.sums[target.key].add(blocks, rows, samples, single=buffer.dtype == np.float32)
+
+    def _buffer_for(self, tensor: np.ndarray, rows: int) -> "_BlockBuffer":
+        """The block buffer for this tensor's products: float64 where float32 sums of its products could
+        overflow (activations of 1e17 and more, as deep random-weight models make), else the chosen one."""
+        if self.buffer.dtype != np.float32 or not tensor.size:
+            return self.buffer
+        peak = float(np.max(np.abs(tensor)))
+        if peak * peak * max(rows, 1) < FLOAT32_SAFE:
+            return self.buffer
+        if self.wide is None:
+            self.wide = _BlockBuffer(self.buffer.flat.nbytes, np.float64)
+        return self.wide
 
     def statistics(self) -> Statistics:
         # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
@@ -320,6 +334,10 @@ def _with_outputs(model: onnx.ModelProto, targets: list[_Target], fetch: list[st
             elem_type = helper.np_dtype_to_tensor_dtype(dtypes[name])
             instrumented.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
     return instrumented
+
+
+# Float32 products of a layer input whose largest |x|^2 times its rows passes this could overflow.
+FLOAT32_SAFE = float(np.finfo(np.float32).max) / 16
 
 
 class _BlockBuffer:
@@ -374,12 +392,14 @@ class _GramSums:
         self.rows = 0
         self.samples = 0
 
-    def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int) -> None:
+    def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int, single: bool | None = None) -> None:
+        """``single``: the blocks are float32 (default: the dtype these sums were made for)."""
         size = self.upper.shape[0]
+        single = self.single if single is None else single
         for block in blocks:
             # block.T is Fortran-ordered (dim+1, n): syrk reads it in place and
             # updates a Fortran-ordered upper triangle in place.
-            if not self.single:
+            if not single:
                 self.upper = blas.dsyrk(1.0, block.T, beta=1.0, c=self.upper, overwrite_c=1)
                 continue
             if size not in self.scratch:  # zeros: ssyrk never writes the strict lower triangle

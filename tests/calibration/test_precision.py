@@ -116,6 +116,20 @@ def test_statistics_agree_with_float64_numpy(name, precision):
     _assert_close(stats[layers[0].stats_key], _rows(model, x), shape[0], tolerance)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_activations_too_large_for_float32_products_are_summed_in_float64(name):
+    """Deep random-weight models reach activations of 1e20: their float32 squares overflow to inf,
+    so those layer inputs take float64 products (the statistics stay finite and exact)."""
+    build, shape = MODELS[name]
+    model = build()
+    layers, _ = find_layers(model)
+    x = (1e20 * (np.random.default_rng(4).standard_normal(shape) + 0.7)).astype(np.float32)
+    stats = collect_statistics(model, layers, x, batch_size=4, progress=False, precision="float32")
+    entry = stats[layers[0].stats_key]
+    assert np.isfinite(entry.gram).all()
+    _assert_close(entry, _rows(model, x), shape[0], FLOAT64_TOLERANCE)
+
+
 def test_float32_sums_do_not_grow_with_the_data():
     """Blocks of float32 products are summed in float64: 40 blocks of one row pattern sum to
     40 times one block's Gram to float64 accuracy, not float32's."""
