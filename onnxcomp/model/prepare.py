@@ -87,6 +87,7 @@ def prepare_model(model: onnx.ModelProto, initializer_inputs: str = "constant", 
         kept = [i for i in graph.input if i.name not in names]
         del graph.input[:]
         graph.input.extend(kept)
+        work.ir_version = max(work.ir_version, 4)  # IR 3 wants every initializer listed as an input
         notes.append(f"{len(listed)} initializer(s) are also listed as graph inputs (IR {model.ir_version} style): "
                      "taken as constants; the compressed model lists them again, except the replaced weights "
                      "(initializer_inputs='refuse' / --initializer-inputs refuse keeps them overridable)")

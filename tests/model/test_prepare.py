@@ -107,3 +107,18 @@ def test_a_dequantized_weight_is_refused_by_name():
     """
     _, skipped = find_layers(prepare_model(onnx.parser.parse_model(text)).model)
     assert len(skipped) == 1 and "DequantizeLinear: a quantized model" in skipped[0].reason
+
+
+def test_an_unread_ir3_initializer_input_does_not_break_the_working_model():
+    """Caffe2-converted zoo models list an initializer no node reads: the working model (no longer
+    listing it as an input) must be IR 4, where onnxruntime accepts that."""
+    model = _ir3_mlp()
+    unread = numpy_helper.from_array(np.zeros((1, 1), np.float32), "queue_0")
+    model.graph.initializer.append(unread)
+    model.graph.input.append(helper.make_tensor_value_info("queue_0", onnx.TensorProto.FLOAT, [1, 1]))
+    data = RNG.standard_normal((40, 12)).astype(np.float32)
+    small, _ = onnxcomp.compress(model, data, rank=2, progress=False, check_latency=False)
+    names = [i.name for i in small.graph.input]
+    assert names[0] == "x" and names[-1] == "queue_0"  # the replaced weights left, the rest in order
+    x = data[:5]
+    assert np.isfinite(_run(small, {"x": x})[0]).all()
