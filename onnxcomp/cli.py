@@ -321,6 +321,10 @@ def _inspect(args) -> int:
         print(line)
     for s in skipped:
         print(f"not compressible: {s.name} ({s.op_type}): {s.reason}")
+    from .model.semantics import output_semantics
+
+    for meaning in output_semantics(model).values():  # how compress judges each output
+        print(f"judged as: {meaning.line()}")
     total = count_macs(model, shapes)
     print(f"{len(layers)} compressible layers; model params {count_params(model)}, "
           f"MACs/sample {'unknown (dynamic shapes: use --input-shape)' if total is None else total}")

@@ -88,6 +88,8 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     totals["denormals"] = denormals
     settings = {**config.settings(), "calibration_samples": _samples(statistics),
                 "row_mask": _mask_settings(run.row_mask, statistics)}
+    if judge is not None:
+        settings["output_semantics"] = [meaning.to_dict() for meaning in judge.semantics.values()]
     if judge is not None and (judge.metric.name != "fidelity" or allocation is not None and allocation.search):
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}

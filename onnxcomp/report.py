@@ -10,6 +10,7 @@ from .io import columns, write_json
 from .judge import Fidelity
 from .model import count_macs, count_params
 from .model.blocks import block_index, block_role
+from .model.semantics import OutputSemantics
 from .reach import LatencyCheck, uniform_floor
 
 
@@ -141,6 +142,7 @@ class Report:
         if self.seconds:
             lines.append("time: " + ", ".join(f"{stage} {s:.2f}s" for stage, s in self.seconds.items()))
         lines += _fidelity_lines(self.fidelity, changed=bool(t["layers_found"]))
+        lines += [f"  judged as: {OutputSemantics(**meaning).line()}" for meaning in self.settings.get("output_semantics", ())]
         scores = self.settings.get("scores")
         if scores:
             original, compressed = scores["original"] + 0.0, scores["compressed"] + 0.0  # no "-0"

@@ -128,3 +128,21 @@ def test_embeddings_are_judged_by_cosine():
     errors = Judge(model, feed, "test", True).fidelity(candidate).outputs["unit"]
     assert errors["mean_cosine"] == pytest.approx(np.mean(cosine))
     assert errors["standardized"] == pytest.approx(math.sqrt(2 * np.mean(1 - cosine) / variance), rel=1e-6)
+
+
+def test_inspect_and_the_report_say_how_each_output_is_judged(tmp_path, capsys):
+    import json
+
+    from onnxcomp.cli import main
+
+    model = build(CTC, wc=(8, 4, 1, 1), w=(8, 6))
+    path, data, report = tmp_path / "ctc.onnx", tmp_path / "c.npz", tmp_path / "r.json"
+    onnx.save(model, path)
+    np.savez(data, x=np.random.default_rng(2).standard_normal((40, 4, 1, 10)).astype(np.float32))
+    assert main(["inspect", str(path), "--no-timing"]) == 0
+    assert "judged as: output probs: distribution, channel axis 2, from" in capsys.readouterr().out
+    assert main(["compress", str(path), str(tmp_path / "out.onnx"), "--data", str(data), "--rank", "2", "--quiet",
+                 "--no-latency-check", "--report", str(report)]) == 0
+    assert "judged as: output probs: distribution, channel axis 2" in capsys.readouterr().out
+    (meaning,) = json.loads(report.read_text())["settings"]["output_semantics"]
+    assert meaning["kind"] == "distribution" and meaning["axis"] == 2 and "Softmax" in " ".join(meaning["evidence"])
