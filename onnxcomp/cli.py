@@ -302,6 +302,7 @@ def _api_options(function, args) -> dict:
 
 def _inspect(args) -> int:
     from .model.prepare import prepare_model
+    from .model.subgraphs import describe
 
     prepared = prepare_model(load_model(args.input), args.initializer_inputs, args.batch_axes)
     model = prepared.model
@@ -311,9 +312,12 @@ def _inspect(args) -> int:
     layers, skipped = find_layers(model, shapes)
     shares, source = _inspect_times(args, model, layers, shapes)
     timed = shares[0].layers if shares else {}
-    header = ("layer", "op", "shape", "input", "params", "MACs/sample") + (("ms b1",) if timed else ())
+    in_bodies = any(l.scope for l in layers)
+    header = ("layer", "op", "shape", "input", *(("in body",) if in_bodies else ()), "params", "MACs/sample") + (
+        ("ms b1",) if timed else ())
     rows = [header] + [
-        (l.name, l.op_type, l.shape_text, l.input, str(l.params), "?" if l.macs() is None else str(l.macs()),
+        (l.name, l.op_type, l.shape_text, l.input, *((describe(l.scope) or "-",) if in_bodies else ()), str(l.params),
+         "?" if l.macs() is None else str(l.macs()),
          *((f"{timed[l.name] * 1e3:.3g}" if l.name in timed else "-",) if timed else ()))
         for l in layers
     ]

@@ -27,6 +27,7 @@ from .model import NothingToCompress, as_model, find_layers, fingerprint, select
 from .model.denormals import flush_written
 from .model.downstream import outputs_reached
 from .model.prepare import prepare_model
+from .model.subgraphs import describe
 from .passes import apply_solved
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
@@ -72,6 +73,8 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         return _unchanged(given, run, config, prepared)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
+    if not run.keep_unseen(statistics):
+        return _unchanged(given, run, config, prepared)
     clock.lap("calibration")
     judge = run.judge(config.outputs, config.metric)
     problems = {layer.name: layer_problem(layer, statistics.of_layer(layer) if statistics else None)
@@ -93,7 +96,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     if judge is not None and (judge.metric.name != "fidelity" or allocation is not None and allocation.search):
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
-    rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation)
+    rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation, run.not_chosen)
     latency_budget = config.budget is not None and config.budget.kind is BudgetKind.LATENCY
     measured = None
     if run.sample is not None and (config.check_latency or latency_budget):
@@ -129,7 +132,7 @@ def _unchanged(given: onnx.ModelProto, run: "_Run", config: CompressConfig, prep
     over many models must not stop at one whose layers are all depthwise."""
     copy = onnx.ModelProto()
     copy.CopyFrom(given)
-    rows = layer_rows(run.layers, [], run.skipped, {}, {})
+    rows = layer_rows(run.layers, [], run.skipped, {}, {}, None, run.not_chosen)
     totals = model_totals(run.model, run.model, run.shapes, run.sample, 0, len(run.layers))
     warning = (f"{run.nothing}: the model is written unchanged (fail_if_unchanged=True / --fail-if-unchanged "
                "makes this an error)")
@@ -161,6 +164,8 @@ class _Run:
                  threads: int | None = None, drop_padding_rows: bool = False, precision: str = "float32",
                  nothing_ok: bool = False):
         self.model, self.data, self.stats, self.threads = model, data, stats, threads
+        self.nothing_ok = nothing_ok
+        self.not_chosen: dict[str, str] = {}  # layer name -> why it was left out after all (default: --skip)
         self.row_mask = resolve_row_mask(model, row_mask)
         self.drop_padding_rows = drop_padding_rows
         self.precision = precision
@@ -196,6 +201,23 @@ class _Run:
             if not nothing_ok:
                 raise
             self.chosen, self.nothing = [], str(nothing)
+
+    def keep_unseen(self, statistics: Statistics | None) -> bool:
+        """Leave dense the layers that the calibration data never reached (a branch of an If that no
+        sample took: no statistics to fit them to), with why; False when no layer is left."""
+        if statistics is None:
+            return True
+        unseen = [layer for layer in self.chosen
+                  if layer.scope and any(statistics[key].rows == 0 for key in layer.stats_keys)]
+        for layer in unseen:
+            self.not_chosen[layer.name] = (f"inside {describe(layer.scope)}, which no calibration sample ran "
+                                           "(no statistics to fit it to)")
+        self.chosen = [layer for layer in self.chosen if layer not in unseen]
+        if not self.chosen:
+            self.nothing = "no compressible layer ran on the calibration data"
+            if not self.nothing_ok:
+                raise OnnxcompError(f"{self.nothing} (every one is inside a body no sample ran)")
+        return bool(self.chosen)
 
     def judge(self, outputs, metric) -> Judge | None:
         """The judge of candidate models, on the validation samples (None: no data given)."""

@@ -61,6 +61,7 @@ from tqdm import tqdm
 from ..config import Precision
 from ..errors import OnnxcompError, first_line
 from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input_shapes
+from ..model.subgraphs import lift, stacked_levels
 from ..model.transposed import TransposedGeometry
 from ..runtime import feed_size, open_session, repeated
 from .patches import channel_last_order, iter_patch_blocks
@@ -144,6 +145,7 @@ class _Target:
     trans_a: bool
     transposed: TransposedGeometry | None = None  # a ConvTranspose: patches of its stuffed input
     channels: tuple[int, int] | None = None  # a grouped conv's group reads these input channels only
+    scope: tuple = ()  # the If/Loop/Scan body the tensor is read in (model/subgraphs.py); () : the main graph
 
     def read(self, tensor: np.ndarray) -> np.ndarray:
         """The part of the layer input this statistic's rows come from (a view)."""
@@ -184,7 +186,7 @@ def _targets(layers: Sequence[TargetLayer]) -> list[_Target]:
             by_key.setdefault(key, _Target(
                 key=key, tensor=layer.input, dim=layer.in_features, dtype=np.dtype(layer.weight.dtype),
                 conv=layer.conv, trans_a=layer.trans_a, transposed=layer.transposed,
-                channels=None if layer.groups == 1 else (group * c, (group + 1) * c),
+                channels=None if layer.groups == 1 else (group * c, (group + 1) * c), scope=layer.scope,
             ))
     return list(by_key.values())
 
@@ -197,7 +199,7 @@ def _check_model(model: onnx.ModelProto, targets: list[_Target]) -> None:
         )
     known = {i.name for i in model.graph.input} | {o for node in model.graph.node for o in node.output}
     for target in targets:
-        if target.tensor not in known:
+        if target.tensor not in known and not target.scope:
             raise OnnxcompError(
                 f"layer input {target.tensor!r} is not a tensor of this model: were the layers found on another model?"
             )
@@ -236,9 +238,11 @@ class _Collector:
         fed = {i.name for i in inputs}
         self.fixed = fixed_batch(inputs)
         self.targets = targets
-        # A tensor that is fed comes straight from the feed.
-        self.fetch = list(dict.fromkeys(t.tensor for t in targets if t.tensor not in fed))
-        self.session = _Session(_with_outputs(model, targets, self.fetch), providers, threads)
+        # A tensor that is fed comes straight from the feed; one inside a body is lifted out of it.
+        instrumented, self.source = _instrumented(model, targets, fed)
+        self.fetch = list(dict.fromkeys(name for name in self.source.values() if name not in fed))
+        self.stacked = {self.source[t.key]: stacked_levels(t.scope) for t in targets}
+        self.session = _Session(instrumented, providers, threads)
         scratch: dict = {}  # one float32 block Gram per dimension, shared by the sums
         self.sums = {t.key: _GramSums(t.dim, dtype, scratch) for t in targets}
         self.buffer = _BlockBuffer(block_bytes, dtype)
@@ -252,17 +256,20 @@ class _Collector:
             run_feed = repeated(feed, self.fixed) if padded else feed  # topped up by repeating samples
             fetched = self.session.run(self.fetch, run_feed, index)
             if padded:  # drop the rows of the repeated samples (where the batch is the leading axis)
-                fetched = [t[:real] if t.ndim and t.shape[0] == self.fixed else t for t in fetched]
+                fetched = [_first_samples(t, real, self.fixed, self.stacked[name]) for name, t in zip(self.fetch, fetched)]
             _check_finite(self.fetch, fetched, index)
             values.update(zip(self.fetch, fetched))
         mask = check_mask(feed[self.row_mask.input], self.row_mask.input, index) if self.row_mask else None
         for target in self.targets:
-            tensor = values[target.tensor]
+            tensor, per_sample = _iterations_as_rows(values[self.source[target.key]], self.stacked[self.source[target.key]])
+            if tensor is None:  # the body did not run on this batch (the other If branch, no iteration)
+                continue
             if target.transposed is not None:  # a ConvTranspose: its equivalent conv's input
                 tensor = target.transposed.stuffed(tensor)
             target.check_shape(tensor.shape)
             tensor = target.read(tensor)
             rows, samples = target.rows_and_samples(tensor.shape)
+            samples //= per_sample
             buffer = self._buffer_for(tensor, rows)
             plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
             if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
@@ -324,16 +331,41 @@ def _check_finite(names: list[str], tensors: list[np.ndarray], index: int) -> No
                 "overflows on this data (check its scale and preprocessing)")
 
 
-def _with_outputs(model: onnx.ModelProto, targets: list[_Target], fetch: list[str]) -> onnx.ModelProto:
+def _instrumented(model: onnx.ModelProto, targets: list[_Target], fed: set[str]) -> tuple[onnx.ModelProto, dict]:
+    """The model with every layer input that is not fed as a graph output (lifted out of its body
+    where it is in one), and target key -> the name its tensor is read by (a feed or an output)."""
     instrumented = onnx.ModelProto()
     instrumented.CopyFrom(model)
     existing = {o.name for o in instrumented.graph.output}
-    dtypes = {t.tensor: t.dtype for t in targets}
-    for name in fetch:
-        if name not in existing:
-            elem_type = helper.np_dtype_to_tensor_dtype(dtypes[name])
-            instrumented.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
-    return instrumented
+    in_bodies = list(dict.fromkeys((t.tensor, t.scope) for t in targets if t.scope))
+    dtypes = {(t.tensor, t.scope): helper.np_dtype_to_tensor_dtype(t.dtype) for t in targets}
+    lifted = dict(zip(in_bodies, lift(instrumented, [(name, scope, dtypes[name, scope]) for name, scope in in_bodies])))
+    for name, scope in dtypes:
+        if not scope and name not in existing and name not in fed:
+            instrumented.graph.output.append(helper.make_tensor_value_info(name, dtypes[name, scope], None))
+            existing.add(name)
+    source = {t.key: lifted[t.tensor, t.scope] if t.scope else t.tensor for t in targets}
+    return instrumented, source
+
+
+def _first_samples(tensor: np.ndarray, real: int, fixed: int, stacked: int) -> np.ndarray:
+    """A fetched tensor of a batch topped up to ``fixed`` samples, without the repeated ones (where
+    the batch is the axis after the ``stacked`` iteration axes)."""
+    if tensor.ndim > stacked and tensor.shape[stacked] == fixed:
+        return tensor[(slice(None),) * stacked + (slice(0, real),)]
+    return tensor
+
+
+def _iterations_as_rows(tensor: np.ndarray, stacked: int) -> tuple[np.ndarray | None, int]:
+    """A layer input as the layer reads it, and the iterations per sample it holds: a value lifted
+    out of Loop/Scan bodies has one leading axis per level, merged into the batch here; an empty
+    value (a branch that did not run) is None."""
+    if tensor.size == 0:
+        return None, 1
+    if not stacked:
+        return tensor, 1
+    iterations = int(np.prod(tensor.shape[:stacked]))
+    return tensor.reshape(-1, *tensor.shape[stacked + 1 :]), iterations
 
 
 # Float32 products of a layer input whose largest |x|^2 times its rows passes this could overflow.
