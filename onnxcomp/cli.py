@@ -107,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
                                "onnxcomp writes never hold any); many CPUs compute with them slowly")
     compress.add_argument("--no-latency-check", dest="check_latency", action="store_false",
                           help="do not profile the result (time in rewritable layers, Amdahl floor, latency guard)")
+    compress.add_argument("--refit-bias", action="store_true",
+                          help="re-estimate each rewritten layer's bias so that its output mean on what the compressed "
+                               "model feeds it equals the original's (two more passes of the calibration data; kept "
+                               "where the validation samples judge it better)")
     compress.add_argument("--fail-if-unchanged", action="store_true",
                           help="exit 2 when the model has no compressible layer (default: write it unchanged, warn)")
     compress.add_argument("--stats", help="statistics file from `onnxcomp calibrate` (instead of collecting)")

@@ -254,6 +254,7 @@ class CompressConfig:
     initializer_inputs: str = "constant"  # initializers also listed as inputs: "constant" or "refuse" (overridable)
     fail_if_unchanged: bool = False  # no compressible layer: an error, instead of the model written unchanged
     batch_axes: dict = field(default_factory=dict)  # input/output name -> its sample axis (None: none), where the graph can't tell
+    refit_bias: bool = False  # re-estimate each chain's bias on what the compressed model feeds it (onnxcomp/refit.py)
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
@@ -283,7 +284,7 @@ class CompressConfig:
                      batch_size=32, precision="float32", device="cpu", progress=True, outputs=(), metric="fidelity",
                      max_drop=None, minimize="macs", flush_denormals=False, check_latency=True,
                      row_mask="auto", drop_padding_rows=False, initializer_inputs="constant",
-                     batch_axes=None, fail_if_unchanged=False) -> "CompressConfig":
+                     batch_axes=None, fail_if_unchanged=False, refit_bias=False) -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
@@ -303,7 +304,7 @@ class CompressConfig:
                    _input_shapes(input_shapes), batch_size, precision, device, progress, tuple(outputs or ()), metric,
                    bool(flush_denormals), bool(check_latency), row_mask, bool(drop_padding_rows),
                    initializer_inputs=initializer_inputs, batch_axes=batch_axes or {},
-                   fail_if_unchanged=bool(fail_if_unchanged))
+                   fail_if_unchanged=bool(fail_if_unchanged), refit_bias=bool(refit_bias))
 
     @property
     def threads(self) -> int:
@@ -323,7 +324,7 @@ class CompressConfig:
                 "outputs": [{"name": s.name, "weight": s.weight, "axis": s.axis} for s in self.outputs],
                 "metric": self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric"),
                 "flush_denormals": self.flush_denormals, "threads": self.threads,
-                "precision": self.precision.value}
+                "precision": self.precision.value, "refit_bias": self.refit_bias}
 
 
 def _check_fraction(value, option: str) -> None:

@@ -15,7 +15,7 @@ import onnx
 from .budget import Planning, make_costs, plan_budget
 from .calibration.collect import collect_statistics
 from .calibration.holdout import held_out_count, split_validation, validation_besides_stats, validation_from
-from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs
+from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs, rereadable
 from .calibration.rowmask import resolve_row_mask
 from .calibration.stats import Statistics
 from .config import BudgetKind, CompressConfig, Norm, OutputSpec
@@ -28,7 +28,8 @@ from .model.denormals import flush_written
 from .model.downstream import outputs_reached
 from .model.prepare import prepare_model
 from .model.subgraphs import describe
-from .passes import apply_solved
+from .passes import apply_solved, planned
+from .refit import refit_biases
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
 from .runtime import Timer, execution_providers
@@ -65,6 +66,8 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     prepared = prepare_model(given, config.initializer_inputs, config.batch_axes)
     model = prepared.model
     config, opset_notes = _for_opset(config, model)
+    if config.refit_bias:
+        _check_refit(data, stats, model)
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
                validation_data, row_mask=config.row_mask, threads=config.threads,
                drop_padding_rows=config.drop_padding_rows, precision=config.precision.value,
@@ -82,6 +85,13 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     allocation, solved = _solve(run, config, problems, timer, judge)
     clock.lap("solve")
     compressed = apply_solved(model, run.chosen, solved)
+    refit_notes = []
+    if config.refit_bias and planned(run.chosen, solved):
+        clock.lap("rewrite")
+        refit = refit_biases(model, run.chosen, planned(run.chosen, solved), run.calibration_batches, compressed,
+                             judge, config.threads)
+        compressed, refit_notes = refit.model, [refit.note()]
+        clock.lap("refit_bias")
     compressed, denormals = flush_written(model, compressed, config.flush_denormals)
     clock.lap("rewrite")
     fidelity = judge.fidelity(compressed) if judge is not None else None
@@ -107,7 +117,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["target"] = target_settings(config.budget, allocation, totals)
         if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
-    warnings = [*prepared.notes, *opset_notes, *data_warnings(problems, solved, statistics, config.budget is not None, judge),
+    warnings = [*prepared.notes, *opset_notes, *refit_notes, *data_warnings(problems, solved, statistics, config.budget is not None, judge),
                 *guard_warnings(measured)]
     return prepared.restore(compressed), Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
@@ -125,6 +135,20 @@ def _for_opset(config: CompressConfig, model: onnx.ModelProto) -> tuple[Compress
     note = (f"opset {opset}: the layers are fitted uncentered (as with --uncentered): the mean correction of a "
             f"MatMul chain's bias needs an Add node, which onnxruntime runs from opset {FIRST_ADD_OPSET} on")
     return replace(config, solve=replace(config.solve, centered=False)), [note]
+
+
+def _check_refit(data, stats, model: onnx.ModelProto) -> None:
+    """Bias re-estimation reads the calibration data again, twice: before any work, say when it cannot."""
+    if stats is not None or data is None:
+        raise OnnxcompError("refit_bias (--refit-bias) measures the compressed model on the calibration data: give "
+                            "it with --data, not --stats")
+    if not rereadable(data):
+        raise OnnxcompError("refit_bias (--refit-bias) reads the calibration data three times: give a file, arrays "
+                            "or a list of feeds, not a one-pass iterator or reader")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset < FIRST_ADD_OPSET:
+        raise OnnxcompError(f"refit_bias (--refit-bias) needs opset {FIRST_ADD_OPSET} or later (a MatMul chain's bias "
+                            f"is an Add node); the model's is {opset}")
 
 
 def _unchanged(given: onnx.ModelProto, run: "_Run", config: CompressConfig, prepared) -> tuple:
@@ -185,6 +209,7 @@ class _Run:
             self.validation = validation_besides_stats(self.feeds)
         elif self.feeds is not None and hold_out:
             self.validation, self.feeds = split_validation(self.feeds, self.total)
+        self.split = validation_data is None and stats is None and self.feeds is not None and hold_out
         # One sample of the data (else of the validation samples): per-sample shapes for shape
         # inference and MAC counting, and the feed latency is measured on.
         example = self.first_batch or (self.validation.parts[0] if self.validation and self.validation.parts else {})
@@ -201,6 +226,13 @@ class _Run:
             if not nothing_ok:
                 raise
             self.chosen, self.nothing = [], str(nothing)
+
+    def calibration_batches(self):
+        """The batches the statistics were collected from, read again (without the held-out samples)."""
+        feeds = iter_feeds(self.data, self.model, batch_size=self.batch_size)
+        if self.split:
+            _, feeds = split_validation(feeds, self.total)
+        return feeds
 
     def keep_unseen(self, statistics: Statistics | None) -> bool:
         """Leave dense the layers that the calibration data never reached (a branch of an If that no
@@ -282,7 +314,7 @@ class _Clock:
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
-        self.seconds[stage] = round(now - self._last, 3)
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 3)  # a stage may lap twice
         self._last = now
 
 

@@ -48,12 +48,12 @@ def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Deco
             ("MatMul", [editor.constant(f"{base}/first_weight", first.T, dtype)], {}),
             ("MatMul", [editor.constant(f"{base}/second_weight", second.T, dtype)], {}),
         ]
-        if bias is not None and not _fold_into_following_add(editor, node, bias, base, dtype):
+        if bias is not None and not fold_into_following_add(editor, node, bias, base, dtype):
             steps.append(("Add", [editor.constant(f"{base}/bias", bias, dtype)], {}))
     editor.chain(node, steps)
 
 
-def _fold_into_following_add(editor: GraphEditor, node, shift: np.ndarray, base: str, dtype) -> bool:
+def fold_into_following_add(editor: GraphEditor, node, shift: np.ndarray, base: str, dtype) -> bool:
     """MatMul + Add(constant bias), as exporters write Linear: add the shift to that bias.
 
     Saves the extra Add node the bias correction would otherwise need. Only
