@@ -186,7 +186,7 @@ class LatencyConfig:
 
 # Candidate ranks of MAC and latency budgets: multiples of this by default (onnxruntime's NCHWc
 # kernels pad channels to blocks of 8 or 16: rank 64 of a 256-channel 3x3 conv ran in 0.62 ms,
-# rank 66 in 0.77 ms). Measured for MAC budgets at half the MACs (benchmarks/reachable.py, README
+# rank 66 in 0.77 ms). Measured for MAC budgets at half the MACs (benchmarks/reachable.py, docs/RESULTS.md
 # "What a MAC budget reaches"): the ResNet-50-shaped model ran at 0.53x instead of 0.61x, PP-OCRv4
 # det 0.80x instead of 0.83x, rec 0.69x instead of 0.71x, the digits CNN 0.71x instead of 0.74x, at
 # equal or better task metrics.

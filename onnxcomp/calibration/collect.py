@@ -3,7 +3,8 @@
 For every statistic key (``TargetLayer.stats_key``: one tensor read one way) we
 accumulate, in float64, the number of rows, the sum of the rows ``x`` and the
 sum of ``x x^T`` (DESIGN.md §1, §3), batch by batch, never holding more than one
-batch. The layer inputs become extra graph outputs. Stride-1 kxk convs are
+batch. The layer inputs become extra graph outputs (lifted out of If/Loop/Scan bodies
+where they are in one: ``model/subgraphs.py``). Stride-1 kxk convs are
 reduced by shifted products of their input (``shifts.py``: 13 C x C GEMMs per
 pixel for a 3x3 instead of the patch Gram's 81/2 C^2, no im2col). Everything
 else goes through rows: NumPy builds them (im2col for convs) in blocks and adds
@@ -13,38 +14,11 @@ multiply-adds of a GEMM; the trailing 1 gives the row sums in the same product).
 Precision (``precision=``, ``--precision``): by default each block of at most
 ``FLOAT32_BLOCK_ROWS`` rows is multiplied in float32 (``ssyrk``, ``sgemm``) and
 its product added into the float64 sums, so rounding stays that of one block and
-never grows with the data; "float64" multiplies in double throughout. Measured
-(``benchmarks/calibration_precision.py``, digits example and a YOLOv8n-shaped
-model): covariances 1-2e-7 from float64's (median, Frobenius), error curves
-within 3.4e-7 of each layer's output variance, float32 factors within 6e-6 of
-the float64 optimum, 10^3-10^6 below the sampling noise of the statistics.
-
-Measured on the project's 2-core CPU machine (AMD EPYC Zen 4, onnxruntime 1.32
-CPU EP, OpenBLAS, 1 BLAS thread), best / median of 3 batches of 32
-(``benchmarks/calibration_throughput.py``; the floor is ``syrk`` alone on every
-statistic's (rows, d) shape, timed in the same process). YOLOv8n-shaped model at
-320x320 (3.61 G multiply-adds per sample in the floor, 63 convs), three runs at
-load 0.7-2.7: float32 9.6-12.0 samples/s at best = 85-106% of the float32 floor
-(11.3-11.7, 41-42 GMAC/s; medians alike), float64 5.7-6.2 = 91-97% of the
-float64 floor (6.2-6.4); plain inference 40-81 (onnxruntime's two threads are
-the most sensitive to the other work on the machine). Before (float64 patches
-and dsyrk for every conv) a batch took 5.95 s, 85% of it in dsyrk, 8% in
-onnxruntime, 6% building patches; now 2.5 s in float32 (onnxruntime 20%, shifted
-products 51%, ssyrk of the strided and 1x1 convs 21%, copies 6%) and 4.9 s in
-float64, side by side on a quiet machine. ResNet-50 (10.2 G in the floor; two
-runs, load 1-4): float32 2.54-3.15 samples/s at best = 56-70% of the float32
-floor (4.5, 46 GMAC/s), float64 1.80-2.28 = 75-93% of the float64 floor (2.4);
-plain inference 13.1; onnxruntime's share is larger there (see below).
-Reductions inside the session (one-hot depthwise Conv to unfold patches, Cast to
-double, Gemm) ran at 41% of the float64 floor, so that second method was removed
-(it is in the git history before stop 10, should a GPU path want it back). The
-calibration session runs without its memory arena (peak RSS of ResNet-50 3.7 GB
-instead of 4.4), which costs time on a shared machine (load 3-5, best of 5 runs
-interleaved): YOLOv8n-shaped 1.34 s per batch against 0.99 with the arena and
-0.85 without extra outputs, ResNet-50 3.4-4.6 s against 2.6-2.8 and 2.4. An
-arena that grows by what is asked (``OrtArenaCfg`` kSameAsRequested, an
-environment allocator) ran ResNet-50 in 2.6-2.9 s at a peak RSS of 3.0-3.1 GB
-(the runs alone, without the reduction: no arena 2.7-2.9 GB, default arena 3.7).
+never grows with the data; "float64" multiplies in double throughout. The
+calibration session runs without onnxruntime's memory arena (a lower peak RSS on
+large models, at some speed on a shared machine). Throughput and precision, measured
+against the floor of the products alone: docs/RESULTS.md, "Calibration throughput
+and precision".
 """
 
 from __future__ import annotations
