@@ -15,7 +15,7 @@ import onnx
 from .budget import Planning, make_costs, plan_budget
 from .calibration.collect import collect_statistics
 from .calibration.holdout import held_out_count, split_validation, validation_besides_stats, validation_from
-from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs, rereadable
+from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs
 from .calibration.rowmask import resolve_row_mask
 from .calibration.stats import Statistics
 from .config import BudgetKind, CompressConfig, Norm, OutputSpec
@@ -29,7 +29,7 @@ from .model.downstream import outputs_reached
 from .model.prepare import prepare_model
 from .model.subgraphs import describe
 from .passes import apply_solved, planned
-from .refit import refit_biases
+from .refit import SampleCapture, refit_biases
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
 from .runtime import Timer, execution_providers
@@ -71,7 +71,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
                validation_data, row_mask=config.row_mask, threads=config.threads,
                drop_padding_rows=config.drop_padding_rows, precision=config.precision.value,
-               nothing_ok=not config.fail_if_unchanged)
+               nothing_ok=not config.fail_if_unchanged, capture=config.refit_bias)
     if not run.chosen:
         return _unchanged(given, run, config, prepared)
     clock = _Clock()
@@ -88,7 +88,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     refit_notes = []
     if config.refit_bias and planned(run.chosen, solved):
         clock.lap("rewrite")
-        refit = refit_biases(model, run.chosen, planned(run.chosen, solved), run.calibration_batches, compressed,
+        refit = refit_biases(model, run.chosen, planned(run.chosen, solved), run.capture.kept, compressed,
                              judge, config.threads)
         compressed, refit_notes = refit.model, [refit.note()]
         clock.lap("refit_bias")
@@ -138,13 +138,11 @@ def _for_opset(config: CompressConfig, model: onnx.ModelProto) -> tuple[Compress
 
 
 def _check_refit(data, stats, model: onnx.ModelProto) -> None:
-    """Bias re-estimation reads the calibration data again, twice: before any work, say when it cannot."""
+    """Bias re-estimation measures the compressed model on calibration samples: before any work, say
+    when it cannot."""
     if stats is not None or data is None:
         raise OnnxcompError("refit_bias (--refit-bias) measures the compressed model on the calibration data: give "
                             "it with --data, not --stats")
-    if not rereadable(data):
-        raise OnnxcompError("refit_bias (--refit-bias) reads the calibration data three times: give a file, arrays "
-                            "or a list of feeds, not a one-pass iterator or reader")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     if opset < FIRST_ADD_OPSET:
         raise OnnxcompError(f"refit_bias (--refit-bias) needs opset {FIRST_ADD_OPSET} or later (a MatMul chain's bias "
@@ -186,7 +184,7 @@ class _Run:
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
                  progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None,
                  threads: int | None = None, drop_padding_rows: bool = False, precision: str = "float32",
-                 nothing_ok: bool = False):
+                 nothing_ok: bool = False, capture: bool = False):
         self.model, self.data, self.stats, self.threads = model, data, stats, threads
         self.nothing_ok = nothing_ok
         self.not_chosen: dict[str, str] = {}  # layer name -> why it was left out after all (default: --skip)
@@ -209,7 +207,10 @@ class _Run:
             self.validation = validation_besides_stats(self.feeds)
         elif self.feeds is not None and hold_out:
             self.validation, self.feeds = split_validation(self.feeds, self.total)
-        self.split = validation_data is None and stats is None and self.feeds is not None and hold_out
+        # The first samples the statistics see, kept for bias re-estimation (``capture``).
+        self.capture = SampleCapture(self.feeds) if capture and self.feeds is not None else None
+        if self.capture is not None:
+            self.feeds = self.capture
         # One sample of the data (else of the validation samples): per-sample shapes for shape
         # inference and MAC counting, and the feed latency is measured on.
         example = self.first_batch or (self.validation.parts[0] if self.validation and self.validation.parts else {})
@@ -226,13 +227,6 @@ class _Run:
             if not nothing_ok:
                 raise
             self.chosen, self.nothing = [], str(nothing)
-
-    def calibration_batches(self):
-        """The batches the statistics were collected from, read again (without the held-out samples)."""
-        feeds = iter_feeds(self.data, self.model, batch_size=self.batch_size)
-        if self.split:
-            _, feeds = split_validation(feeds, self.total)
-        return feeds
 
     def keep_unseen(self, statistics: Statistics | None) -> bool:
         """Leave dense the layers that the calibration data never reached (a branch of an If that no

@@ -9,19 +9,22 @@ from onnxcomp.calibration.means import output_means
 from onnxcomp.config import RankChoice, SolveConfig
 from onnxcomp.decompose.solve import layer_problem, solve_layers
 from onnxcomp.model import find_layers
+from onnxcomp.passes import apply_decompositions
 from onnxcomp.refit import refit_biases
 from onnxcomp.runtime import make_session
 from models import build, conv_model
 
-# A linear chain: the mean of every output is a linear function of the biases before it, so that a
-# pass per layer of depth moves each mean exactly to the original's. The 8 -> 1 layer stays dense at
-# rank 1 (not cheaper), so its shift goes into a new Add.
+# Three layers with ReLUs between: a layer's output mean, measured after the layers above it were
+# corrected, is moved exactly to the original's; the last one's is the model's. The 8 -> 1 layer
+# stays dense at rank 1 (not cheaper), and its shift goes into a new Add.
 CHAIN = """
 <ir_version: 8, opset_import: ["" : 17]>
 net (float[N, 12] x) => (float[N, 1] y) {
     h = MatMul (x, w1)
-    g = Gemm <transB = 1> (h, w2, c2)
-    y = MatMul (g, w3)
+    r = Relu (h)
+    g = Gemm <transB = 1> (r, w2, c2)
+    s = Relu (g)
+    y = MatMul (s, w3)
 }
 """
 
@@ -49,23 +52,30 @@ def test_output_means_are_the_means_of_the_layer_outputs():
     np.testing.assert_allclose(means[layer.name], conv.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-7)
 
 
+def _one_shot(model, calibration):
+    """The layers, the uncentered rank-1 plan (its means are off) and the model it gives."""
+    layers, _ = find_layers(model)
+    statistics = onnxcomp.calibrate(model, {"x": calibration}, progress=False)
+    problems = {layer.name: layer_problem(layer, statistics.of_layer(layer)) for layer in layers}
+    config = SolveConfig(centered=False, ranks=RankChoice(rank=1))
+    solved = solve_layers(problems, {layer.name: (config, None) for layer in layers})
+    plan = [(layer, solved[layer.name]) for layer in layers if not isinstance(solved[layer.name], str)]
+    return layers, plan, apply_decompositions(model, plan)
+
+
 def test_refit_moves_rewritten_and_dense_layers_to_the_original_means():
     model = _chain()
-    calibration, validation = _inputs(), _inputs(40, seed=2)
-    options = dict(rank=1, centered=False, progress=False, check_latency=False)  # uncentered: means are off
-    one_shot, _ = onnxcomp.compress(model, {"x": calibration}, validation_data={"x": validation}, **options)
-    refit, report = onnxcomp.compress(model, {"x": calibration}, validation_data={"x": validation}, refit_bias=True,
-                                      **options)
-    statuses = [row.status for row in report.layers]
-    assert statuses[:2] == ["compressed", "compressed"] and statuses[2].startswith("kept")
+    calibration = _inputs()
+    layers, plan, one_shot = _one_shot(model, calibration)
+    assert len(plan) == 2  # the 8 -> 1 MatMul stays dense
+    refit = refit_biases(model, layers, plan, [{"x": calibration[:50]}, {"x": calibration[50:]}], one_shot)
+    assert (refit.stages, refit.dense_layers) == (3, 1)
     want = make_session(model).run(None, {"x": calibration})[0].mean(axis=0)
     before = make_session(one_shot).run(None, {"x": calibration})[0].mean(axis=0)
-    after = make_session(refit).run(None, {"x": calibration})[0].mean(axis=0)
+    after = make_session(refit.model).run(None, {"x": calibration})[0].mean(axis=0)
     assert np.abs(before - want).max() > 1e-2 * np.abs(want).max()
     np.testing.assert_allclose(after, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-    assert "Add" in [n.op_type for n in refit.graph.node]  # the dense MatMul's shift
-    assert any(w.startswith("bias re-estimation of 2 rewritten and 1 dense layer(s)") for w in report.warnings)
-    assert report.settings["refit_bias"] is True
+    assert [n.op_type for n in refit.model.graph.node][-2:] == ["MatMul", "Add"]  # the dense MatMul's shift
 
 
 class _Judge:
@@ -81,30 +91,74 @@ class _Judge:
 @pytest.mark.parametrize("losses, kept", [((0.2, 0.1), True), ((0.1, 0.2), False), ((0.1, float("nan")), False)])
 def test_the_judge_keeps_the_one_shot_model_unless_the_refit_scores_better(losses, kept):
     model = _chain()
-    layers, _ = find_layers(model)
     calibration = _inputs()
-    one_shot, _ = onnxcomp.compress(model, {"x": calibration}, rank=1, centered=False, progress=False,
-                                    check_latency=False, validation_data={"x": calibration})
-    statistics = onnxcomp.calibrate(model, {"x": calibration}, progress=False)
-    problems = {layer.name: layer_problem(layer, statistics.of_layer(layer)) for layer in layers}
-    config = SolveConfig(centered=False, ranks=RankChoice(rank=1))
-    solved = solve_layers(problems, {layer.name: (config, None) for layer in layers})
-    plan = [(layer, solved[layer.name]) for layer in layers if not isinstance(solved[layer.name], str)]
-    result = refit_biases(model, layers, plan, lambda: iter([{"x": calibration}]), one_shot, _Judge(losses))
+    layers, plan, one_shot = _one_shot(model, calibration)
+    result = refit_biases(model, layers, plan, [{"x": calibration}], one_shot, _Judge(losses))
     assert result.kept is kept
     assert (result.model is one_shot) is (not kept)
+    assert (result.rejected is None) is kept
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"stats": "STATS"}, "give it with --data, not --stats"),
-    ({"data": iter([{"x": _inputs()}])}, "not a one-pass iterator or reader"),
-])
-def test_refit_refuses_data_it_cannot_read_again(kwargs, message, tmp_path):
+def test_refit_needs_calibration_data_not_statistics(tmp_path):
     model = _chain()
-    if kwargs.get("stats") == "STATS":
-        path = tmp_path / "s.npz"
-        onnxcomp.calibrate(model, {"x": _inputs()}, progress=False).save(path)
-        kwargs = {"stats": str(path), "data": {"x": _inputs()}}
-    data = kwargs.pop("data")
-    with pytest.raises(onnxcomp.OnnxcompError, match=message):
-        onnxcomp.compress(model, data, keep=0.5, refit_bias=True, progress=False, check_latency=False, **kwargs)
+    path = tmp_path / "s.npz"
+    onnxcomp.calibrate(model, {"x": _inputs()}, progress=False).save(path)
+    with pytest.raises(onnxcomp.OnnxcompError, match="give it with --data, not --stats"):
+        onnxcomp.compress(model, {"x": _inputs()}, stats=str(path), keep=0.5, refit_bias=True, progress=False,
+                          check_latency=False)
+
+
+def test_a_one_pass_iterator_is_enough():
+    model = _chain()
+    batches = iter([{"x": part} for part in np.split(_inputs(), 4)])
+    _, report = onnxcomp.compress(model, batches, rank=1, centered=False, refit_bias=True, progress=False,
+                                  check_latency=False)
+    assert any(w.startswith("bias re-estimation of 2 rewritten and 1 dense layer(s), 3 stage(s): validation loss")
+               for w in report.warnings)
+
+
+def test_levels_follow_the_graph_into_bodies():
+    from onnxcomp.refit import layer_levels
+    from model.test_subgraphs import _if_model
+
+    model = _if_model()
+    layers, _ = find_layers(model)
+    assert {layer.input: level for layer, level in zip(layers, layer_levels(model, layers).values())} == {
+        "p": 1, "a0": 2, "n": 1}
+
+
+# A MatMul followed by the Add of its bias, as exporters write Linear: the chain's bias correction is
+# folded into that Add, past the MatMul output the means are measured at.
+LINEAR = """
+<ir_version: 8, opset_import: ["" : 17]>
+net (float[N, 12] x) => (float[N, 8] y) {
+    h = MatMul (x, w1)
+    hb = Add (h, b1)
+    r = Relu (hb)
+    y = MatMul (r, w2)
+}
+"""
+
+
+def test_a_bias_folded_into_the_following_add_is_counted_once():
+    model = build(LINEAR, 0, w1=(12, 10), b1=(10,), w2=(10, 8))
+    calibration = _inputs()
+    layers, _ = find_layers(model)
+    statistics = onnxcomp.calibrate(model, {"x": calibration}, progress=False)
+    problems = {layer.name: layer_problem(layer, statistics.of_layer(layer)) for layer in layers}
+    config = SolveConfig(ranks=RankChoice(rank=2))  # centered: the first chain's correction goes into b1
+    solved = solve_layers(problems, {layer.name: (config, None) for layer in layers})
+    plan = [(layer, solved[layer.name]) for layer in layers]
+    one_shot = apply_decompositions(model, plan)
+    assert "Add" in [n.op_type for n in one_shot.graph.node][:3]  # folded, no Add of its own
+    refit = refit_biases(model, layers, plan, [{"x": calibration}], one_shot)
+    expose = [onnx.helper.make_tensor_value_info("hb", onnx.TensorProto.FLOAT, None)]
+    means = []
+    for candidate in (model, refit.model):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(candidate)
+        probe.graph.output.extend(expose)
+        means.append(make_session(probe).run(["hb", "y"], {"x": calibration}))
+    # The first layer's output with its bias: the original's mean exactly; the model's output too.
+    for want, got in zip(*means):
+        np.testing.assert_allclose(got.mean(axis=0), want.mean(axis=0), rtol=1e-4, atol=1e-5 * np.abs(want).max())

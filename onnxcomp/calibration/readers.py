@@ -108,12 +108,6 @@ def count_samples(data, model) -> int | None:
     return None
 
 
-def rereadable(data) -> bool:
-    """Whether :func:`iter_feeds` can read ``data`` more than once (a file, arrays, a sequence of feeds;
-    not an iterator or a reader)."""
-    return isinstance(data, (str, os.PathLike, np.ndarray, Mapping, Sequence))
-
-
 def feed_samples(feed: Feed, model_input_names: Sequence[str]) -> int:
     """Samples in one batch: the leading dimension of the first model input."""
     first = feed[model_input_names[0]]
