@@ -23,7 +23,9 @@ and precision".
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +40,7 @@ from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input
 from ..model.subgraphs import lift, stacked_levels
 from ..model.transposed import TransposedGeometry
 from ..runtime import feed_size, open_session, repeated
+from ..threads import blas_threads, thread_count
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
 from .rowmask import RowMask, check_mask, kept_rows
@@ -202,7 +205,9 @@ class _Session:
 
 
 class _Collector:
-    """Layer inputs leave the session as extra outputs; NumPy/BLAS reduce them."""
+    """Layer inputs leave the session as extra outputs; NumPy/BLAS reduce them, one layer input per
+    worker at a time (``threads`` workers, one BLAS thread each: the sums of each statistic are added
+    in the same order whatever the number of workers, so they are the same to the bit)."""
 
     def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers, block_bytes: int,
                  dtype=np.float64, row_mask: RowMask | None = None, threads: int | None = None):
@@ -211,16 +216,17 @@ class _Collector:
         self.masked = _MaskedRows()
         fed = {i.name for i in inputs}
         self.fixed = fixed_batch(inputs)
-        self.targets = targets
+        # Largest first: workers that take the next layer input as they finish end close together.
+        self.targets = sorted(targets, key=lambda t: -t.dim)
+        self.order = targets  # statistics come out in the layers' order
         # A tensor that is fed comes straight from the feed; one inside a body is lifted out of it.
         instrumented, self.source = _instrumented(model, targets, fed)
         self.fetch = list(dict.fromkeys(name for name in self.source.values() if name not in fed))
         self.stacked = {self.source[t.key]: stacked_levels(t.scope) for t in targets}
         self.session = _Session(instrumented, providers, threads)
-        scratch: dict = {}  # one float32 block Gram per dimension, shared by the sums
-        self.sums = {t.key: _GramSums(t.dim, dtype, scratch) for t in targets}
-        self.buffer = _BlockBuffer(block_bytes, dtype)
-        self.wide: _BlockBuffer | None = None  # float64 blocks for activations too large for float32 sums
+        self.sums = {t.key: _GramSums(t.dim, dtype) for t in targets}
+        self.block_bytes, self.dtype = block_bytes, dtype
+        self.workers = _Workers(min(thread_count(threads), len(targets)), block_bytes, dtype)
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         values = dict(feed)
@@ -234,29 +240,54 @@ class _Collector:
             _check_finite(self.fetch, fetched, index)
             values.update(zip(self.fetch, fetched))
         mask = check_mask(feed[self.row_mask.input], self.row_mask.input, index) if self.row_mask else None
-        for target in self.targets:
-            tensor, per_sample = _iterations_as_rows(values[self.source[target.key]], self.stacked[self.source[target.key]])
-            if tensor is None:  # the body did not run on this batch (the other If branch, no iteration)
-                continue
-            if target.transposed is not None:  # a ConvTranspose: its equivalent conv's input
-                tensor = target.transposed.stuffed(tensor)
-            target.check_shape(tensor.shape)
-            tensor = target.read(tensor)
-            rows, samples = target.rows_and_samples(tensor.shape)
-            samples //= per_sample
-            buffer = self._buffer_for(tensor, rows)
-            plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
-            if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
-                self.sums[target.key].add_shifted(plan, tensor, buffer, rows, samples)
-                continue
-            keep = None if target.conv is not None or target.trans_a else kept_rows(tensor.shape, mask)
-            if keep is not None:
-                rows = int(np.count_nonzero(keep))
-                self.masked.add(target.key, rows, keep.size)
-            blocks = _row_blocks(target, tensor, buffer.rows(target.dim), keep)
-            self.sums[target.key].add(blocks, rows, samples, single=buffer.dtype == np.float32)
+        work = [(target, values[self.source[target.key]]) for target in self.targets]
+        for target, masked in zip(self.targets, self.workers.map(lambda item, state: self._reduce(*item, mask, state),
+                                                                   work)):
+            if masked is not None:
+                self.masked.add(target.key, *masked)
 
-    def _buffer_for(self, tensor: np.ndarray, rows: int) -> "_BlockBuffer":
+    def _reduce(self, target: _Target, value: np.ndarray, mask, state: "_WorkerState"):
+        """Add one batch of one layer input to its sums; (rows kept, rows seen) where a row mask applied."""
+        tensor, per_sample = _iterations_as_rows(value, self.stacked[self.source[target.key]])
+        if tensor is None:  # the body did not run on this batch (the other If branch, no iteration)
+            return None
+        if target.transposed is not None:  # a ConvTranspose: its equivalent conv's input
+            tensor = target.transposed.stuffed(tensor)
+        target.check_shape(tensor.shape)
+        tensor = target.read(tensor)
+        rows, samples = target.rows_and_samples(tensor.shape)
+        samples //= per_sample
+        buffer = state.buffer_for(tensor, rows)
+        plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
+        if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
+            self.sums[target.key].add_shifted(plan, tensor, buffer, rows, samples)
+            return None
+        keep = None if target.conv is not None or target.trans_a else kept_rows(tensor.shape, mask)
+        masked = None
+        if keep is not None:
+            rows = int(np.count_nonzero(keep))
+            masked = (rows, keep.size)
+        blocks = _row_blocks(target, tensor, buffer.rows(target.dim), keep)
+        self.sums[target.key].add(blocks, rows, samples, single=buffer.dtype == np.float32, scratch=state.scratch)
+        return masked
+
+    def statistics(self) -> Statistics:
+        self.workers.close()
+        # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
+        statistics = Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.order})
+        statistics.row_mask = self.masked.summary(self.row_mask)
+        return statistics
+
+
+class _WorkerState:
+    """What one reducing worker reuses from batch to batch: its block buffers and float32 scratch Grams."""
+
+    def __init__(self, block_bytes: int, dtype):
+        self.buffer = _BlockBuffer(block_bytes, dtype)
+        self.wide: _BlockBuffer | None = None  # float64 blocks for activations too large for float32 sums
+        self.scratch: dict = {}  # dim + 1 -> a float32 block Gram
+
+    def buffer_for(self, tensor: np.ndarray, rows: int) -> "_BlockBuffer":
         """The block buffer for this tensor's products: float64 where float32 sums of its products could
         overflow (activations of 1e17 and more, as deep random-weight models make), else the chosen one."""
         if self.buffer.dtype != np.float32 or not tensor.size:
@@ -268,11 +299,38 @@ class _Collector:
             self.wide = _BlockBuffer(self.buffer.flat.nbytes, np.float64)
         return self.wide
 
-    def statistics(self) -> Statistics:
-        # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
-        statistics = Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.targets})
-        statistics.row_mask = self.masked.summary(self.row_mask)
-        return statistics
+
+class _Workers:
+    """``count`` threads, each with its own :class:`_WorkerState`, taking items as they finish."""
+
+    def __init__(self, count: int, block_bytes: int, dtype):
+        self.count = max(1, count)
+        self.states = queue.SimpleQueue()
+        for _ in range(self.count):
+            self.states.put(_WorkerState(block_bytes, dtype))
+        self.pool = ThreadPoolExecutor(self.count) if self.count > 1 else None
+
+    def map(self, function, items: list) -> list:
+        if self.pool is None:
+            state = self.states.get()
+            try:
+                return [function(item, state) for item in items]
+            finally:
+                self.states.put(state)
+
+        def run(item):
+            state = self.states.get()  # a free state: no two workers share a buffer
+            try:
+                return function(item, state)
+            finally:
+                self.states.put(state)
+
+        with blas_threads(1):
+            return list(self.pool.map(run, items))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 class _MaskedRows:
@@ -391,27 +449,29 @@ class _GramSums:
     float32 (ssyrk, twice as fast) and then added, so rounding does not grow across blocks and batches.
     """
 
-    def __init__(self, dim: int, dtype=np.float64, scratch: dict | None = None):
+    def __init__(self, dim: int, dtype=np.float64):
         self.upper = np.zeros((dim + 1, dim + 1), order="F")
         self.single = np.dtype(dtype) == np.float32
-        self.scratch = {} if scratch is None else scratch  # dim + 1 -> a float32 block Gram, shared
         self.rows = 0
         self.samples = 0
 
-    def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int, single: bool | None = None) -> None:
-        """``single``: the blocks are float32 (default: the dtype these sums were made for)."""
+    def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int, single: bool | None = None,
+            scratch: dict | None = None) -> None:
+        """``single``: the blocks are float32 (default: the dtype these sums were made for);
+        ``scratch``: dim + 1 -> a float32 block Gram to reuse (one per worker)."""
         size = self.upper.shape[0]
         single = self.single if single is None else single
+        scratch = {} if scratch is None else scratch
         for block in blocks:
             # block.T is Fortran-ordered (dim+1, n): syrk reads it in place and
             # updates a Fortran-ordered upper triangle in place.
             if not single:
                 self.upper = blas.dsyrk(1.0, block.T, beta=1.0, c=self.upper, overwrite_c=1)
                 continue
-            if size not in self.scratch:  # zeros: ssyrk never writes the strict lower triangle
-                self.scratch[size] = np.zeros((size, size), np.float32, order="F")
-            self.scratch[size] = blas.ssyrk(1.0, block.T, beta=0.0, c=self.scratch[size], overwrite_c=1)
-            self.upper += self.scratch[size]
+            if size not in scratch:  # zeros: ssyrk never writes the strict lower triangle
+                scratch[size] = np.zeros((size, size), np.float32, order="F")
+            scratch[size] = blas.ssyrk(1.0, block.T, beta=0.0, c=scratch[size], overwrite_c=1)
+            self.upper += scratch[size]
         self.rows += rows
         self.samples += samples
 
