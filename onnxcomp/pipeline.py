@@ -33,7 +33,7 @@ from .refit import SampleCapture, refit_biases
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
 from .runtime import Timer, execution_providers
-from .threads import blas_threads
+from .threads import available_memory, blas_threads
 
 
 def compress(model, data=None, config: CompressConfig | None = None, *, stats=None, validation_data=None,
@@ -121,6 +121,10 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
                 *guard_warnings(measured)]
     return prepared.restore(compressed), Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
+
+# Float64 copies of a layer's d x d second moment alive at once between calibration and its solve
+# (the sums, the statistics, the solver's eigen form and workspace).
+MEMORY_COPIES = 6
 
 # Below this opset onnxruntime has no Add kernel, which the bias correction of a MatMul chain needs.
 FIRST_ADD_OPSET = 7
@@ -227,6 +231,24 @@ class _Run:
             if not nothing_ok:
                 raise
             self.chosen, self.nothing = [], str(nothing)
+        self._leave_out_too_wide()
+
+    def _leave_out_too_wide(self) -> None:
+        """Keep dense the layers whose input rows are so long that their statistics and solve would
+        not fit in memory (a VGG's 25088-wide classifier: 5 GB per copy of its second moment)."""
+        budget = available_memory() / 2
+        for layer in self.chosen:
+            need = MEMORY_COPIES * 8 * layer.in_features ** 2 / layer.groups
+            if need > budget:
+                self.not_chosen[layer.name] = (f"input rows of {layer.in_features} values: its statistics and solve "
+                                               f"would need about {_size(need)}, more than half of the "
+                                               f"{_size(2 * budget)} of memory here")
+        if self.not_chosen:
+            self.chosen = [layer for layer in self.chosen if layer.name not in self.not_chosen]
+            if not self.chosen and self.nothing is None:
+                self.nothing = "every compressible layer is too wide for this machine's memory"
+                if not self.nothing_ok:
+                    raise OnnxcompError(self.nothing)
 
     def keep_unseen(self, statistics: Statistics | None) -> bool:
         """Leave dense the layers that the calibration data never reached (a branch of an If that no
@@ -317,6 +339,10 @@ def _mask_settings(row_mask, statistics) -> dict | None:
     if statistics is not None and statistics.row_mask:
         return {**statistics.row_mask, "padding_rows": "dropped"}
     return None if row_mask is None else {"input": row_mask.input, "how": row_mask.how, "padding_rows": "kept"}
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MB"
 
 
 def _samples(statistics) -> int | None:

@@ -36,6 +36,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def available_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its control group's limit if lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        return min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        return total
+
+
 def thread_count(threads: int | None) -> int:
     """``threads`` checked, or every available core when None."""
     if threads is None:

@@ -486,12 +486,24 @@ class _GramSums:
         self.samples += samples
 
     def result(self, target: _Target) -> InputStats:
-        upper = np.triu(self.upper)  # syrk leaves the strict lower triangle alone, add_shifted does not
-        full = upper + upper.T
-        full.flat[:: len(full) + 1] = upper.diagonal()  # counted twice above
+        # syrk leaves the strict lower triangle alone, add_shifted does not: mirror the upper one, in
+        # place (a 25088-wide layer input's sums are 5 GB: whole-matrix copies would take three more).
+        full = _mirror_upper(self.upper)
         dim = target.dim
         gram, total = full[:dim, :dim], full[:dim, dim]
         if target.conv is not None:  # patches were built channel-last (i, j, c)
             order = channel_last_order(dim // int(np.prod(target.conv.kernel)), target.conv.kernel)
             gram, total = gram[np.ix_(order, order)], total[order]
         return InputStats(self.rows, self.samples, np.ascontiguousarray(total), np.ascontiguousarray(gram))
+
+
+def _mirror_upper(matrix: np.ndarray, block: int = 2048) -> np.ndarray:
+    """``matrix`` (square, changed in place) made symmetric from its upper triangle, a block of rows
+    at a time (temporaries of ``block`` rows, not of the whole matrix)."""
+    n = len(matrix)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        matrix[start:stop, :start] = matrix[:start, start:stop].T
+        diagonal = matrix[start:stop, start:stop]
+        diagonal[...] = np.triu(diagonal) + np.triu(diagonal, 1).T
+    return matrix

@@ -488,3 +488,13 @@ def test_the_sums_are_the_same_to_the_bit_on_any_number_of_workers():
         for key in one:
             assert (many[key].rows, many[key].samples) == (one[key].rows, one[key].samples)
             assert np.array_equal(many[key].gram, one[key].gram) and np.array_equal(many[key].total, one[key].total)
+
+
+def test_mirroring_the_upper_triangle_in_blocks():
+    from onnxcomp.calibration.collect import _mirror_upper
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((11, 11))
+    want = np.triu(a) + np.triu(a, 1).T
+    for block in (1, 3, 4, 11, 64):
+        np.testing.assert_array_equal(_mirror_upper(np.asfortranarray(a.copy()), block), want)
