@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                                "onnxcomp writes never hold any); many CPUs compute with them slowly")
     compress.add_argument("--no-latency-check", dest="check_latency", action="store_false",
                           help="do not profile the result (time in rewritable layers, Amdahl floor, latency guard)")
+    _ray_argument(compress)
     compress.add_argument("--refit-bias", action="store_true",
                           help="re-estimate each rewritten layer's bias so that its output mean on what the compressed "
                                "model feeds it equals the original's (two more passes of the calibration data; kept "
@@ -124,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     _data_arguments(calibrate, data_required=True)
     calibrate.add_argument("--threads", type=int, metavar="N",
                            help="BLAS and onnxruntime intra-op threads (default: every available core)")
+    _ray_argument(calibrate)
     calibrate.add_argument("--merge", nargs="+", default=[], metavar="STATS",
                            help="statistics files to add to the result (shards of a larger set)")
     calibrate.set_defaults(run=_calibrate)
@@ -231,6 +233,13 @@ def _input_shape_argument(parser: argparse.ArgumentParser) -> None:
                              "as the batch of the data; repeatable)")
 
 
+def _ray_argument(parser) -> None:
+    parser.add_argument("--ray", metavar="ADDRESS|local",
+                        help="sum the calibration batches on a Ray cluster's actors: 'local' starts Ray here, else "
+                             "the address of a running cluster ('auto': the one this machine joined); needs "
+                             "pip install 'onnxcomp[distributed]'")
+
+
 def _compress(args) -> int:
     from .config import CompressConfig
     from .pipeline import compress
@@ -267,7 +276,7 @@ def _calibrate(args) -> int:
                            skip=args.skip, batch_size=args.batch_size, progress=args.progress,
                            row_mask=args.row_mask, threads=args.threads, drop_padding_rows=args.drop_padding_rows,
                            precision=args.precision, initializer_inputs=args.initializer_inputs,
-                           batch_axes=args.batch_axes)
+                           batch_axes=args.batch_axes, ray=args.ray)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
     statistics.save(args.output)

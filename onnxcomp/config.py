@@ -255,6 +255,7 @@ class CompressConfig:
     fail_if_unchanged: bool = False  # no compressible layer: an error, instead of the model written unchanged
     batch_axes: dict = field(default_factory=dict)  # input/output name -> its sample axis (None: none), where the graph can't tell
     refit_bias: bool = False  # re-estimate each chain's bias on what the compressed model feeds it (onnxcomp/refit.py)
+    ray: str | None = None  # calibrate on a Ray cluster: "local" or its address (calibration/distributed.py)
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
@@ -267,6 +268,12 @@ class CompressConfig:
         object.__setattr__(self, "batch_axes", parse_batch_axes(self.batch_axes))
         if self.initializer_inputs not in ("constant", "refuse"):
             raise OnnxcompError(f"--initializer-inputs must be constant or refuse, got {self.initializer_inputs!r}")
+        if self.ray is not None:
+            if not isinstance(self.ray, str) or not self.ray:
+                raise OnnxcompError(f"--ray must be 'local' or a cluster address, got {self.ray!r}")
+            from .calibration.distributed import require_ray
+
+            require_ray()  # missing: a one-line error before any work
         if self.row_mask is not None and (not isinstance(self.row_mask, str) or not self.row_mask):
             raise OnnxcompError(f"--row-mask must be an input name, 'auto' or 'none', got {self.row_mask!r}")
         given = self.solve.ranks.given + (["target"] if self.budget else [])
@@ -284,7 +291,7 @@ class CompressConfig:
                      batch_size=32, precision="float32", device="cpu", progress=True, outputs=(), metric="fidelity",
                      max_drop=None, minimize="macs", flush_denormals=False, check_latency=True,
                      row_mask="auto", drop_padding_rows=False, initializer_inputs="constant",
-                     batch_axes=None, fail_if_unchanged=False, refit_bias=False) -> "CompressConfig":
+                     batch_axes=None, fail_if_unchanged=False, refit_bias=False, ray=None) -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
@@ -304,7 +311,7 @@ class CompressConfig:
                    _input_shapes(input_shapes), batch_size, precision, device, progress, tuple(outputs or ()), metric,
                    bool(flush_denormals), bool(check_latency), row_mask, bool(drop_padding_rows),
                    initializer_inputs=initializer_inputs, batch_axes=batch_axes or {},
-                   fail_if_unchanged=bool(fail_if_unchanged), refit_bias=bool(refit_bias))
+                   fail_if_unchanged=bool(fail_if_unchanged), refit_bias=bool(refit_bias), ray=ray)
 
     @property
     def threads(self) -> int:

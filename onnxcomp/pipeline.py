@@ -71,7 +71,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
                validation_data, row_mask=config.row_mask, threads=config.threads,
                drop_padding_rows=config.drop_padding_rows, precision=config.precision.value,
-               nothing_ok=not config.fail_if_unchanged, capture=config.refit_bias)
+               nothing_ok=not config.fail_if_unchanged, capture=config.refit_bias, ray=config.ray)
     if not run.chosen:
         return _unchanged(given, run, config, prepared)
     clock = _Clock()
@@ -167,18 +167,19 @@ def _unchanged(given: onnx.ModelProto, run: "_Run", config: CompressConfig, prep
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True,
               row_mask: str | None = "auto", threads: int | None = None, drop_padding_rows: bool = False,
-              precision: str = "float32", initializer_inputs: str = "constant", batch_axes=None) -> Statistics:
+              precision: str = "float32", initializer_inputs: str = "constant", batch_axes=None,
+              ray: str | None = None) -> Statistics:
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
     and reuse with ``stats=``. ``row_mask``, ``threads``, ``drop_padding_rows``, ``precision`` (of the
-    products: "float32" or "float64"), ``initializer_inputs``, ``batch_axes``: as :func:`compress`'s."""
+    products: "float32" or "float64"), ``initializer_inputs``, ``batch_axes``, ``ray``: as :func:`compress`'s."""
     config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask,
                                          threads=threads, precision=precision, initializer_inputs=initializer_inputs,
-                                         batch_axes=batch_axes)
+                                         batch_axes=batch_axes, ray=ray)
     with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
         working = prepare_model(as_model(model), initializer_inputs, config.batch_axes).model
         run = _Run(working, data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
                    row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows,
-                   precision=config.precision.value)
+                   precision=config.precision.value, ray=config.ray)
         return run.statistics(Norm.DATA)
 
 
@@ -188,9 +189,9 @@ class _Run:
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
                  progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None,
                  threads: int | None = None, drop_padding_rows: bool = False, precision: str = "float32",
-                 nothing_ok: bool = False, capture: bool = False):
+                 nothing_ok: bool = False, capture: bool = False, ray: str | None = None):
         self.model, self.data, self.stats, self.threads = model, data, stats, threads
-        self.nothing_ok = nothing_ok
+        self.nothing_ok, self.ray = nothing_ok, ray
         self.not_chosen: dict[str, str] = {}  # layer name -> why it was left out after all (default: --skip)
         self.row_mask = resolve_row_mask(model, row_mask)
         self.drop_padding_rows = drop_padding_rows
@@ -306,7 +307,7 @@ class _Run:
         return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
                                   batch_size=self.batch_size, progress=self.progress, total=total,
                                   row_mask=self.row_mask if self.drop_padding_rows else None, threads=self.threads,
-                                  precision=self.precision, laid_out=True)
+                                  precision=self.precision, laid_out=True, ray=self.ray)
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):

@@ -72,6 +72,7 @@ def collect_statistics(
     threads: int | None = None,
     precision: str = "float32",
     laid_out: bool = False,
+    ray: str | None = None,
 ) -> Statistics:
     """Input statistics of ``layers`` on calibration ``data``, keyed by ``layer.stats_key``.
 
@@ -85,7 +86,8 @@ def collect_statistics(
     float64 across blocks and batches; float64 and float16 activations too) or ``"float64"``;
     ``row_mask``: the model input whose zeros mark token rows to leave out (padding), see
     :mod:`onnxcomp.calibration.rowmask`; ``threads``: onnxruntime's intra-op threads (default: its own choice);
-    ``laid_out``: ``data`` is batches :func:`~onnxcomp.calibration.readers.iter_feeds` gave for ``model`` before.
+    ``laid_out``: ``data`` is batches :func:`~onnxcomp.calibration.readers.iter_feeds` gave for ``model`` before;
+    ``ray``: sum the batches on the actors of a Ray cluster (``"local"`` or an address; ``distributed.py``).
     """
     dtype = np.dtype(Precision.parse(precision, "--precision").value)
     model = as_model(model)
@@ -95,7 +97,12 @@ def collect_statistics(
     model = with_input_shapes(model, input_shapes or {})
     if not targets:
         return Statistics(model=identity)
-    collector = _Collector(model, targets, providers, block_bytes, dtype, row_mask, threads)
+    if ray is not None:
+        from .distributed import RayCollector
+
+        collector = RayCollector(ray, model, targets, block_bytes, dtype, row_mask)
+    else:
+        collector = _Collector(model, targets, providers, block_bytes, dtype, row_mask, threads)
     input_names = [i.name for i in model_inputs(model)]
     total = total if total is not None else count_samples(data, model)
     with tqdm(total=total, unit="sample", desc="calibration", disable=not progress) as bar:
