@@ -33,7 +33,7 @@ from .refit import SampleCapture, refit_biases
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
 from .runtime import Timer, execution_providers
-from .threads import available_memory, blas_threads
+from .threads import available_memory, blas_threads, remote_map
 
 
 def compress(model, data=None, config: CompressConfig | None = None, *, stats=None, validation_data=None,
@@ -82,7 +82,8 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     judge = run.judge(config.outputs, config.metric)
     problems = {layer.name: layer_problem(layer, statistics.of_layer(layer) if statistics else None)
                 for layer in run.chosen}
-    allocation, solved = _solve(run, config, problems, timer, judge)
+    with remote_map(_remote_solves(config)):
+        allocation, solved = _solve(run, config, problems, timer, judge)
     clock.lap("solve")
     compressed = apply_solved(model, run.chosen, solved)
     refit_notes = []
@@ -139,6 +140,16 @@ def _for_opset(config: CompressConfig, model: onnx.ModelProto) -> tuple[Compress
     note = (f"opset {opset}: the layers are fitted uncentered (as with --uncentered): the mean correction of a "
             f"MatMul chain's bias needs an Add node, which onnxruntime runs from opset {FIRST_ADD_OPSET} on")
     return replace(config, solve=replace(config.solve, centered=False)), [note]
+
+
+def _remote_solves(config: CompressConfig):
+    """Where the layers are solved: a Ray cluster's workers with ``ray`` (solved on the CPU), else
+    local threads (None)."""
+    if config.ray is None or config.device.value != "cpu":
+        return None
+    from .calibration.distributed import ray_mapper
+
+    return ray_mapper(config.ray)
 
 
 def _check_refit(data, stats, model: onnx.ModelProto) -> None:

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 from threadpoolctl import threadpool_limits
@@ -62,11 +63,29 @@ def blas_threads(count: int):
         yield
 
 
+# Where map_parallel sends its items instead of local threads (a Ray cluster: calibration/distributed.py).
+_REMOTE: ContextVar[Callable | None] = ContextVar("onnxcomp_remote_map", default=None)
+
+
+@contextmanager
+def remote_map(mapper: Callable[[Callable, list], list] | None):
+    """Inside the block, :func:`map_parallel` calls ``mapper(function, items)`` (None: local threads)."""
+    token = _REMOTE.set(mapper)
+    try:
+        yield
+    finally:
+        _REMOTE.reset(token)
+
+
 def map_parallel(function: Callable[[T], R], items: Sequence[T], workers: int, *, desc: str = "",
                  progress: bool = False) -> list[R]:
-    """``[function(item) for item in items]`` on ``workers`` threads, each with one BLAS thread;
-    in order, and the same results as a sequential run (each item's arithmetic is unchanged)."""
+    """``[function(item) for item in items]`` on ``workers`` threads, each with one BLAS thread (or
+    on a cluster's workers inside :func:`remote_map`); in order, and the same results as a sequential
+    run (each item's arithmetic is unchanged)."""
     items = list(items)
+    remote = _REMOTE.get()
+    if remote is not None and workers > 1 and len(items) > 1:  # workers 1: a GPU's serial stream stays here
+        return remote(function, items)
     bar = tqdm(total=len(items), desc=desc, unit="layer", disable=not progress)
     with bar:
         if workers <= 1 or len(items) <= 1:

@@ -10,6 +10,9 @@ thread, one BLAS thread) instruments its own copy of the model and sums its batc
 batches whatever the data's size. An actor that dies ends the calibration with a one-line error
 and nothing is written (partial sums would be statistics of an unknown part of the data).
 
+The solves of a budget go to the cluster too (:func:`ray_mapper`): every layer's candidate curve and
+final solve is a task of its own, sent only that layer's problem.
+
 ``ray``: ``"local"`` starts Ray on this machine (``ray.init``), any other string is the address of
 a running cluster (``ray start --head`` on one machine, ``ray start --address=HEAD:6379`` on the
 others; ``"auto"`` joins the cluster this machine is part of).
@@ -50,6 +53,35 @@ def connect(address: str):
         except Exception as exc:
             raise OnnxcompError(f"cannot reach the Ray cluster at {address!r}: {first_line(exc)}") from None
     return ray
+
+
+def ray_mapper(address: str):
+    """A ``threads.remote_map`` mapper: each item a Ray task of one CPU (one BLAS thread), the
+    function sent to the object store once; results in order."""
+    ray = connect(address)
+    task = ray.remote(num_cpus=1, max_retries=0)(_call)
+
+    def mapper(function, items: list) -> list:
+        shared = ray.put(function)
+        references = [task.remote(shared, item) for item in items]
+        try:
+            return ray.get(references)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+            if isinstance(cause, OnnxcompError):
+                raise OnnxcompError(str(cause)) from None
+            raise OnnxcompError(f"a Ray task of the solve failed: {first_line(cause)}") from None
+        except ray.exceptions.RayError as exc:
+            raise OnnxcompError(f"a Ray worker of the solve died ({first_line(exc)})") from None
+
+    return mapper
+
+
+def _call(function, item):
+    from ..threads import blas_threads
+
+    with blas_threads(1):
+        return function(item)
 
 
 class RayCollector:

@@ -39,11 +39,27 @@ def test_two_actors_give_the_statistics_of_one_process(cluster):
         assert np.abs(got.total - want.total).max() <= 1e-12 * np.abs(want.total).max()
 
 
-def test_a_budget_compressed_through_ray_is_the_local_one(cluster):
+def test_a_budget_compressed_through_ray_is_the_local_one(cluster, monkeypatch):
+    from onnxcomp.calibration import distributed
+
+    calls = []
+    real = distributed.ray_mapper
+
+    def counting(address):  # the solves' maps that went to the cluster
+        mapper = real(address)
+
+        def counted(function, items):
+            calls.append(len(items))
+            return mapper(function, items)
+        return counted
+
+    monkeypatch.setattr(distributed, "ray_mapper", counting)
     model, images = _digits()
-    local, _ = onnxcomp.compress(model, images, target_macs=0.5, progress=False, check_latency=False)
-    spread, report = onnxcomp.compress(model, images, target_macs=0.5, progress=False, check_latency=False,
-                                       ray=cluster)
+    options = dict(target_macs=0.5, method="auto", progress=False, check_latency=False, threads=2)
+    local, _ = onnxcomp.compress(model, images, **options)
+    assert calls == []
+    spread, report = onnxcomp.compress(model, images, ray=cluster, **options)
+    assert calls and calls[0] == 6  # the six layers' candidate curves, one task each
     assert [n.op_type for n in spread.graph.node] == [n.op_type for n in local.graph.node]
     for a, b in zip(local.graph.initializer, spread.graph.initializer):
         np.testing.assert_allclose(onnx.numpy_helper.to_array(b), onnx.numpy_helper.to_array(a), rtol=1e-6,
