@@ -13,6 +13,7 @@ and the Judge says where they came from, so that no number calls itself held-out
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,8 @@ import onnx
 
 from .config import OutputSpec
 from .errors import OnnxcompError
-from .metrics import OutputErrors, TopOneAgreement, channel_axis, standardized_error, token_layout
+from .metrics import (OutputErrors, TopOneAgreement, channel_axis, nonfinite_count, standardized_error,
+                      token_layout)
 from .model.semantics import output_semantics
 from .runtime import make_session, run_in_batches
 
@@ -36,6 +38,11 @@ class Fidelity:
     held_out: bool
     top1_agreement: float | None = None  # when the first output is class scores
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def nonfinite(self) -> int:
+        """NaN or Inf values in the candidate's outputs where the original's hold other values."""
+        return sum(errors.get("nonfinite", 0) for errors in self.outputs.values())
 
     def to_dict(self) -> dict:
         return {"standardized": self.standardized, "samples": self.samples, "source": self.source,
@@ -70,6 +77,8 @@ class TopOneMetric(Metric):
 
     def score(self, judge, model):
         reference, candidate = judge.reference[0], judge.run(model)[0]
+        if nonfinite_count(reference, candidate):
+            return -math.inf  # NaN or Inf scores: infinitely worse, not a few disagreements
         if np.ndim(reference) == 3 and reference.dtype.kind == "f":
             axis = channel_axis(reference.shape, judge.axis_of(judge.names[0]))
             if reference.shape[axis] >= 2:
@@ -90,8 +99,11 @@ class CosineMetric(Metric):
     name = "cosine"
 
     def score(self, judge, model):
+        reference, candidate = judge.reference[0], judge.run(model)[0]
+        if nonfinite_count(reference, candidate):
+            return -math.inf  # a vector holding NaN or Inf has no direction: infinitely worse
         ref, new = (judge.masked(output).reshape(judge.samples, -1).astype(np.float64)
-                    for output in (judge.reference[0], judge.run(model)[0]))
+                    for output in (reference, candidate))
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1)
         return float(np.mean(np.where(norms > 0, np.sum(ref * new, axis=1) / np.maximum(norms, 1e-300), 1.0)))
 
@@ -104,7 +116,12 @@ class SessionMetric(Metric):
         self.fn, self.name = fn, getattr(fn, "__name__", "metric")
 
     def score(self, judge, model):
-        return float(self.fn(make_session(model, threads=judge.threads)))
+        value = self.fn(make_session(model, threads=judge.threads))
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise OnnxcompError(f"metric {self.name}() returned {value!r}: it must return a number "
+                                "(higher is better)") from None
 
 
 BUILTIN_METRICS = {m.name: m for m in (FidelityMetric, TopOneMetric, CosineMetric)}
@@ -173,12 +190,19 @@ class Judge:
     @property
     def original_score(self) -> float:
         if self._original_score is None:
-            self._original_score = self.metric.score(self, self.model)
+            score = self.metric.score(self, self.model)
+            if not math.isfinite(score):  # every loss would be NaN: no candidate could ever be judged
+                raise OnnxcompError(f"metric {self.metric.name} scores the original model {score}: it must give "
+                                    "the original a finite score")
+            self._original_score = score
         return self._original_score
 
     def loss(self, model: onnx.ModelProto) -> float:
-        """How much worse ``model`` scores than the original (0: as good; the quantity decisions minimise)."""
-        return self.original_score - self.metric.score(self, model)
+        """How much worse ``model`` scores than the original (0: as good; the quantity decisions
+        minimise). A score that is not a finite number (NaN outputs, a metric's NaN) is an infinite loss."""
+        original = self.original_score  # first: an original without a finite score is refused
+        score = self.metric.score(self, model)
+        return original - score if math.isfinite(score) else math.inf
 
     @property
     def samples(self) -> int:

@@ -29,7 +29,8 @@ from .model.downstream import outputs_reached
 from .model.prepare import prepare_model
 from .passes import apply_solved
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
-from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
+from .report import (Report, add_latency, data_warnings, layer_rows, model_totals, nonfinite_warnings,
+                     target_settings)
 from .runtime import Timer, execution_providers
 from .threads import blas_threads
 
@@ -105,7 +106,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
     warnings = [*prepared.notes, *opset_notes, *data_warnings(problems, solved, statistics, config.budget is not None, judge),
-                *guard_warnings(measured)]
+                *nonfinite_warnings(fidelity), *guard_warnings(measured)]
     return prepared.restore(compressed), Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
 

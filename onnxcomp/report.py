@@ -284,6 +284,16 @@ def data_warnings(problems: dict, solved: dict, statistics, budget: bool, judge)
     return warnings
 
 
+def nonfinite_warnings(fidelity: Fidelity | None) -> list[str]:
+    """NaN or Inf in the compressed model's outputs: the infinite error above, said in words."""
+    if fidelity is None or not fidelity.nonfinite:
+        return []
+    names = ", ".join(repr(name) for name, errors in fidelity.outputs.items() if errors.get("nonfinite"))
+    return [f"the compressed model's outputs hold {fidelity.nonfinite} NaN or Inf value(s) where the original's "
+            f"hold finite ones (output {names}, on the {fidelity.samples} validation samples): an infinite error; "
+            "keep more of the layers that feed them (a larger rank or budget, or --skip)"]
+
+
 def layer_rows(layers, chosen, skipped, problems, solved, allocation=None) -> list[LayerRow]:
     """One row per Conv/Gemm/MatMul: the solved layers in model order, then those left alone."""
     latency = (allocation.layer_latency if allocation is not None else None) or {}

@@ -94,6 +94,7 @@ def bench(
     eval_size = fixed or eval_batch
     outputs, top1 = compare_on_data(pair, held_out, eval_size, fixed, mask.input if mask else None)
     accuracy = _accuracy(top1, held_out, pair.output_names[0])
+    notes += _nonfinite_notes(outputs)
 
     if fixed:
         if any(b != fixed for b in batch_sizes):
@@ -133,6 +134,16 @@ def bench(
         reach=reach,
         subnormals=subnormals,
     )
+
+
+def _nonfinite_notes(outputs: dict) -> list[str]:
+    """NaN or Inf in the compressed model's outputs: said in words beside the infinite errors."""
+    broken = {name: e["nonfinite"] for name, e in outputs.items() if e.get("nonfinite")}
+    if not broken:
+        return []
+    counts = ", ".join(f"{name!r} {count}" for name, count in broken.items())
+    return [f"the compressed model's outputs hold NaN or Inf values where the original's hold finite "
+            f"ones ({counts}): an infinite error, and those samples never agree on top-1"]
 
 
 def _accuracy(top1, held_out, first_output: str) -> dict | None:
