@@ -252,6 +252,7 @@ def _compress(args) -> int:
 
 
 def _calibrate(args) -> int:
+    from .calibration.quality import check_statistics
     from .calibration.stats import Statistics
     from .pipeline import calibrate
 
@@ -266,6 +267,8 @@ def _calibrate(args) -> int:
                            batch_axes=args.batch_axes)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
+    for warning in check_statistics(statistics):  # the merged whole: a constant shard may be fine
+        print(f"warning: {warning}", file=sys.stderr)
     statistics.save(args.output)
     samples = max(s.samples for s in statistics.values())
     print(f"wrote {args.output}: {len(statistics)} layer inputs, {samples} samples")

@@ -35,7 +35,7 @@ class Fidelity:
     outputs: dict  # name -> {standardized, relative_l2, cosine, max_abs, nonfinite}
     samples: int
     source: str  # where the samples came from ("held out of the statistics", "calibration samples", ...)
-    held_out: bool
+    held_out: bool | None  # None: nobody can tell (statistics that record no sample digests)
     top1_agreement: float | None = None  # when the first output is class scores
     notes: list[str] = field(default_factory=list)
 
@@ -57,6 +57,10 @@ class Metric:
 
     def score(self, judge: "Judge", model: onnx.ModelProto) -> float:
         raise NotImplementedError
+
+    def step(self, judge: "Judge") -> float | None:
+        """The smallest change of the score the judge's samples can show (None: no such step)."""
+        return None
 
 
 class FidelityMetric(Metric):
@@ -91,6 +95,18 @@ class TopOneMetric(Metric):
             raise OnnxcompError("--metric top1: the first output is neither [batch, classes] nor "
                                 "[batch, positions, classes] scores")
         return top1.agreement()
+
+
+    def step(self, judge):
+        """One disagreement: one sample in the samples, or one position in the real positions."""
+        reference = judge.reference[0]
+        units = judge.samples
+        if np.ndim(reference) == 3 and reference.dtype.kind == "f":
+            axis = channel_axis(reference.shape, judge.axis_of(judge.names[0]))
+            keep = judge.keep if judge.keep is not None and judge.keep.shape == reference.shape[:2] else None
+            if axis == 2 and reference.shape[2] >= 2:
+                units = int(keep.sum()) if keep is not None else reference.shape[0] * reference.shape[1]
+        return 1.0 / max(units, 1)
 
 
 class CosineMetric(Metric):
@@ -141,7 +157,7 @@ def make_metric(metric) -> Metric:
 class Judge:
     """The validation samples, the original model's outputs on them, and the metric that judges."""
 
-    def __init__(self, model: onnx.ModelProto, feed: dict, source: str, held_out: bool,
+    def __init__(self, model: onnx.ModelProto, feed: dict, source: str, held_out: bool | None,
                  outputs: list[OutputSpec] | None = None, batch: int = 32, metric="fidelity",
                  row_mask: str | None = None, threads: int | None = None):
         self.model, self.feed, self.source, self.held_out = model, feed, source, held_out

@@ -14,7 +14,10 @@ import onnx
 
 from .budget import Planning, make_costs, plan_budget
 from .calibration.collect import collect_statistics
-from .calibration.holdout import held_out_count, split_validation, validation_besides_stats, validation_from
+from .calibration.digests import DigestRecorder
+from .calibration.quality import check_statistics
+from .calibration.holdout import (compare_with_statistics, held_out_count, split_validation, validation_besides_stats,
+                                 validation_from)
 from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs
 from .calibration.rowmask import resolve_row_mask
 from .calibration.stats import Statistics
@@ -29,8 +32,8 @@ from .model.downstream import outputs_reached
 from .model.prepare import prepare_model
 from .passes import apply_solved
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
-from .report import (Report, add_latency, data_warnings, layer_rows, model_totals, nonfinite_warnings,
-                     target_settings)
+from .report import (Report, add_latency, data_warnings, judge_warnings, layer_rows, model_totals,
+                     nonfinite_warnings, target_settings)
 from .runtime import Timer, execution_providers
 from .threads import blas_threads
 
@@ -73,8 +76,9 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         return _unchanged(given, run, config, prepared)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
+    statistics_notes = check_statistics(statistics, run.chosen)  # before the solve: constant data is refused
     clock.lap("calibration")
-    judge = run.judge(config.outputs, config.metric)
+    judge = run.judge(config.outputs, config.metric, statistics)
     problems = {layer.name: layer_problem(layer, statistics.of_layer(layer) if statistics else None)
                 for layer in run.chosen}
     allocation, solved = _solve(run, config, problems, timer, judge)
@@ -105,7 +109,9 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["target"] = target_settings(config.budget, allocation, totals)
         if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
-    warnings = [*prepared.notes, *opset_notes, *data_warnings(problems, solved, statistics, config.budget is not None, judge),
+    warnings = [*prepared.notes, *opset_notes, *statistics_notes,
+                *data_warnings(problems, solved, statistics, config.budget is not None, judge),
+                *judge_warnings(judge, config.budget.max_drop if config.budget else None),
                 *nonfinite_warnings(fidelity), *guard_warnings(measured)]
     return prepared.restore(compressed), Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
@@ -198,11 +204,13 @@ class _Run:
                 raise
             self.chosen, self.nothing = [], str(nothing)
 
-    def judge(self, outputs, metric) -> Judge | None:
-        """The judge of candidate models, on the validation samples (None: no data given)."""
+    def judge(self, outputs, metric, statistics: Statistics | None) -> Judge | None:
+        """The judge of candidate models, on the validation samples (None: no data given), held
+        out only if none of its samples is among those ``statistics`` saw."""
         validation = self.validation
         if validation is None or not validation.samples:
             return None
+        compare_with_statistics(validation, statistics)
         mask = self.row_mask.input if self.row_mask else None
         validation.row_mask = mask
         return Judge(self.model, validation.feed, validation.source, validation.held_out,
@@ -234,10 +242,14 @@ class _Run:
         total = self.total
         if total and self.validation is not None and self.validation.held_out:
             total -= held_out_count(total)
-        return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
-                                  batch_size=self.batch_size, progress=self.progress, total=total,
-                                  row_mask=self.row_mask if self.drop_padding_rows else None, threads=self.threads,
-                                  precision=self.precision, laid_out=True)
+        recorder = DigestRecorder()  # which samples the statistics saw: see calibration/digests.py
+        statistics = collect_statistics(self.model, self.chosen, recorder.passing(self.feeds),
+                                        input_shapes=self.input_shapes, batch_size=self.batch_size,
+                                        progress=self.progress, total=total,
+                                        row_mask=self.row_mask if self.drop_padding_rows else None,
+                                        threads=self.threads, precision=self.precision, laid_out=True)
+        statistics.digests = recorder.digests
+        return statistics
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):

@@ -60,6 +60,19 @@ def _overflowing(folder):
     return _model(folder, build(text, w=(8, 6, 3, 3)))
 
 
+def _zeroed_input():
+    """A conv that reads its input times 0: whatever the data, its input never varies."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[N, 6, 11, 11] x) => (float[N, 8, 11, 11] y) {
+        zero = Constant <value_float = 0.0> ()
+        g = Mul (x, zero)
+        y = Conv <pads = [1, 1, 1, 1]> (g, w)
+    }
+    """
+    return build(text, w=(8, 6, 3, 3))
+
+
 def _shared_weights(folder):
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
@@ -231,6 +244,14 @@ CASES = {
     "nan in data": ("NaN in the calibration data",
                     lambda f: ["compress", _model(f), f / "out.onnx", "--data", _nan_file(f), "--keep", "0.5"],
                     "holds 1 NaN or Inf"),
+    "all-zero data": ("all-zero calibration data (copies of one sample: nothing varies)",
+                      lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f, x=_images() * 0),
+                                 "--keep", "0.5"],
+                      "calibration samples behind the statistics are all the same sample"),
+    "constant layer inputs": ("calibration data whose samples differ but no layer input varies",
+                              lambda f: ["compress", _model(f, _zeroed_input()), f / "out.onnx", "--data", _data(f),
+                                         "--keep", "0.5"],
+                              "every layer input has zero variance on the 12 calibration sample(s): statistics"),
     "empty data": ("no samples", lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f, x=_images(0)),
                                             "--keep", "0.5"],
                    "calibration data is empty"),
