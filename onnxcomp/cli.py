@@ -27,12 +27,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): every file was written before the printing
+        _stdout_to_devnull()
+        return 0
     except Exception as exc:  # a bug: say so in one line, the traceback only on request
         if os.environ.get("ONNXCOMP_DEBUG"):
             traceback.print_exc()
         print(f"onnxcomp: internal error: {type(exc).__name__}: {exc} (set ONNXCOMP_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _stdout_to_devnull() -> None:
+    """After a closed pipe, point stdout at /dev/null: Python's own flush at exit would fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout)
+        pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -243,10 +255,12 @@ def _compress(args) -> int:
     compressed, report = compress(load_model(args.input), args.data, config, stats=args.stats,
                                   validation_data=args.validation_data)
     save_model(compressed, args.output)
+    if args.report:
+        report.save(args.report)
+    # Printed after every file is written: a closed stdout (`| head`) loses only lines.
     print(report.table())
     print(f"wrote {args.output}")
     if args.report:
-        report.save(args.report)
         print(f"wrote {args.report}")
     return 0
 
@@ -284,9 +298,10 @@ def _bench(args) -> int:
                     ("data (--data)", args.data), ("labels (--labels)", args.labels)],
                    [("JSON output (--json)", args.json)])
     result = bench(**_api_options(bench, args))
-    print(result.table())
     if args.json:
         result.save(args.json)
+    print(result.table())  # after the file: a closed stdout loses only lines
+    if args.json:
         print(f"wrote {args.json}")
     return 0
 

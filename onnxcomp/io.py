@@ -25,12 +25,21 @@ from .errors import OnnxcompError
 def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     """``path`` as a Path, or a one-line error when it cannot be written (checked before any work)."""
     path = Path(path)
-    if path.is_dir():
-        raise OnnxcompError(f"{what} path {path} is a folder: give a file name")
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise OnnxcompError(f"{what} folder does not exist: {directory}")
+    try:
+        if path.is_dir():
+            raise OnnxcompError(f"{what} path {path} is a folder: give a file name")
+        directory = path.parent if str(path.parent) else Path(".")
+        if not directory.is_dir():
+            raise OnnxcompError(f"{what} folder does not exist: {directory}")
+    except OSError as exc:  # a path past PATH_MAX, a name past NAME_MAX: the user's to shorten
+        raise OnnxcompError(f"cannot write {what} {_shown(path)}: {exc.strerror or exc}") from None
     return path
+
+
+def _shown(path: Path, most: int = 60) -> str:
+    """A path short enough for a one-line message (its end, which tells most)."""
+    text = str(path)
+    return text if len(text) <= most else "..." + text[-(most - 3):]
 
 
 def refuse_clashes(reads, writes) -> None:

@@ -164,8 +164,7 @@ def find_layers(
     users = _WeightUsers(graph)
     why_not_constant = _why_not_constant(graph)
     layers, skipped = [], []
-    for index, node in enumerate(graph.node):
-        name = node.name or f"{node.op_type}_{index}"
+    for index, (node, name) in enumerate(zip(graph.node, layer_names(graph))):
         if node.op_type in UNSUPPORTED_OPS:
             skipped.append(Skipped(name, node.op_type, UNSUPPORTED_OPS[node.op_type]))
         if node.op_type not in TARGET_OPS:
@@ -180,6 +179,28 @@ def find_layers(
             skipped.append(Skipped(name, node.op_type, why_not_constant.get(weight, str(why))))
     skipped += _in_subgraphs(graph)
     return layers, skipped
+
+
+def layer_names(graph: onnx.GraphProto) -> list[str]:
+    """Each node's name in reports and ``--skip``: its own, or ``OpType_index`` for an unnamed node.
+    Layers are told apart by name, so a generated name that another node or a tensor already has
+    (an unnamed Gemm beside one named ``Gemm_0``), or a name a node shares with an earlier one,
+    gets a suffix ``_2``, ``_3``, ... until it is unique."""
+    taken = {n.name for n in graph.node if n.name} | {t for n in graph.node for t in (*n.input, *n.output) if t}
+    taken |= {t.name for t in graph.initializer} | {v.name for v in (*graph.input, *graph.output)}
+    names: list[str] = []
+    used: set[str] = set()
+    for index, node in enumerate(graph.node):
+        name = node.name
+        if not name or name in used:
+            base = name or f"{node.op_type}_{index}"
+            name, k = base, 1
+            while name in used or name in taken:
+                k += 1
+                name = f"{base}_{k}"
+        used.add(name)
+        names.append(name)
+    return names
 
 
 # Ops that look compressible but are not (yet): listed by inspect and the report, with why.
