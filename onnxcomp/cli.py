@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -13,17 +15,26 @@ from . import __version__
 from .errors import OnnxcompError
 from .io import check_writable, columns, refuse_clashes
 from .model import count_macs, count_params, find_layers, load_model, parse_input_shapes, save_model
-from .model.files import external_data_file, external_data_files
+from .model.files import EXTERNAL_DATA_BYTES, external_data_file, external_data_files
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    with _sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
+        args, unknown = _parser().parse_known_args(argv)
+        if unknown:  # argparse would name the top-level command's help, not this command's
+            raise OnnxcompError(f"unrecognized arguments: {' '.join(unknown)} (see onnxcomp {args.command} --help)")
         return args.run(args)
     except OnnxcompError as exc:
         print(f"onnxcomp: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("onnxcomp: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
         return 130
@@ -38,6 +49,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, CI runners and ``kill`` send), raised where the program is, as
+    Ctrl-C is: every ``finally`` runs, so a half-written output's staging folder is removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (main() called from a worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's mistakes as every other refusal: one line ``onnxcomp: error: ...``, exit code 2
+    (argparse prints the whole usage block); ``--help`` still shows it."""
+
+    def error(self, message: str):
+        raise OnnxcompError(f"{message} (see {self.prog} --help)")
+
+
 def _stdout_to_devnull() -> None:
     """After a closed pipe, point stdout at /dev/null: Python's own flush at exit would fail again."""
     try:
@@ -48,7 +88,7 @@ def _stdout_to_devnull() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxcomp", description="Data-aware low-rank compression of ONNX models.")
+    parser = _OneLineParser(prog="onnxcomp", description="Data-aware low-rank compression of ONNX models.")
     parser.add_argument("--version", action="version", version=f"onnxcomp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -244,7 +284,7 @@ def _compress(args) -> int:
     from .pipeline import compress
 
     config = CompressConfig.from_options(**_api_options(CompressConfig.from_options, args))
-    check_writable(args.output, "output")
+    check_writable(args.output, "output", _external_data_name(args.input, args.output))
     if args.report:
         check_writable(args.report, "report")
     refuse_clashes([*_model_files("input model", args.input), ("calibration data (--data)", args.data),
@@ -304,6 +344,16 @@ def _bench(args) -> int:
     if args.json:
         print(f"wrote {args.json}")
     return 0
+
+
+def _external_data_name(model: str, output: str) -> tuple[str, ...]:
+    """The name of the output's external data file when the compressed model may need one (the input
+    model and its data are that large): its length is checked before any work, with the output's."""
+    try:
+        size = sum(os.path.getsize(path) for path in (model, *external_data_files(model)))
+    except OSError:  # not there: loading the model says so
+        return ()
+    return (external_data_file(output).name,) if size > EXTERNAL_DATA_BYTES else ()
 
 
 def _model_files(role: str, path: str) -> list[tuple[str, str | Path]]:

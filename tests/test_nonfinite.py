@@ -1,7 +1,7 @@
 """NaN and Inf in a compressed model's outputs are an infinite error wherever a model is judged:
 the metrics, the report, ``bench``, ``--max-drop``, the sensitivity probe, and a warning says so.
 
-The model is the issue's: a Gemm then a Sqrt. Its second channel is a ReLU-like input (many exact
+The model: a Gemm then a Sqrt. Its second channel is a ReLU-like input (many exact
 zeros) that correlates with a large first channel; the rank-1 fit mixes some of the first channel
 into the second, which then goes negative on some samples, and Sqrt makes those NaN.
 """

@@ -194,6 +194,29 @@ CASES = {
                              lambda f: ["compress", _model(f), f / ("d/" * 2100 + "out.onnx"), "--data", _data(f),
                                         "--keep", "0.5"],
                              "d/d/out.onnx: File name too long"),
+    "output into a folder that takes no file": ("an output in a folder where no file can be created (/proc, a "
+                                                "read-only mount: a real probe, before any work)",
+                                                lambda f: ["compress", _model(f), "/proc/out.onnx", "--data", _data(f),
+                                                           "--keep", "0.5"],
+                                                "cannot write output /proc/out.onnx: its folder takes no new file"),
+    "report into a folder that takes no file": ("--report in a folder where no file can be created (so the model "
+                                                "is not written either)",
+                                                lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f),
+                                                           "--keep", "0.5", "--report", "/proc/r.json"],
+                                                "cannot write report /proc/r.json: its folder takes no new file"),
+    "data is a FIFO": ("--data naming a FIFO (reading it would block forever)",
+                       lambda f: ["compress", _model(f), f / "out.onnx", "--data", _fifo(f), "--keep", "0.5"],
+                       "is not a regular file (a FIFO, a device or a socket)"),
+    "model is a FIFO": ("a model path naming a FIFO",
+                        lambda f: ["compress", _fifo(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5"],
+                        "model file <dir>/fifo is not a regular file"),
+    "unknown option": ("an option onnxcomp does not have (argparse's errors are one line too)",
+                       lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5",
+                                  "--rnak", "3"],
+                       "unrecognized arguments: --rnak 3 (see onnxcomp compress --help)"),
+    "missing argument": ("a command without its required arguments",
+                         lambda f: ["compress", _model(f), "--keep", "0.5"],
+                         "the following arguments are required: output (see onnxcomp compress --help)"),
     "missing output folder": ("an output in a folder that does not exist",
                               lambda f: ["compress", _model(f), f / "no" / "out.onnx", "--data", _data(f),
                                          "--keep", "0.5"],
@@ -320,6 +343,14 @@ def _with_quiet(args: list) -> list:
 def _corrupt(folder: Path) -> Path:
     path = folder / "bad.onnx"
     path.write_bytes(b"garbage" * 100)
+    return path
+
+
+def _fifo(folder: Path) -> Path:
+    import os
+
+    path = folder / "fifo"
+    os.mkfifo(path)
     return path
 
 

@@ -3,7 +3,7 @@
 A data-aware fit keeps what varies in the layers' inputs. Statistics of data that does not vary
 (all-zero or constant images, one sample copied) leave every direction equally unimportant: the
 fit matches the calibration data and its own validation samples (copies too) almost exactly,
-and the model falls apart on real data (issue 25: all-zero calibration data gave per-layer errors
+and the model falls apart on real data (all-zero calibration data for the digits CNN gave per-layer errors
 below 0.021 and held-out accuracy 0.248 against 0.998). Zero variance everywhere, or one sample
 repeated, is an error; zero variance in some layers and mostly repeated samples are warnings.
 """

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxcompError, first_line
+from ..io import check_readable
 from ..model import as_model
 from ..model.sample_axes import SampleAxes
 
@@ -289,9 +290,7 @@ def open_arrays(path: str | os.PathLike, what: str = "calibration", *, archive: 
     Never unpickles. A missing, misnamed or unreadable file is a one-line error that names
     it as the ``what`` file ("calibration", "data", "labels", "statistics").
     """
-    path = Path(path)
-    if not path.exists():
-        raise OnnxcompError(f"{what} file not found: {path}")
+    path = check_readable(path, what)
     if archive or path.suffix == ".npz":
         with _open_zip(path, what) as zipped:
             members = [name for name in zipped.namelist() if name.endswith(".npy")]
