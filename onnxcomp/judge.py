@@ -168,6 +168,7 @@ class Judge:
         self.specs = _check_specs(outputs, self.names)
         self.semantics = output_semantics(model)
         self.reference = self.run(model)
+        check_output_axes(self.specs, {name: np.ndim(value) for name, value in zip(self.names, self.reference)})
         self.metric = make_metric(metric)
         self._original_score = None
 
@@ -254,6 +255,16 @@ class Judge:
                               {name: self.kind_of(name) for name in self.names})
         errors.add(reference, outputs, self.keep if keep is None else keep)
         return errors.result()
+
+
+def check_output_axes(specs, ranks: dict[str, int]) -> None:
+    """A one-line error for an ``--outputs NAME:WEIGHT:AXIS`` whose axis the output does not have
+    (``ranks``: output name -> rank, where known); -rank..rank-1, as NumPy counts."""
+    for spec in (specs.values() if isinstance(specs, dict) else specs or ()):
+        rank = ranks.get(spec.name)
+        if spec.axis is not None and rank is not None and not -rank <= spec.axis < max(rank, 1):
+            raise OnnxcompError(f"--outputs {spec.name}:{spec.weight:g}:{spec.axis}: output {spec.name!r} has rank "
+                                f"{rank}, so its channel axis is one of {-rank}..{rank - 1}")
 
 
 def _check_specs(specs: list[OutputSpec] | None, names: list[str]) -> dict[str, OutputSpec] | None:

@@ -13,6 +13,7 @@ from dataclasses import replace
 import onnx
 
 from .budget import Planning, make_costs, plan_budget
+from .budget.candidates import rank_multiple_warnings
 from .calibration.collect import collect_statistics
 from .calibration.digests import DigestRecorder
 from .calibration.quality import check_statistics
@@ -25,7 +26,7 @@ from .config import BudgetKind, CompressConfig, Norm, OutputSpec
 from .decompose.backend import get_backend
 from .decompose.solve import layer_problem, solve_layers
 from .errors import OnnxcompError
-from .judge import Judge
+from .judge import Judge, check_output_axes
 from .model import NothingToCompress, as_model, find_layers, fingerprint, select_layers
 from .model.denormals import flush_written
 from .model.downstream import outputs_reached
@@ -62,7 +63,8 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
 def _compress(model, data, config: CompressConfig, stats, validation_data, timer: Timer | None):
     latency = config.budget.latency if config.budget else config.latency
     timer = timer or Timer(latency.provider.value, latency.threads)
-    if config.budget and config.budget.kind is BudgetKind.LATENCY:
+    latency_budget = config.budget is not None and config.budget.kind is BudgetKind.LATENCY
+    if latency_budget or (config.check_latency and data is not None):
         execution_providers(latency.provider.value)  # fail before calibrating if the provider is missing
     given = as_model(model)
     prepared = prepare_model(given, config.initializer_inputs, config.batch_axes)
@@ -74,6 +76,8 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
                nothing_ok=not config.fail_if_unchanged)
     if not run.chosen:
         return _unchanged(given, run, config, prepared)
+    check_output_axes(config.outputs, declared_ranks(model))  # before any work, where the graph tells
+    multiple_notes = rank_multiple_warnings(config.budget.rank_multiple if config.budget else None, run.chosen)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     statistics_notes = check_statistics(statistics, run.chosen)  # before the solve: constant data is refused
@@ -99,7 +103,6 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
     rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation)
-    latency_budget = config.budget is not None and config.budget.kind is BudgetKind.LATENCY
     measured = None
     if run.sample is not None and (config.check_latency or latency_budget):
         measured = check_latency(timer, model, compressed, run.layers, kept_fractions(rows), run.timing_feed,
@@ -109,7 +112,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["target"] = target_settings(config.budget, allocation, totals)
         if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
-    warnings = [*prepared.notes, *opset_notes, *statistics_notes,
+    warnings = [*prepared.notes, *opset_notes, *multiple_notes, *statistics_notes,
                 *data_warnings(problems, solved, statistics, config.budget is not None, judge),
                 *judge_warnings(judge, config.budget.max_drop if config.budget else None),
                 *nonfinite_warnings(fidelity), *guard_warnings(measured)]
@@ -196,6 +199,7 @@ class _Run:
         # What latency is measured on: one sample, or the batch a fixed-batch model takes.
         self.timing_feed = example if fixed_batch(model_inputs(model)) else self.sample
         self.layers, self.skipped = find_layers(model, self.shapes)
+        _refuse_rows_across_samples(model, self.layers)
         self.nothing = None  # why no layer can be compressed (``nothing_ok``: then nothing is chosen)
         try:
             self.chosen = select_layers(self.layers, self.skipped, skip)
@@ -250,6 +254,25 @@ class _Run:
                                         threads=self.threads, precision=self.precision, laid_out=True)
         statistics.digests = recorder.digests
         return statistics
+
+
+def declared_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Output name -> rank, for the tensor outputs whose shape the graph declares."""
+    return {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output
+            if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape")}
+
+
+def _refuse_rows_across_samples(model: onnx.ModelProto, layers) -> None:
+    """A Gemm with transA=1 reading a model input takes its rows along the input's axis 1, but the
+    working model takes that input's samples along axis 0 (its features, here): holding samples
+    out would cut the rows short. Say which axis holds the samples instead."""
+    inputs = {i.name for i in model.graph.input}
+    for layer in layers:
+        if layer.trans_a and layer.input in inputs:
+            raise OnnxcompError(
+                f"layer {layer.name!r} (Gemm, transA=1) reads its rows along axis 1 of input {layer.input!r}, but "
+                f"its samples are taken along axis 0 (the model does not say otherwise): give --batch-axis "
+                f"{layer.input}:1 (and the output's, e.g. --batch-axis {layer.output}:0)")
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):

@@ -25,7 +25,7 @@ from onnxcomp.errors import OnnxcompError  # noqa: E402
 from onnxcomp.io import staged  # noqa: E402
 
 from checks import assert_cli_error, cli_error  # noqa: E402
-from models import EXAMPLE, build, conv_model  # noqa: E402
+from models import EXAMPLE, build, conv_model, gemm_model  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -304,11 +304,42 @@ CASES = {
                               lambda f: ["compress", _model(f), f / "out.onnx", "--max-drop", "0.1", "--norm",
                                          "frobenius"],
                               "--max-drop needs data"),
+    "rank multiple no layer can use": ("--rank-multiple larger than every layer's cheaper ranks (checked before "
+                                       "calibration)",
+                                       lambda f: _compress(f, "--target-macs", "0.5", "--rank-multiple", "100000"),
+                                       "--rank-multiple 100000: no layer has a rank at a multiple of 100000"),
+    "rank multiple without a budget": ("--rank-multiple with a per-layer rule, which has no candidates to round",
+                                       lambda f: _compress(f, "--keep", "0.5", "--rank-multiple", "8"),
+                                       "--rank-multiple rounds the candidate ranks of a budget"),
+    "evbmf without tucker2": ("--evbmf with another method than tucker2", lambda f: _compress(f, "--evbmf"),
+                              "--evbmf chooses Tucker-2 ranks: use it with --method tucker2 (got --method svd)"),
+    "output axis out of range": ("--outputs with a channel axis the output does not have (not taken modulo)",
+                                 lambda f: _compress(f, "--keep", "0.5", "--outputs", "y:1:5"),
+                                 "--outputs y:1:5: output 'y' has rank 4, so its channel axis is one of -4..3"),
+    "input shape of size 0": ("--input-shape with a dimension 0 or below -1",
+                              lambda f: _compress(f, "--keep", "0.5", "--input-shape", "x:0,6,11,11"),
+                              "bad --input-shape for 'x': [0, 6, 11, 11]: each dimension is a positive size or -1"),
+    "bad validation data": ("--validation-data of the wrong dtype (the message names that file)",
+                            lambda f: _compress(f, "--keep", "0.5", "--validation-data",
+                                                _data(f, "v.npz", x=_images(dtype=np.float64))),
+                            "input 'x' (validation batch 0 of <dir>/v.npz): expected float32 data, got float64"),
+    "transposed rows of an input": ("a Gemm with transA=1 reading a model input whose samples are not on axis 1",
+                                    lambda f: _compress(f, "--keep", "0.5", model=gemm_model("transA = 1", trans_a=True),
+                                                        data={"a": np.ones((12, 5), np.float32)}),
+                                    "reads its rows along axis 1 of input 'a', but its samples are taken along axis 0"),
+    "report over the input model": ("--report naming the input model",
+                                    lambda f: _compress(f, "--keep", "0.5", "--report", f / "model.onnx"),
+                                    "the report <dir>/model.onnx is the input model <dir>/model.onnx"),
     "unknown output": ("--outputs naming an output the model does not have",
                        lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5",
                                   "--outputs", "boxes:2"],
                        "--outputs names 'boxes'"),
 }
+
+
+def _compress(folder: Path, *options, model=None, data=None) -> list:
+    """``compress`` of the conv model (or ``model``) on the images (or the arrays ``data``) into out.onnx."""
+    return ["compress", _model(folder, model), folder / "out.onnx", "--data", _data(folder, **(data or {})), *options]
 
 
 def _stats(folder: Path) -> Path:

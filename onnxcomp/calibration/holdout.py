@@ -100,7 +100,7 @@ def validation_besides_stats(feeds: Iterator[dict]) -> Validation:
 
 def validation_from(data, model, batch_size: int) -> Validation:
     """``--validation-data``: a separate set, read whole (checked like calibration data)."""
-    validation = Validation("", held_out=True, parts=list(iter_feeds(data, model, batch_size)))
+    validation = Validation("", held_out=True, parts=list(iter_feeds(data, model, batch_size, what="validation")))
     validation.source = f"{validation.samples} samples of --validation-data"
     return validation
 

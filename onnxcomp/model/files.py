@@ -91,8 +91,22 @@ def _names(model: onnx.ModelProto):
 
 def as_model(model_or_path) -> onnx.ModelProto:
     if isinstance(model_or_path, onnx.ModelProto):
+        _refuse_unloaded_external_data(model_or_path)
         return model_or_path
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise OnnxcompError(f"expected an onnx.ModelProto or a model path, got {type(model_or_path).__name__}")
     return load_model(model_or_path)
+
+
+def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
+    """A ModelProto loaded with ``load_external_data=False`` names files relative to a folder it no
+    longer knows: say so, instead of onnx's error from wherever the process runs."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise OnnxcompError(f"the model's tensor {tensor.name!r} is external data that was not loaded (file "
+                                f"{location!r}): pass the model's path, or load it with onnx.load(path) "
+                                "(load_external_data=True)")
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
