@@ -109,6 +109,13 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def checked_flag(value, option: str) -> bool:
+    """A True/False option (NumPy's bool too): ``centered={}`` or ``1`` is a mistake, not a truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise OnnxcompError(f"{option} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def names_tuple(value, option: str) -> tuple:
     """``skip=``/``outputs=``: one name, or an iterable of them (a string is one name, not its characters)."""
     if value is None:
@@ -169,8 +176,7 @@ class RankChoice:
         for name in ("keep", "energy"):  # a NumPy float given in Python: plain from here on
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
-        if not isinstance(self.evbmf, (bool, np.bool_)):
-            raise OnnxcompError(f"evbmf must be True or False, got {self.evbmf!r}")
+        object.__setattr__(self, "evbmf", checked_flag(self.evbmf, "evbmf"))
 
     def _rank_values(self) -> tuple:
         if is_integer(self.rank):
@@ -200,6 +206,7 @@ class SolveConfig:
         object.__setattr__(self, "method", Method.parse(self.method, "--method"))
         object.__setattr__(self, "norm", Norm.parse(self.norm, "--norm"))
         object.__setattr__(self, "cp_form", CPForm.parse(self.cp_form, "--cp-form"))
+        object.__setattr__(self, "centered", checked_flag(self.centered, "centered"))
         if self.ranks.evbmf and self.method is not Method.TUCKER2:
             raise OnnxcompError(f"--evbmf chooses Tucker-2 ranks: use it with --method tucker2 (got --method "
                                 f"{self.method.value})")
@@ -345,9 +352,10 @@ class CompressConfig:
         return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, names_tuple(skip, "skip"),
                    _input_shapes(input_shapes), batch_size, precision, device, progress,
                    names_tuple(outputs, "outputs"), metric,
-                   bool(flush_denormals), bool(check_latency), row_mask, bool(drop_padding_rows),
-                   initializer_inputs=initializer_inputs, batch_axes=batch_axes or {},
-                   fail_if_unchanged=bool(fail_if_unchanged))
+                   checked_flag(flush_denormals, "flush_denormals"), checked_flag(check_latency, "check_latency"),
+                   row_mask, checked_flag(drop_padding_rows, "drop_padding_rows"),
+                   initializer_inputs=initializer_inputs, batch_axes={} if batch_axes is None else batch_axes,
+                   fail_if_unchanged=checked_flag(fail_if_unchanged, "fail_if_unchanged"))
 
     @property
     def threads(self) -> int:

@@ -149,7 +149,7 @@ def make_metric(metric) -> Metric:
         return metric
     if callable(metric):
         return SessionMetric(metric)
-    if metric not in BUILTIN_METRICS:
+    if not isinstance(metric, str) or metric not in BUILTIN_METRICS:
         raise OnnxcompError(f"--metric: unknown metric {metric!r}, use one of {', '.join(BUILTIN_METRICS)}")
     return BUILTIN_METRICS[metric]()
 

@@ -7,6 +7,7 @@ Each stage lives in its own package (``model/``, ``calibration/``, ``decompose/`
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import replace
 
@@ -56,6 +57,8 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     if config is not None and options:
         raise OnnxcompError(f"give a config or keyword options, not both (got {sorted(options)})")
     config = config or CompressConfig.from_options(**options)
+    if stats is not None and not isinstance(stats, (Statistics, str, os.PathLike)):
+        raise OnnxcompError(f"stats must be a Statistics or the path of a statistics file, got {type(stats).__name__}")
     with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
         return _compress(model, data, config, stats, validation_data, timer)
 
@@ -152,12 +155,13 @@ def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, 
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
     and reuse with ``stats=``. ``row_mask``, ``threads``, ``drop_padding_rows``, ``precision`` (of the
     products: "float32" or "float64"), ``initializer_inputs``, ``batch_axes``: as :func:`compress`'s."""
-    config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask,
-                                         threads=threads, precision=precision, initializer_inputs=initializer_inputs,
+    config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, skip=skip, batch_size=batch_size,
+                                         row_mask=row_mask, threads=threads, precision=precision,
+                                         initializer_inputs=initializer_inputs,
                                          batch_axes=batch_axes)
     with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
         working = prepare_model(as_model(model), initializer_inputs, config.batch_axes).model
-        run = _Run(working, data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
+        run = _Run(working, data, None, config.input_shapes, config.skip, batch_size, progress, hold_out=False,
                    row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows,
                    precision=config.precision.value)
         return run.statistics(Norm.DATA)

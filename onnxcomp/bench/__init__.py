@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 from ..calibration.readers import fixed_batch, model_inputs
 from ..calibration.rowmask import resolve_row_mask
+from ..config import is_integer
 from ..errors import OnnxcompError
 from ..runtime import Timer, execution_providers
 from .data import checked_labels, read_held_out
@@ -171,9 +172,9 @@ def _check_counts(repeats, warmup, threads) -> None:
 
 def _positive_ints(values, what: str) -> list[int]:
     try:
-        values = [int(v) for v in values]
-    except (TypeError, ValueError):
+        values = list(values)
+    except TypeError:
         raise OnnxcompError(f"{what} must be positive integers, got {values!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise OnnxcompError(f"{what} must be positive integers, got {values}")
-    return sorted(set(values))
+    if not values or any(not is_integer(v) or v < 1 for v in values):  # 2.5, True, inf: not a batch size
+        raise OnnxcompError(f"{what} must be positive integers, got {values!r}")
+    return sorted({int(v) for v in values})

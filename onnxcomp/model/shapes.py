@@ -13,6 +13,8 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     """``["name:1,3,224,224", ...]`` -> ``{"name": [1, 3, 224, 224]}``."""
     shapes = {}
     for spec in specs or []:
+        if not isinstance(spec, str):
+            raise OnnxcompError(f"bad --input-shape {spec!r}: expected name:d1,d2,... (e.g. input:1,3,224,224)")
         name, sep, dims = spec.rpartition(":")
         try:
             if not sep or not name:
