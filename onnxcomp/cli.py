@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -13,20 +15,32 @@ from . import __version__
 from .errors import OnnxcompError
 from .io import check_writable, columns, refuse_clashes
 from .model import count_macs, count_params, find_layers, load_model, parse_input_shapes, save_model
-from .model.files import external_data_file, external_data_files
+from .model.files import EXTERNAL_DATA_BYTES, external_data_file, external_data_files
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    with _sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
+        args, unknown = _parser().parse_known_args(argv)
+        if unknown:  # argparse would name the top-level command's help, not this command's
+            raise OnnxcompError(f"unrecognized arguments: {' '.join(unknown)} (see onnxcomp {args.command} --help)")
         return args.run(args)
     except OnnxcompError as exc:
         print(f"onnxcomp: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("onnxcomp: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): every file was written before the printing
+        _stdout_to_devnull()
+        return 0
     except Exception as exc:  # a bug: say so in one line, the traceback only on request
         if os.environ.get("ONNXCOMP_DEBUG"):
             traceback.print_exc()
@@ -35,8 +49,46 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, CI runners and ``kill`` send), raised where the program is, as
+    Ctrl-C is: every ``finally`` runs, so a half-written output's staging folder is removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (main() called from a worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's mistakes as every other refusal: one line ``onnxcomp: error: ...``, exit code 2
+    (argparse prints the whole usage block); ``--help`` still shows it."""
+
+    def error(self, message: str):
+        raise OnnxcompError(f"{message} (see {self.prog} --help)")
+
+
+def _stdout_to_devnull() -> None:
+    """After a closed pipe, point stdout at /dev/null: Python's own flush at exit would fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test's captured stdout)
+        pass
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxcomp", description="Data-aware low-rank compression of ONNX models.")
+    parser = _OneLineParser(prog="onnxcomp", description="Data-aware low-rank compression of ONNX models.")
     parser.add_argument("--version", action="version", version=f"onnxcomp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -245,7 +297,7 @@ def _compress(args) -> int:
     from .pipeline import compress
 
     config = CompressConfig.from_options(**_api_options(CompressConfig.from_options, args))
-    check_writable(args.output, "output")
+    check_writable(args.output, "output", _external_data_name(args.input, args.output))
     if args.report:
         check_writable(args.report, "report")
     refuse_clashes([*_model_files("input model", args.input), ("calibration data (--data)", args.data),
@@ -256,15 +308,18 @@ def _compress(args) -> int:
     compressed, report = compress(load_model(args.input), args.data, config, stats=args.stats,
                                   validation_data=args.validation_data)
     save_model(compressed, args.output)
+    if args.report:
+        report.save(args.report)
+    # Printed after every file is written: a closed stdout (`| head`) loses only lines.
     print(report.table())
     print(f"wrote {args.output}")
     if args.report:
-        report.save(args.report)
         print(f"wrote {args.report}")
     return 0
 
 
 def _calibrate(args) -> int:
+    from .calibration.quality import check_statistics
     from .calibration.stats import Statistics
     from .pipeline import calibrate
 
@@ -279,6 +334,8 @@ def _calibrate(args) -> int:
                            batch_axes=args.batch_axes, ray=args.ray)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
+    for warning in check_statistics(statistics):  # the merged whole: a constant shard may be fine
+        print(f"warning: {warning}", file=sys.stderr)
     statistics.save(args.output)
     samples = max(s.samples for s in statistics.values())
     print(f"wrote {args.output}: {len(statistics)} layer inputs, {samples} samples")
@@ -294,11 +351,22 @@ def _bench(args) -> int:
                     ("data (--data)", args.data), ("labels (--labels)", args.labels)],
                    [("JSON output (--json)", args.json)])
     result = bench(**_api_options(bench, args))
-    print(result.table())
     if args.json:
         result.save(args.json)
+    print(result.table())  # after the file: a closed stdout loses only lines
+    if args.json:
         print(f"wrote {args.json}")
     return 0
+
+
+def _external_data_name(model: str, output: str) -> tuple[str, ...]:
+    """The name of the output's external data file when the compressed model may need one (the input
+    model and its data are that large): its length is checked before any work, with the output's."""
+    try:
+        size = sum(os.path.getsize(path) for path in (model, *external_data_files(model)))
+    except OSError:  # not there: loading the model says so
+        return ()
+    return (external_data_file(output).name,) if size > EXTERNAL_DATA_BYTES else ()
 
 
 def _model_files(role: str, path: str) -> list[tuple[str, str | Path]]:

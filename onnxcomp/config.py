@@ -99,6 +99,35 @@ class Precision(Choice):
     FLOAT64 = "float64"
 
 
+def is_integer(value) -> bool:
+    """An int (NumPy's too), not a bool: ``rank=True`` is a mistake, not rank 1."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value) -> bool:
+    """An int or float (NumPy's too), not a bool and not a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def checked_flag(value, option: str) -> bool:
+    """A True/False option (NumPy's bool too): ``centered={}`` or ``1`` is a mistake, not a truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise OnnxcompError(f"{option} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def names_tuple(value, option: str) -> tuple:
+    """``skip=``/``outputs=``: one name, or an iterable of them (a string is one name, not its characters)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, OutputSpec)):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise OnnxcompError(f"{option} must be a name or a list of names, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     """How one model output counts in the fidelity: its weight (0: ignored) and its channel axis
@@ -137,11 +166,24 @@ class RankChoice:
         object.__setattr__(self, "rule", RankRule.parse(self.rule, "--rank-rule"))
         object.__setattr__(self, "spectrum", SpectrumSource.parse(self.spectrum, "--spectrum"))
         if self.rank is not None:
-            values = (self.rank,) if isinstance(self.rank, int) else tuple(self.rank)
-            if len(values) not in (1, 2) or any(not isinstance(v, int) or v < 1 for v in values):
+            values = self._rank_values()
+            if len(values) not in (1, 2) or any(not is_integer(v) or v < 1 for v in values):
                 raise OnnxcompError(f"--rank must be a positive integer or R_OUT,R_IN, got {self.rank!r}")
+            values = tuple(int(v) for v in values)
+            object.__setattr__(self, "rank", values[0] if is_integer(self.rank) else values)
         _check_fraction(self.keep, "--keep")
         _check_fraction(self.energy, "--energy")
+        for name in ("keep", "energy"):  # a NumPy float given in Python: plain from here on
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "evbmf", checked_flag(self.evbmf, "evbmf"))
+
+    def _rank_values(self) -> tuple:
+        if is_integer(self.rank):
+            return (self.rank,)
+        if isinstance(self.rank, (tuple, list)):
+            return tuple(self.rank)
+        return (self.rank,)  # 2.5, True, "2": refused by the caller
 
     @property
     def given(self) -> list[str]:
@@ -164,6 +206,10 @@ class SolveConfig:
         object.__setattr__(self, "method", Method.parse(self.method, "--method"))
         object.__setattr__(self, "norm", Norm.parse(self.norm, "--norm"))
         object.__setattr__(self, "cp_form", CPForm.parse(self.cp_form, "--cp-form"))
+        object.__setattr__(self, "centered", checked_flag(self.centered, "centered"))
+        if self.ranks.evbmf and self.method is not Method.TUCKER2:
+            raise OnnxcompError(f"--evbmf chooses Tucker-2 ranks: use it with --method tucker2 (got --method "
+                                f"{self.method.value})")
 
     def at_rank(self, method: Method | str, rank) -> "SolveConfig":
         """The same fit at one method and rank (what a budget decided for one layer)."""
@@ -180,7 +226,7 @@ class LatencyConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "provider", Provider.parse(self.provider, "--provider"))
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+        if self.threads is not None and (not is_integer(self.threads) or self.threads < 1):
             raise OnnxcompError(f"--threads must be a positive integer, got {self.threads!r}")
 
 
@@ -220,12 +266,12 @@ class BudgetConfig:
         if (self.fraction is None) == (self.max_drop is None):
             raise OnnxcompError("a budget takes a fraction or a --max-drop, not both")
         if self.max_drop is not None:
-            if not isinstance(self.max_drop, (int, float)) or not self.max_drop >= 0:
+            if not is_number(self.max_drop) or not self.max_drop >= 0:
                 raise OnnxcompError(f"--max-drop must be a non-negative number, got {self.max_drop!r}")
-        elif not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+        elif not is_number(self.fraction) or not 0 < self.fraction <= 1:
             raise OnnxcompError(f"--target-{self.kind.value} must be a fraction in (0, 1], got {self.fraction}")
         multiple = self.rank_multiple
-        if multiple is not None and (not isinstance(multiple, int) or multiple < 1):
+        if multiple is not None and (not is_integer(multiple) or multiple < 1):
             raise OnnxcompError(f"--rank-multiple must be a positive integer, got {multiple!r}")
         if multiple is None and self.kind.value in ROUNDED_BUDGETS:
             object.__setattr__(self, "rank_multiple", RANK_MULTIPLE)
@@ -260,10 +306,13 @@ class CompressConfig:
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
         object.__setattr__(self, "precision", Precision.parse(self.precision, "--precision"))
-        object.__setattr__(self, "skip", tuple(self.skip or ()))
-        specs = tuple(s if isinstance(s, OutputSpec) else OutputSpec.parse(str(s)) for s in self.outputs or ())
+        object.__setattr__(self, "skip", names_tuple(self.skip, "skip"))
+        if not all(isinstance(name, str) for name in self.skip):
+            raise OnnxcompError(f"--skip takes node names or op types, got {list(self.skip)!r}")
+        specs = tuple(s if isinstance(s, OutputSpec) else OutputSpec.parse(str(s))
+                      for s in names_tuple(self.outputs, "outputs"))
         object.__setattr__(self, "outputs", specs)
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not is_integer(self.batch_size) or self.batch_size < 1:
             raise OnnxcompError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
         object.__setattr__(self, "batch_axes", parse_batch_axes(self.batch_axes))
         if self.initializer_inputs not in ("constant", "refuse"):
@@ -304,14 +353,18 @@ class CompressConfig:
             budget = BudgetConfig(kind, fraction, sensitivity, rank_multiple, latency)
         elif max_drop is not None:
             budget = BudgetConfig(minimize, None, sensitivity, rank_multiple, latency, max_drop)
-        elif rank_multiple is not None:
-            BudgetConfig(BudgetKind.MACS, 1.0, rank_multiple=rank_multiple)  # the same checks
+        elif rank_multiple is not None:  # a per-layer rule has no candidates to round: it would do nothing
+            raise OnnxcompError("--rank-multiple rounds the candidate ranks of a budget: use it with --target-macs, "
+                                "--target-params, --target-latency or --max-drop")
         ranks = RankChoice(rank, keep, energy, rule, spectrum, evbmf)
-        return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, tuple(skip or ()),
-                   _input_shapes(input_shapes), batch_size, precision, device, progress, tuple(outputs or ()), metric,
-                   bool(flush_denormals), bool(check_latency), row_mask, bool(drop_padding_rows),
-                   initializer_inputs=initializer_inputs, batch_axes=batch_axes or {},
-                   fail_if_unchanged=bool(fail_if_unchanged), refit_bias=bool(refit_bias), ray=ray)
+        return cls(SolveConfig(method, norm, centered, ranks, cp_form), budget, latency, names_tuple(skip, "skip"),
+                   _input_shapes(input_shapes), batch_size, precision, device, progress,
+                   names_tuple(outputs, "outputs"), metric,
+                   checked_flag(flush_denormals, "flush_denormals"), checked_flag(check_latency, "check_latency"),
+                   row_mask, checked_flag(drop_padding_rows, "drop_padding_rows"),
+                   initializer_inputs=initializer_inputs, batch_axes={} if batch_axes is None else batch_axes,
+                   fail_if_unchanged=checked_flag(fail_if_unchanged, "fail_if_unchanged"),
+                   refit_bias=checked_flag(refit_bias, "refit_bias"), ray=ray)
 
     @property
     def threads(self) -> int:
@@ -335,15 +388,21 @@ class CompressConfig:
 
 
 def _check_fraction(value, option: str) -> None:
-    if value is not None and (not isinstance(value, (int, float)) or not 0 < value <= 1):
-        raise OnnxcompError(f"{option} must be in (0, 1], got {value}")
+    if value is not None and (not is_number(value) or not 0 < value <= 1):
+        raise OnnxcompError(f"{option} must be in (0, 1], got {value!r}")
 
 
 def _input_shapes(specs) -> dict[str, list[int]]:
     """``["name:1,3,224,224"]`` (command-line form) or ``{"name": [1, 3, 224, 224]}``."""
     from .model import parse_input_shapes
+    from .model.shapes import checked_dims
 
-    return parse_input_shapes(specs) if isinstance(specs, (list, tuple)) else dict(specs or {})
+    if isinstance(specs, (list, tuple)):
+        return parse_input_shapes(specs)
+    if not isinstance(specs, (dict, type(None))):
+        raise OnnxcompError(f"input_shapes must be a dict of name -> dims or a list of 'name:d1,d2,...', got "
+                            f"{specs!r}")
+    return {name: checked_dims(name, dims) for name, dims in (specs or {}).items()}
 
 
 def _plain(value):

@@ -13,6 +13,7 @@ and the Judge says where they came from, so that no number calls itself held-out
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,8 @@ import onnx
 
 from .config import OutputSpec
 from .errors import OnnxcompError
-from .metrics import OutputErrors, TopOneAgreement, channel_axis, standardized_error, token_layout
+from .metrics import (OutputErrors, TopOneAgreement, channel_axis, nonfinite_count, standardized_error,
+                      token_layout)
 from .model.semantics import output_semantics
 from .runtime import make_session, run_in_batches
 
@@ -33,9 +35,14 @@ class Fidelity:
     outputs: dict  # name -> {standardized, relative_l2, cosine, max_abs, nonfinite}
     samples: int
     source: str  # where the samples came from ("held out of the statistics", "calibration samples", ...)
-    held_out: bool
+    held_out: bool | None  # None: nobody can tell (statistics that record no sample digests)
     top1_agreement: float | None = None  # when the first output is class scores
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def nonfinite(self) -> int:
+        """NaN or Inf values in the candidate's outputs where the original's hold other values."""
+        return sum(errors.get("nonfinite", 0) for errors in self.outputs.values())
 
     def to_dict(self) -> dict:
         return {"standardized": self.standardized, "samples": self.samples, "source": self.source,
@@ -50,6 +57,10 @@ class Metric:
 
     def score(self, judge: "Judge", model: onnx.ModelProto) -> float:
         raise NotImplementedError
+
+    def step(self, judge: "Judge") -> float | None:
+        """The smallest change of the score the judge's samples can show (None: no such step)."""
+        return None
 
 
 class FidelityMetric(Metric):
@@ -70,6 +81,8 @@ class TopOneMetric(Metric):
 
     def score(self, judge, model):
         reference, candidate = judge.reference[0], judge.run(model)[0]
+        if nonfinite_count(reference, candidate):
+            return -math.inf  # NaN or Inf scores: infinitely worse, not a few disagreements
         if np.ndim(reference) == 3 and reference.dtype.kind == "f":
             axis = channel_axis(reference.shape, judge.axis_of(judge.names[0]))
             if reference.shape[axis] >= 2:
@@ -84,14 +97,29 @@ class TopOneMetric(Metric):
         return top1.agreement()
 
 
+    def step(self, judge):
+        """One disagreement: one sample in the samples, or one position in the real positions."""
+        reference = judge.reference[0]
+        units = judge.samples
+        if np.ndim(reference) == 3 and reference.dtype.kind == "f":
+            axis = channel_axis(reference.shape, judge.axis_of(judge.names[0]))
+            keep = judge.keep if judge.keep is not None and judge.keep.shape == reference.shape[:2] else None
+            if axis == 2 and reference.shape[2] >= 2:
+                units = int(keep.sum()) if keep is not None else reference.shape[0] * reference.shape[1]
+        return 1.0 / max(units, 1)
+
+
 class CosineMetric(Metric):
     """Mean cosine similarity per sample of the first output to the original's (embeddings; the original 1)."""
 
     name = "cosine"
 
     def score(self, judge, model):
+        reference, candidate = judge.reference[0], judge.run(model)[0]
+        if nonfinite_count(reference, candidate):
+            return -math.inf  # a vector holding NaN or Inf has no direction: infinitely worse
         ref, new = (judge.masked(output).reshape(judge.samples, -1).astype(np.float64)
-                    for output in (judge.reference[0], judge.run(model)[0]))
+                    for output in (reference, candidate))
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1)
         return float(np.mean(np.where(norms > 0, np.sum(ref * new, axis=1) / np.maximum(norms, 1e-300), 1.0)))
 
@@ -104,7 +132,12 @@ class SessionMetric(Metric):
         self.fn, self.name = fn, getattr(fn, "__name__", "metric")
 
     def score(self, judge, model):
-        return float(self.fn(make_session(model, threads=judge.threads)))
+        value = self.fn(make_session(model, threads=judge.threads))
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise OnnxcompError(f"metric {self.name}() returned {value!r}: it must return a number "
+                                "(higher is better)") from None
 
 
 BUILTIN_METRICS = {m.name: m for m in (FidelityMetric, TopOneMetric, CosineMetric)}
@@ -116,7 +149,7 @@ def make_metric(metric) -> Metric:
         return metric
     if callable(metric):
         return SessionMetric(metric)
-    if metric not in BUILTIN_METRICS:
+    if not isinstance(metric, str) or metric not in BUILTIN_METRICS:
         raise OnnxcompError(f"--metric: unknown metric {metric!r}, use one of {', '.join(BUILTIN_METRICS)}")
     return BUILTIN_METRICS[metric]()
 
@@ -124,7 +157,7 @@ def make_metric(metric) -> Metric:
 class Judge:
     """The validation samples, the original model's outputs on them, and the metric that judges."""
 
-    def __init__(self, model: onnx.ModelProto, feed: dict, source: str, held_out: bool,
+    def __init__(self, model: onnx.ModelProto, feed: dict, source: str, held_out: bool | None,
                  outputs: list[OutputSpec] | None = None, batch: int = 32, metric="fidelity",
                  row_mask: str | None = None, threads: int | None = None):
         self.model, self.feed, self.source, self.held_out = model, feed, source, held_out
@@ -135,6 +168,7 @@ class Judge:
         self.specs = _check_specs(outputs, self.names)
         self.semantics = output_semantics(model)
         self.reference = self.run(model)
+        check_output_axes(self.specs, {name: np.ndim(value) for name, value in zip(self.names, self.reference)})
         self.metric = make_metric(metric)
         self._original_score = None
 
@@ -173,12 +207,19 @@ class Judge:
     @property
     def original_score(self) -> float:
         if self._original_score is None:
-            self._original_score = self.metric.score(self, self.model)
+            score = self.metric.score(self, self.model)
+            if not math.isfinite(score):  # every loss would be NaN: no candidate could ever be judged
+                raise OnnxcompError(f"metric {self.metric.name} scores the original model {score}: it must give "
+                                    "the original a finite score")
+            self._original_score = score
         return self._original_score
 
     def loss(self, model: onnx.ModelProto) -> float:
-        """How much worse ``model`` scores than the original (0: as good; the quantity decisions minimise)."""
-        return self.original_score - self.metric.score(self, model)
+        """How much worse ``model`` scores than the original (0: as good; the quantity decisions
+        minimise). A score that is not a finite number (NaN outputs, a metric's NaN) is an infinite loss."""
+        original = self.original_score  # first: an original without a finite score is refused
+        score = self.metric.score(self, model)
+        return original - score if math.isfinite(score) else math.inf
 
     @property
     def samples(self) -> int:
@@ -214,6 +255,16 @@ class Judge:
                               {name: self.kind_of(name) for name in self.names})
         errors.add(reference, outputs, self.keep if keep is None else keep)
         return errors.result()
+
+
+def check_output_axes(specs, ranks: dict[str, int]) -> None:
+    """A one-line error for an ``--outputs NAME:WEIGHT:AXIS`` whose axis the output does not have
+    (``ranks``: output name -> rank, where known); -rank..rank-1, as NumPy counts."""
+    for spec in (specs.values() if isinstance(specs, dict) else specs or ()):
+        rank = ranks.get(spec.name)
+        if spec.axis is not None and rank is not None and not -rank <= spec.axis < max(rank, 1):
+            raise OnnxcompError(f"--outputs {spec.name}:{spec.weight:g}:{spec.axis}: output {spec.name!r} has rank "
+                                f"{rank}, so its channel axis is one of {-rank}..{rank - 1}")
 
 
 def _check_specs(specs: list[OutputSpec] | None, names: list[str]) -> dict[str, OutputSpec] | None:

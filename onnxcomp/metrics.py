@@ -5,7 +5,10 @@ similarity and the largest absolute difference, from running sums in float64 so
 that any number of batches can be added. Edge cases are decided once, here: an
 all-zero reference gives a relative error of 0 when the candidate is zero too
 and infinity otherwise; two all-zero outputs have cosine 1, one all-zero output
-cosine 0.
+cosine 0. A NaN or infinity in the candidate where the original holds another value
+is an infinite error (and an undefined cosine, NaN), never a dropped value: a model
+that computes NaN is as far from the original as a model can be. The original's own
+non-finite values, reproduced exactly, count as equal.
 
 For classifiers, :class:`TopOneAgreement` gathers both models' top-1 predictions
 from an output that looks like class scores (:func:`class_scores`): how often
@@ -32,6 +35,32 @@ def _quiet(method):
     return wrapped
 
 
+@_quiet
+def difference(ref: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``new - ref`` in float64, where a non-finite value is an infinite difference: 0 where both
+    hold the same value (the original's own NaN or infinity reproduced), inf wherever either side
+    is NaN or infinite and the other differs."""
+    ref, new = np.asarray(ref, dtype=np.float64), np.asarray(new, dtype=np.float64)
+    diff = new - ref
+    same = (new == ref) | (np.isnan(new) & np.isnan(ref))
+    return np.where(same, 0.0, np.where(np.isfinite(diff), diff, np.inf))
+
+
+def nonfinite_count(ref: np.ndarray, new: np.ndarray) -> int:
+    """How many values of ``new`` are NaN or infinite where ``ref`` holds another value."""
+    new = np.asarray(new)
+    if new.dtype.kind not in "fc":
+        return 0
+    return int(np.count_nonzero(~np.isfinite(new) & np.isinf(difference(ref, new))))
+
+
+def finite_part(values: np.ndarray) -> np.ndarray:
+    """``values`` in float64 with NaN and infinities set to 0 (the original's own non-finite values
+    have no size or spread to measure an error against)."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values), values, 0.0)
+
+
 class ErrorSums:
     """Running sums for relative L2, cosine and max abs over batches, in float64."""
 
@@ -41,14 +70,13 @@ class ErrorSums:
 
     @_quiet
     def add(self, ref: np.ndarray, new: np.ndarray) -> None:
-        ref = np.asarray(ref, dtype=np.float64).ravel()
-        new = np.asarray(new, dtype=np.float64).ravel()
-        diff = new - ref
+        diff = difference(ref, new).ravel()
+        self.nonfinite += nonfinite_count(ref, new)
+        ref, new = finite_part(ref).ravel(), finite_part(new).ravel()
         self.diff2 += float(diff @ diff)
         self.ref2 += float(ref @ ref)
         self.new2 += float(new @ new)
         self.dot += float(ref @ new)
-        self.nonfinite += int(new.size - np.count_nonzero(np.isfinite(new)))
         if diff.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
 
@@ -58,7 +86,9 @@ class ErrorSums:
             relative = math.sqrt(self.diff2) / ref_norm
         else:
             relative = 0.0 if self.diff2 == 0 else math.inf
-        if ref_norm > 0 and new_norm > 0:
+        if math.isinf(self.diff2):
+            cosine = math.nan  # the direction of a vector holding NaN or infinities is undefined
+        elif ref_norm > 0 and new_norm > 0:
             cosine = min(1.0, max(-1.0, self.dot / (ref_norm * new_norm)))  # rounding can pass 1
         else:
             cosine = 1.0 if ref_norm == new_norm else 0.0
@@ -145,7 +175,10 @@ class TopOneAgreement:
         if self.applies:
             self.classes = ref.shape[1]
             self.reference.append(ref.argmax(axis=1))
-            self.candidate.append(new.argmax(axis=1))
+            # A row holding NaN or Inf where the original's does not predicts nothing (-1: never
+            # the original's class), whatever argmax makes of the NaN.
+            broken = np.isinf(difference(ref, new)).any(axis=1)
+            self.candidate.append(np.where(broken, -1, new.argmax(axis=1)))
 
     def agreement(self) -> float | None:
         """The share of samples on which both models predict the same class (None: not class scores)."""
@@ -191,8 +224,7 @@ class ChannelErrors:
 
     @_quiet
     def add(self, ref: np.ndarray, new: np.ndarray) -> None:
-        ref = np.asarray(ref, dtype=np.float64)
-        diff = np.asarray(new, dtype=np.float64) - ref
+        diff, ref = difference(ref, new), finite_part(ref)
         axis = channel_axis(ref.shape, self.axis)
         if axis is None:
             ref, diff = ref.reshape(-1, 1), diff.reshape(-1, 1)
@@ -220,6 +252,8 @@ class ChannelErrors:
             scale = np.maximum(std, self.FLOOR * typical)
         else:  # no spread at all (one sample, constant outputs): relative to the values' size instead
             scale = np.full_like(std, max(float(np.sqrt(np.mean(self.ref_sq / self.count))), np.finfo(float).tiny))
+        # An infinite rms (NaN or Inf in the candidate) stays infinite: dropping it would make a
+        # model that computes NaN look better than one that computes something.
         return np.where(rms > 0, rms / scale, 0.0)
 
     def result(self) -> float:
@@ -373,4 +407,6 @@ def standardized_error(per_output: dict[str, float], specs: dict[str, OutputSpec
     total = sum(weights.values())
     if total <= 0:
         return 0.0
-    return float(np.sqrt(sum(weights[name] * value**2 for name, value in per_output.items()) / total))
+    # Outputs of weight 0 are left out, not multiplied by 0: 0 x inf would be NaN.
+    return float(np.sqrt(sum(weights[name] * value**2 for name, value in per_output.items() if weights[name])
+                         / total))

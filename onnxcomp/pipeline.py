@@ -7,14 +7,19 @@ Each stage lives in its own package (``model/``, ``calibration/``, ``decompose/`
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import replace
 
 import onnx
 
 from .budget import Planning, make_costs, plan_budget
+from .budget.candidates import rank_multiple_warnings
 from .calibration.collect import collect_statistics
-from .calibration.holdout import held_out_count, split_validation, validation_besides_stats, validation_from
+from .calibration.digests import DigestRecorder
+from .calibration.quality import check_statistics
+from .calibration.holdout import (compare_with_statistics, held_out_count, split_validation, validation_besides_stats,
+                                 validation_from)
 from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs
 from .calibration.rowmask import resolve_row_mask
 from .calibration.stats import Statistics
@@ -22,7 +27,7 @@ from .config import BudgetKind, CompressConfig, Norm, OutputSpec
 from .decompose.backend import get_backend
 from .decompose.solve import layer_problem, solve_layers
 from .errors import OnnxcompError
-from .judge import Judge
+from .judge import Judge, check_output_axes
 from .model import NothingToCompress, as_model, find_layers, fingerprint, select_layers
 from .model.denormals import flush_written
 from .model.downstream import outputs_reached
@@ -31,7 +36,8 @@ from .model.subgraphs import describe
 from .passes import apply_solved, planned
 from .refit import SampleCapture, refit_biases
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
-from .report import Report, add_latency, data_warnings, layer_rows, model_totals, target_settings
+from .report import (Report, add_latency, data_warnings, judge_warnings, layer_rows, model_totals,
+                     nonfinite_warnings, target_settings)
 from .runtime import Timer, execution_providers
 from .threads import available_memory, blas_threads, remote_map
 
@@ -53,6 +59,8 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
     if config is not None and options:
         raise OnnxcompError(f"give a config or keyword options, not both (got {sorted(options)})")
     config = config or CompressConfig.from_options(**options)
+    if stats is not None and not isinstance(stats, (Statistics, str, os.PathLike)):
+        raise OnnxcompError(f"stats must be a Statistics or the path of a statistics file, got {type(stats).__name__}")
     with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
         return _compress(model, data, config, stats, validation_data, timer)
 
@@ -60,7 +68,8 @@ def compress(model, data=None, config: CompressConfig | None = None, *, stats=No
 def _compress(model, data, config: CompressConfig, stats, validation_data, timer: Timer | None):
     latency = config.budget.latency if config.budget else config.latency
     timer = timer or Timer(latency.provider.value, latency.threads)
-    if config.budget and config.budget.kind is BudgetKind.LATENCY:
+    latency_budget = config.budget is not None and config.budget.kind is BudgetKind.LATENCY
+    if latency_budget or (config.check_latency and data is not None):
         execution_providers(latency.provider.value)  # fail before calibrating if the provider is missing
     given = as_model(model)
     prepared = prepare_model(given, config.initializer_inputs, config.batch_axes)
@@ -74,12 +83,15 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
                nothing_ok=not config.fail_if_unchanged, capture=config.refit_bias, ray=config.ray)
     if not run.chosen:
         return _unchanged(given, run, config, prepared)
+    check_output_axes(config.outputs, declared_ranks(model))  # before any work, where the graph tells
+    multiple_notes = rank_multiple_warnings(config.budget.rank_multiple if config.budget else None, run.chosen)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
     if not run.keep_unseen(statistics):
         return _unchanged(given, run, config, prepared)
+    statistics_notes = check_statistics(statistics, run.chosen)  # before the solve: constant data is refused
     clock.lap("calibration")
-    judge = run.judge(config.outputs, config.metric)
+    judge = run.judge(config.outputs, config.metric, statistics)
     problems = {layer.name: layer_problem(layer, statistics.of_layer(layer) if statistics else None)
                 for layer in run.chosen}
     with remote_map(_remote_solves(config)):
@@ -108,7 +120,6 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
     rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation, run.not_chosen)
-    latency_budget = config.budget is not None and config.budget.kind is BudgetKind.LATENCY
     measured = None
     if run.sample is not None and (config.check_latency or latency_budget):
         measured = check_latency(timer, model, compressed, run.layers, kept_fractions(rows), run.timing_feed,
@@ -118,8 +129,10 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["target"] = target_settings(config.budget, allocation, totals)
         if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
-    warnings = [*prepared.notes, *opset_notes, *refit_notes, *data_warnings(problems, solved, statistics, config.budget is not None, judge),
-                *guard_warnings(measured)]
+    warnings = [*prepared.notes, *opset_notes, *refit_notes, *multiple_notes, *statistics_notes,
+                *data_warnings(problems, solved, statistics, config.budget is not None, judge),
+                *judge_warnings(judge, config.budget.max_drop if config.budget else None),
+                *nonfinite_warnings(fidelity), *guard_warnings(measured)]
     return prepared.restore(compressed), Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
 
@@ -183,12 +196,13 @@ def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, 
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
     and reuse with ``stats=``. ``row_mask``, ``threads``, ``drop_padding_rows``, ``precision`` (of the
     products: "float32" or "float64"), ``initializer_inputs``, ``batch_axes``, ``ray``: as :func:`compress`'s."""
-    config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, batch_size=batch_size, row_mask=row_mask,
-                                         threads=threads, precision=precision, initializer_inputs=initializer_inputs,
+    config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, skip=skip, batch_size=batch_size,
+                                         row_mask=row_mask, threads=threads, precision=precision,
+                                         initializer_inputs=initializer_inputs,
                                          batch_axes=batch_axes, ray=ray)
     with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
         working = prepare_model(as_model(model), initializer_inputs, config.batch_axes).model
-        run = _Run(working, data, None, config.input_shapes, skip, batch_size, progress, hold_out=False,
+        run = _Run(working, data, None, config.input_shapes, config.skip, batch_size, progress, hold_out=False,
                    row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows,
                    precision=config.precision.value, ray=config.ray)
         return run.statistics(Norm.DATA)
@@ -236,6 +250,7 @@ class _Run:
         # What latency is measured on: one sample, or the batch a fixed-batch model takes.
         self.timing_feed = example if fixed_batch(model_inputs(model)) else self.sample
         self.layers, self.skipped = find_layers(model, self.shapes)
+        _refuse_rows_across_samples(model, self.layers)
         self.nothing = None  # why no layer can be compressed (``nothing_ok``: then nothing is chosen)
         try:
             self.chosen = select_layers(self.layers, self.skipped, skip)
@@ -279,11 +294,13 @@ class _Run:
                 raise OnnxcompError(f"{self.nothing} (every one is inside a body no sample ran)")
         return bool(self.chosen)
 
-    def judge(self, outputs, metric) -> Judge | None:
-        """The judge of candidate models, on the validation samples (None: no data given)."""
+    def judge(self, outputs, metric, statistics: Statistics | None) -> Judge | None:
+        """The judge of candidate models, on the validation samples (None: no data given), held
+        out only if none of its samples is among those ``statistics`` saw."""
         validation = self.validation
         if validation is None or not validation.samples:
             return None
+        compare_with_statistics(validation, statistics)
         mask = self.row_mask.input if self.row_mask else None
         validation.row_mask = mask
         return Judge(self.model, validation.feed, validation.source, validation.held_out,
@@ -315,10 +332,34 @@ class _Run:
         total = self.total
         if total and self.validation is not None and self.validation.held_out:
             total -= held_out_count(total)
-        return collect_statistics(self.model, self.chosen, self.feeds, input_shapes=self.input_shapes,
-                                  batch_size=self.batch_size, progress=self.progress, total=total,
-                                  row_mask=self.row_mask if self.drop_padding_rows else None, threads=self.threads,
-                                  precision=self.precision, laid_out=True, ray=self.ray)
+        recorder = DigestRecorder()  # which samples the statistics saw: see calibration/digests.py
+        statistics = collect_statistics(self.model, self.chosen, recorder.passing(self.feeds),
+                                        input_shapes=self.input_shapes, batch_size=self.batch_size,
+                                        progress=self.progress, total=total,
+                                        row_mask=self.row_mask if self.drop_padding_rows else None,
+                                        threads=self.threads, precision=self.precision, laid_out=True,
+                                        ray=self.ray)
+        statistics.digests = recorder.digests
+        return statistics
+
+
+def declared_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Output name -> rank, for the tensor outputs whose shape the graph declares."""
+    return {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output
+            if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape")}
+
+
+def _refuse_rows_across_samples(model: onnx.ModelProto, layers) -> None:
+    """A Gemm with transA=1 reading a model input takes its rows along the input's axis 1, but the
+    working model takes that input's samples along axis 0 (its features, here): holding samples
+    out would cut the rows short. Say which axis holds the samples instead."""
+    inputs = {i.name for i in model.graph.input}
+    for layer in layers:
+        if layer.trans_a and layer.input in inputs:
+            raise OnnxcompError(
+                f"layer {layer.name!r} (Gemm, transA=1) reads its rows along axis 1 of input {layer.input!r}, but "
+                f"its samples are taken along axis 0 (the model does not say otherwise): give --batch-axis "
+                f"{layer.input}:1 (and the output's, e.g. --batch-axis {layer.output}:0)")
 
 
 def _solve(run: _Run, config: CompressConfig, problems: dict, timer: Timer, judge: Judge | None):

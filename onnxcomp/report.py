@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .calibration.holdout import VALIDATION_MIN
 from .config import BudgetKind
 from .io import columns, write_json
 from .judge import Fidelity
@@ -246,11 +248,15 @@ def _search_line(search: dict) -> str:
             f"is {search['fraction']:.1%} (fraction tried: drop = {tried})")
 
 
+# How the fidelity line labels its samples: held out of the statistics, among them, or nobody can tell.
+HELD_OUT_LABELS = {True: "held-out", False: "IN-SAMPLE", None: "NOT KNOWN TO BE HELD OUT"}
+
+
 def _fidelity_lines(fidelity: Fidelity | None, changed: bool = True) -> list[str]:
     """The judge's verdict, labelled with where its samples came from (held-out or in-sample)."""
     if fidelity is None:
         return ["fidelity: not measured (" + ("no data given)" if changed else "the model is unchanged)")]
-    where = ("held-out" if fidelity.held_out else "IN-SAMPLE") + f", {fidelity.source}"
+    where = HELD_OUT_LABELS[fidelity.held_out] + f", {fidelity.source}"
     agreement = "" if fidelity.top1_agreement is None else f", top-1 agreement {fidelity.top1_agreement:.1%}"
     lines = [f"fidelity ({where}): standardised error {fidelity.standardized:.4g}{agreement}"]
     for name, err in fidelity.outputs.items():
@@ -279,9 +285,42 @@ def data_warnings(problems: dict, solved: dict, statistics, budget: bool, judge)
         warnings.append(f"{len(short)} compressed layer(s) have fewer statistics rows than input dimensions (e.g. "
                         f"{name!r}: {rows} rows for {dim} dimensions): their covariance is rank-deficient, and the "
                         "fit can match the calibration samples exactly and generalise badly; give more data")
-    if judge is not None and not judge.held_out:
+    if judge is not None and judge.held_out is False:
         warnings.append("the fidelity above was measured on calibration samples (in-sample): it flatters the result")
+    if judge is not None and judge.held_out is None:
+        warnings.append("the fidelity above may have been measured on calibration samples: the statistics do not "
+                        "record which samples they saw (collect them again with `onnxcomp calibrate`)")
     return warnings
+
+
+def judge_warnings(judge, max_drop: float | None) -> list[str]:
+    """What the validation samples cannot show: a drop finer than one sample, anything from one or
+    a handful of samples."""
+    if judge is None:
+        return []
+    warnings = []
+    step = judge.metric.step(judge)
+    if max_drop is not None and step is not None and step > max_drop:
+        warnings.append(f"--max-drop {max_drop:g} with --metric {judge.metric.name} on {judge.samples} validation "
+                        f"sample(s): one disagreement is a drop of {step:.3g}, so only candidates that agree on every "
+                        f"one were accepted, and a drop of {max_drop:g} on other data cannot be told from none; give "
+                        f"--validation-data with well over {math.ceil(1 / max_drop)} samples")
+    if judge.samples < VALIDATION_MIN:
+        warnings.append(f"only {judge.samples} validation sample(s) judged the result and the candidates"
+                        + (" (one sample has no spread: its standardised errors are relative to the values' size)"
+                           if judge.samples == 1 else "")
+                        + f": their figures are noise; give --validation-data with {VALIDATION_MIN} or more")
+    return warnings
+
+
+def nonfinite_warnings(fidelity: Fidelity | None) -> list[str]:
+    """NaN or Inf in the compressed model's outputs: the infinite error above, said in words."""
+    if fidelity is None or not fidelity.nonfinite:
+        return []
+    names = ", ".join(repr(name) for name, errors in fidelity.outputs.items() if errors.get("nonfinite"))
+    return [f"the compressed model's outputs hold {fidelity.nonfinite} NaN or Inf value(s) where the original's "
+            f"hold finite ones (output {names}, on the {fidelity.samples} validation samples): an infinite error; "
+            "keep more of the layers that feed them (a larger rank or budget, or --skip)"]
 
 
 def layer_rows(layers, chosen, skipped, problems, solved, allocation=None, not_chosen=None) -> list[LayerRow]:

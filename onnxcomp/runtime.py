@@ -293,6 +293,33 @@ def repeated(feed: dict, count: int, start: int = 0) -> dict:
     return {name: np.ascontiguousarray(np.asarray(value)[index]) for name, value in feed.items()}
 
 
+def run_arrays(session, names, feed: dict) -> list[np.ndarray]:
+    """``session.run`` with every output as one array (:func:`output_array`): what comparisons take."""
+    return [output_array(value) for value in session.run(names, feed)]
+
+
+def output_array(value) -> np.ndarray:
+    """A model output as one array, samples first where its parts have them: a tensor as it is; a
+    sequence of tensors (``SequenceConstruct``) as its elements stacked on axis 1 when they share
+    one shape [N, ...] ([N, elements, ...]: never taken for class scores), side by side per sample
+    when they share only N ([N, their sizes summed]), else all flattened into one vector; a sequence
+    of maps (``ZipMap``) as [N, keys] by sorted key; an optional without a value as an empty array."""
+    if value is None:
+        return np.zeros(0, dtype=np.float32)
+    if not isinstance(value, list):
+        return np.asarray(value)
+    if value and all(isinstance(item, dict) for item in value):
+        return np.array([[item[key] for key in sorted(item)] for item in value])
+    parts = [np.asarray(item) for item in value]
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    if all(p.ndim for p in parts) and len({p.shape for p in parts}) == 1:
+        return np.stack(parts, axis=1)
+    if all(p.ndim for p in parts) and len({p.shape[0] for p in parts}) == 1:
+        return np.concatenate([p.reshape(p.shape[0], -1) for p in parts], axis=1)
+    return np.concatenate([p.ravel() for p in parts])
+
+
 def run_in_batches(session, feed: dict, batch: int = 32) -> list[np.ndarray]:
     """The session's outputs on all samples of ``feed`` (axis 0), run ``batch`` samples at a time.
 
@@ -305,7 +332,7 @@ def run_in_batches(session, feed: dict, batch: int = 32) -> list[np.ndarray]:
     for start in range(0, samples, size):
         real = min(size, samples - start)
         run = fixed or real
-        outputs = session.run(None, repeated(feed, run, start))
+        outputs = run_arrays(session, None, repeated(feed, run, start))
         parts.append([out[:real] if out.ndim and out.shape[0] == run else out for out in outputs])
     return [np.concatenate([p[i] for p in parts], axis=0) if parts[0][i].ndim else parts[0][i]
             for i in range(len(parts[0]))]

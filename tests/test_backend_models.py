@@ -60,9 +60,15 @@ def _test_input(model, folder):
 
 
 def _calibration(feed):
+    """The test input and 15 copies with noise of 0.1 times its spread, or of its size where it has none
+    (test_operator_conv's input is all ones: copies of it alone are refused as constant data)."""
     rng = np.random.default_rng(1)
-    return {name: np.concatenate([x] + [x + 0.1 * x.std() * rng.standard_normal(x.shape).astype(x.dtype)
+    return {name: np.concatenate([x] + [x + 0.1 * _spread(x) * rng.standard_normal(x.shape).astype(x.dtype)
                                         for _ in range(15)]) for name, x in feed.items()}
+
+
+def _spread(x):
+    return x.std() or np.abs(x).mean() or 1.0
 
 
 def _params():

@@ -25,7 +25,7 @@ from onnxcomp.errors import OnnxcompError  # noqa: E402
 from onnxcomp.io import staged  # noqa: E402
 
 from checks import assert_cli_error, cli_error  # noqa: E402
-from models import EXAMPLE, build, conv_model  # noqa: E402
+from models import EXAMPLE, build, conv_model, gemm_model  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -58,6 +58,19 @@ def _overflowing(folder):
     }
     """
     return _model(folder, build(text, w=(8, 6, 3, 3)))
+
+
+def _zeroed_input():
+    """A conv that reads its input times 0: whatever the data, its input never varies."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[N, 6, 11, 11] x) => (float[N, 8, 11, 11] y) {
+        zero = Constant <value_float = 0.0> ()
+        g = Mul (x, zero)
+        y = Conv <pads = [1, 1, 1, 1]> (g, w)
+    }
+    """
+    return build(text, w=(8, 6, 3, 3))
 
 
 def _shared_weights(folder):
@@ -173,6 +186,37 @@ CASES = {
     "output is a folder": ("an output path that is a folder",
                            lambda f: ["compress", _model(f), _folder(f), "--data", _data(f), "--keep", "0.5"],
                            "is a folder"),
+    "output name too long": ("an output file name longer than the file system allows (NAME_MAX, 255 bytes)",
+                             lambda f: ["compress", _model(f), f / ("m" * 251 + ".onnx"), "--data", _data(f),
+                                        "--keep", "0.5"],
+                             "mmmm.onnx: File name too long"),
+    "output path too long": ("an output path longer than PATH_MAX (4096 bytes)",
+                             lambda f: ["compress", _model(f), f / ("d/" * 2100 + "out.onnx"), "--data", _data(f),
+                                        "--keep", "0.5"],
+                             "d/d/out.onnx: File name too long"),
+    "output into a folder that takes no file": ("an output in a folder where no file can be created (/proc, a "
+                                                "read-only mount: a real probe, before any work)",
+                                                lambda f: ["compress", _model(f), "/proc/out.onnx", "--data", _data(f),
+                                                           "--keep", "0.5"],
+                                                "cannot write output /proc/out.onnx: its folder takes no new file"),
+    "report into a folder that takes no file": ("--report in a folder where no file can be created (so the model "
+                                                "is not written either)",
+                                                lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f),
+                                                           "--keep", "0.5", "--report", "/proc/r.json"],
+                                                "cannot write report /proc/r.json: its folder takes no new file"),
+    "data is a FIFO": ("--data naming a FIFO (reading it would block forever)",
+                       lambda f: ["compress", _model(f), f / "out.onnx", "--data", _fifo(f), "--keep", "0.5"],
+                       "is not a regular file (a FIFO, a device or a socket)"),
+    "model is a FIFO": ("a model path naming a FIFO",
+                        lambda f: ["compress", _fifo(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5"],
+                        "model file <dir>/fifo is not a regular file"),
+    "unknown option": ("an option onnxcomp does not have (argparse's errors are one line too)",
+                       lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5",
+                                  "--rnak", "3"],
+                       "unrecognized arguments: --rnak 3 (see onnxcomp compress --help)"),
+    "missing argument": ("a command without its required arguments",
+                         lambda f: ["compress", _model(f), "--keep", "0.5"],
+                         "the following arguments are required: output (see onnxcomp compress --help)"),
     "missing output folder": ("an output in a folder that does not exist",
                               lambda f: ["compress", _model(f), f / "no" / "out.onnx", "--data", _data(f),
                                          "--keep", "0.5"],
@@ -231,6 +275,14 @@ CASES = {
     "nan in data": ("NaN in the calibration data",
                     lambda f: ["compress", _model(f), f / "out.onnx", "--data", _nan_file(f), "--keep", "0.5"],
                     "holds 1 NaN or Inf"),
+    "all-zero data": ("all-zero calibration data (copies of one sample: nothing varies)",
+                      lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f, x=_images() * 0),
+                                 "--keep", "0.5"],
+                      "calibration samples behind the statistics are all the same sample"),
+    "constant layer inputs": ("calibration data whose samples differ but no layer input varies",
+                              lambda f: ["compress", _model(f, _zeroed_input()), f / "out.onnx", "--data", _data(f),
+                                         "--keep", "0.5"],
+                              "every layer input has zero variance on the 12 calibration sample(s): statistics"),
     "empty data": ("no samples", lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f, x=_images(0)),
                                             "--keep", "0.5"],
                    "calibration data is empty"),
@@ -252,11 +304,42 @@ CASES = {
                               lambda f: ["compress", _model(f), f / "out.onnx", "--max-drop", "0.1", "--norm",
                                          "frobenius"],
                               "--max-drop needs data"),
+    "rank multiple no layer can use": ("--rank-multiple larger than every layer's cheaper ranks (checked before "
+                                       "calibration)",
+                                       lambda f: _compress(f, "--target-macs", "0.5", "--rank-multiple", "100000"),
+                                       "--rank-multiple 100000: no layer has a rank at a multiple of 100000"),
+    "rank multiple without a budget": ("--rank-multiple with a per-layer rule, which has no candidates to round",
+                                       lambda f: _compress(f, "--keep", "0.5", "--rank-multiple", "8"),
+                                       "--rank-multiple rounds the candidate ranks of a budget"),
+    "evbmf without tucker2": ("--evbmf with another method than tucker2", lambda f: _compress(f, "--evbmf"),
+                              "--evbmf chooses Tucker-2 ranks: use it with --method tucker2 (got --method svd)"),
+    "output axis out of range": ("--outputs with a channel axis the output does not have (not taken modulo)",
+                                 lambda f: _compress(f, "--keep", "0.5", "--outputs", "y:1:5"),
+                                 "--outputs y:1:5: output 'y' has rank 4, so its channel axis is one of -4..3"),
+    "input shape of size 0": ("--input-shape with a dimension 0 or below -1",
+                              lambda f: _compress(f, "--keep", "0.5", "--input-shape", "x:0,6,11,11"),
+                              "bad --input-shape for 'x': [0, 6, 11, 11]: each dimension is a positive size or -1"),
+    "bad validation data": ("--validation-data of the wrong dtype (the message names that file)",
+                            lambda f: _compress(f, "--keep", "0.5", "--validation-data",
+                                                _data(f, "v.npz", x=_images(dtype=np.float64))),
+                            "input 'x' (validation batch 0 of <dir>/v.npz): expected float32 data, got float64"),
+    "transposed rows of an input": ("a Gemm with transA=1 reading a model input whose samples are not on axis 1",
+                                    lambda f: _compress(f, "--keep", "0.5", model=gemm_model("transA = 1", trans_a=True),
+                                                        data={"a": np.ones((12, 5), np.float32)}),
+                                    "reads its rows along axis 1 of input 'a', but its samples are taken along axis 0"),
+    "report over the input model": ("--report naming the input model",
+                                    lambda f: _compress(f, "--keep", "0.5", "--report", f / "model.onnx"),
+                                    "the report <dir>/model.onnx is the input model <dir>/model.onnx"),
     "unknown output": ("--outputs naming an output the model does not have",
                        lambda f: ["compress", _model(f), f / "out.onnx", "--data", _data(f), "--keep", "0.5",
                                   "--outputs", "boxes:2"],
                        "--outputs names 'boxes'"),
 }
+
+
+def _compress(folder: Path, *options, model=None, data=None) -> list:
+    """``compress`` of the conv model (or ``model``) on the images (or the arrays ``data``) into out.onnx."""
+    return ["compress", _model(folder, model), folder / "out.onnx", "--data", _data(folder, **(data or {})), *options]
 
 
 def _stats(folder: Path) -> Path:
@@ -291,6 +374,14 @@ def _with_quiet(args: list) -> list:
 def _corrupt(folder: Path) -> Path:
     path = folder / "bad.onnx"
     path.write_bytes(b"garbage" * 100)
+    return path
+
+
+def _fifo(folder: Path) -> Path:
+    import os
+
+    path = folder / "fifo"
+    os.mkfifo(path)
     return path
 
 

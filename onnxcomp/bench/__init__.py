@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 from ..calibration.readers import fixed_batch, model_inputs
 from ..calibration.rowmask import resolve_row_mask
+from ..config import is_integer
 from ..errors import OnnxcompError
 from ..runtime import Timer, execution_providers
 from .data import checked_labels, read_held_out
@@ -94,6 +95,7 @@ def bench(
     eval_size = fixed or eval_batch
     outputs, top1 = compare_on_data(pair, held_out, eval_size, fixed, mask.input if mask else None)
     accuracy = _accuracy(top1, held_out, pair.output_names[0])
+    notes += _nonfinite_notes(outputs)
 
     if fixed:
         if any(b != fixed for b in batch_sizes):
@@ -135,6 +137,16 @@ def bench(
     )
 
 
+def _nonfinite_notes(outputs: dict) -> list[str]:
+    """NaN or Inf in the compressed model's outputs: said in words beside the infinite errors."""
+    broken = {name: e["nonfinite"] for name, e in outputs.items() if e.get("nonfinite")}
+    if not broken:
+        return []
+    counts = ", ".join(f"{name!r} {count}" for name, count in broken.items())
+    return [f"the compressed model's outputs hold NaN or Inf values where the original's hold finite "
+            f"ones ({counts}): an infinite error, and those samples never agree on top-1"]
+
+
 def _accuracy(top1, held_out, first_output: str) -> dict | None:
     """Both models' accuracy against the labels (None: no labels)."""
     if held_out.labels is None:
@@ -160,9 +172,9 @@ def _check_counts(repeats, warmup, threads) -> None:
 
 def _positive_ints(values, what: str) -> list[int]:
     try:
-        values = [int(v) for v in values]
-    except (TypeError, ValueError):
+        values = list(values)
+    except TypeError:
         raise OnnxcompError(f"{what} must be positive integers, got {values!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise OnnxcompError(f"{what} must be positive integers, got {values}")
-    return sorted(set(values))
+    if not values or any(not is_integer(v) or v < 1 for v in values):  # 2.5, True, inf: not a batch size
+        raise OnnxcompError(f"{what} must be positive integers, got {values!r}")
+    return sorted({int(v) for v in values})

@@ -11,7 +11,7 @@ import onnx
 from ..errors import OnnxcompError
 from ..model import count_macs, count_params, load_model
 from ..model.sample_axes import find_sample_axes, parse_batch_axes, with_samples_first
-from ..runtime import open_session
+from ..runtime import open_session, run_arrays
 from .result import ModelInfo
 
 WHICH = ("original", "compressed")
@@ -53,8 +53,8 @@ class ModelPair:
 
     def run(self, feed: dict) -> tuple[list, list]:
         """Both models' outputs on ``feed``, the compressed ones in the order of the original's."""
-        reference = self.sessions[0].run(None, feed)
-        candidate = self.sessions[1].run(None, feed)
+        reference = run_arrays(self.sessions[0], None, feed)
+        candidate = run_arrays(self.sessions[1], None, feed)
         if self.pairing is not None:
             candidate = [candidate[i] for i in self.pairing]
         return reference, candidate

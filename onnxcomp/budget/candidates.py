@@ -17,6 +17,7 @@ from ..decompose.cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from ..decompose.solve import LayerProblem
 from ..decompose.tucker2 import tucker2_cost
 from ..decompose.tucker2.surface import best_summed
+from ..errors import OnnxcompError
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def svd_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int 
     spectra = [part.spectrum(solve, xp).values for part in parts]
     total = float(sum(values.sum() for values in spectra))
     tails = sum(np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]]) for values in spectra)
-    largest = (m * d - 1) // (m + d)  # the largest rank that is still cheaper than dense
+    largest = cheaper_rank_limit(m, d)
     cost = groups * (m + d)
     return [Candidate(Method.SVD, (r,), r * cost, r * cost, float(tails[r] / total) if total > 0 else 0.0)
             for r in candidate_ranks(largest, most, multiple)]
@@ -59,20 +60,51 @@ def _start(starts: list):
     return starts[0] if len(starts) == 1 else starts
 
 
+def cheaper_rank_limit(m: int, d: int) -> int:
+    """The largest rank r of an m x d matrix whose two factors, r (m + d), are cheaper than it."""
+    return (m * d - 1) // (m + d)
+
+
+def layer_rank_limit(layer) -> int:
+    """:func:`cheaper_rank_limit` of a layer's matrix (one group's, for a grouped conv)."""
+    return cheaper_rank_limit(layer.out_features // layer.groups, layer.in_features)
+
+
 def candidate_ranks(largest: int, most: int, multiple: int | None = None) -> list[int]:
-    """Up to ``most`` ranks in [1, largest], evenly spread; with ``multiple``, only its multiples
-    where at least one fits, else every rank. The default multiple (:class:`DefaultMultiple`)
-    needs ``MIN_MULTIPLES`` of them: a small layer has too few fast ranks to choose from (the
-    digits CNN's 32-channel conv: 8, 16 or 24), and that coarse choice cost more accuracy than the
-    rounding saved time."""
+    """Up to ``most`` ranks in [1, largest], evenly spread; with ``multiple``, only its multiples.
+    A multiple the user asked for is kept everywhere: a layer without one below ``largest`` has no
+    candidate (it stays dense). The default multiple (:class:`DefaultMultiple`) gives way to every
+    rank where fewer than ``MIN_MULTIPLES`` fit: a small layer has too few fast ranks to choose from
+    (the digits CNN's 32-channel conv: 8, 16 or 24), and that coarse choice cost more accuracy than
+    the rounding saved time."""
     if largest < 1:
         return []
-    needed = MIN_MULTIPLES if isinstance(multiple, DefaultMultiple) else 1
-    if multiple and largest // multiple >= needed:
+    default = isinstance(multiple, DefaultMultiple)
+    if multiple and largest // multiple >= (MIN_MULTIPLES if default else 1):
         steps = np.arange(1, largest // multiple + 1)
         picked = np.unique(np.linspace(0, len(steps) - 1, num=min(most, len(steps))).round().astype(int))
         return [int(steps[i] * multiple) for i in picked]
+    if multiple and multiple > 1 and not default:
+        return []
     return [int(r) for r in np.unique(np.linspace(1, largest, num=min(most, largest)).round().astype(int))]
+
+
+def rank_multiple_warnings(multiple: int | None, layers) -> list[str]:
+    """A multiple the user asked for that some layers cannot use (they stay dense), said before any
+    work; one that no layer can use is an error."""
+    if not multiple or multiple == 1 or isinstance(multiple, DefaultMultiple):
+        return []
+    limits = {layer.name: layer_rank_limit(layer) for layer in layers}
+    too_small = [name for name, limit in limits.items() if limit < multiple]
+    if too_small and len(too_small) == len(limits):
+        raise OnnxcompError(f"--rank-multiple {multiple}: no layer has a rank at a multiple of {multiple} that is "
+                            f"cheaper than the layer (the largest such rank here is {max(limits.values())}): give a "
+                            "smaller multiple")
+    if not too_small:
+        return []
+    name = too_small[0]
+    return [f"--rank-multiple {multiple}: {len(too_small)} layer(s) have no cheaper rank at a multiple of "
+            f"{multiple} and stay dense (e.g. {name!r}: ranks up to {limits[name]} are cheaper than it)"]
 
 
 # With fewer multiples of the default rank multiple than this below a layer's largest useful rank,
@@ -167,6 +199,8 @@ def _cp_candidate_ranks(shape, form: str, input_ratio: float, multiple: int | No
     ranks_ = {cp_rank_for_fraction(*shape, f, form=form, measure="macs", in_positions=input_ratio) for f in fractions}
     if multiple and max(ranks_) >= multiple:
         ranks_ = {r // multiple * multiple for r in ranks_ if r >= multiple}
+    elif multiple and multiple > 1 and not isinstance(multiple, DefaultMultiple):
+        return []  # an asked multiple is kept everywhere (see candidate_ranks)
     return sorted(r for r in ranks_ if cp_cost(*shape, r, form, in_positions=input_ratio).macs < dense)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -199,6 +200,14 @@ def _read_cache(path: Path) -> dict:
     try:
         with open(path) as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}  # no cache yet, or an unreadable one: measure again
+    if not isinstance(data, dict):
+        return {}
+    # A damaged or hand-edited cache: what is not a section of ratios, or not a ratio, is measured again.
+    return {section: {key: ratio for key, ratio in ratios.items() if _is_ratio(ratio)}
+            for section, ratios in data.items() if isinstance(ratios, dict)}
+
+
+def _is_ratio(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

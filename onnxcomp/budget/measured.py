@@ -16,6 +16,8 @@ are used as they are.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -51,7 +53,10 @@ class MeasuredWeights:
             return 1.0 if not points else max(q / e for e, q in points)
         errors = np.log([e for e, _ in points])
         ratios = [q / e for e, q in points]
-        return float(np.interp(np.log(candidate.error), errors, ratios))
+        weight = float(np.interp(np.log(candidate.error), errors, ratios))
+        # Beside a point whose model came out NaN (an infinite loss) the interpolation is inf x 0 = NaN:
+        # such a neighbourhood is infinitely costly.
+        return math.inf if math.isnan(weight) else weight
 
     def note(self) -> dict:
         return {name: [[round(e, 6), round(q, 6)] for e, q in points] for name, points in self.points.items()}

@@ -170,7 +170,7 @@ class Curves:
             dense_total += dense
             points = self.points[layer.name]
             choices.append([Option(dense, 0.0, None)]
-                           + [Option(costs.of(layer, c), _weight(gains, layer.name, c) * c.error, c) for c in points])
+                           + [Option(costs.of(layer, c), _weighted_error(gains, layer.name, c), c) for c in points])
         untouched = costs.total - dense_total
         picked, feasible = allocate(choices, fraction * costs.total - untouched)
         spent = sum(options[i].cost for options, i in zip(choices, picked))
@@ -196,6 +196,12 @@ class Curves:
             self.points[layer.name].extend(new)
             added += len(new)
         return added
+
+
+def _weighted_error(gains, name: str, candidate: Candidate) -> float:
+    """A candidate's error times its weight. An exact candidate costs no error whatever the weight:
+    a layer whose noise made the outputs NaN weighs inf, and inf x 0 would be NaN."""
+    return 0.0 if candidate.error == 0 else _weight(gains, name, candidate) * candidate.error
 
 
 def _weight(gains, name: str, candidate: Candidate) -> float:

@@ -19,7 +19,7 @@ import onnx
 
 from ..judge import Judge
 from ..model import TargetLayer
-from ..runtime import feed_size, fixed_batch, make_session, repeated
+from ..runtime import feed_size, fixed_batch, make_session, repeated, run_arrays
 
 _SUFFIX = "/onnxcomp_clean"
 
@@ -48,14 +48,14 @@ def layer_sensitivities(model: onnx.ModelProto, layers: list[TargetLayer], judge
     feed = _probe_feed(judge.feed, fixed_batch(session, judge.feed), probe_samples(layers))
     outputs = [o.name for o in model.graph.output]
     zeros = {f"noise/{layer.output}": np.zeros((1,), _dtype(layer)) for layer in layers}
-    results = session.run(outputs + [layer.output + _SUFFIX for layer in layers], {**feed, **zeros})
+    results = run_arrays(session, outputs + [layer.output + _SUFFIX for layer in layers], {**feed, **zeros})
     reference, clean = results[: len(outputs)], results[len(outputs):]
     rng = np.random.default_rng(seed)
     gains = Gains()
     gains.samples = feed_size(feed)
     for layer, activation in zip(layers, clean):
         noise = _relative_noise(activation, epsilon, rng)
-        perturbed = session.run(outputs, {**feed, **zeros, f"noise/{layer.output}": noise})
+        perturbed = run_arrays(session, outputs, {**feed, **zeros, f"noise/{layer.output}": noise})
         gains[layer.name] = (judge.standardized(reference, perturbed, feed) / epsilon) ** 2
     return gains
 

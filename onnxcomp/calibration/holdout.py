@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..runtime import feed_size
+from .digests import seen_among
 from .readers import iter_feeds
 from .rowmask import joined_feeds
 
@@ -30,7 +31,7 @@ class Validation:
     """The samples that judge candidate models, where they came from, and whether the fit saw them."""
 
     source: str
-    held_out: bool
+    held_out: bool | None  # None: nobody can tell (statistics that record no sample digests)
     parts: list[dict] = field(default_factory=list)  # filled while the calibration data streams past
     row_mask: str | None = None  # the input masking padded token rows: batches of other lengths are padded
 
@@ -99,9 +100,28 @@ def validation_besides_stats(feeds: Iterator[dict]) -> Validation:
 
 def validation_from(data, model, batch_size: int) -> Validation:
     """``--validation-data``: a separate set, read whole (checked like calibration data)."""
-    validation = Validation("", held_out=True, parts=list(iter_feeds(data, model, batch_size)))
+    validation = Validation("", held_out=True, parts=list(iter_feeds(data, model, batch_size, what="validation")))
     validation.source = f"{validation.samples} samples of --validation-data"
     return validation
+
+
+def compare_with_statistics(validation: Validation, statistics) -> None:
+    """Call the validation samples held out only if none of them is among the samples the
+    statistics saw, by their digests (:mod:`.digests`): ``--validation-data`` may be the
+    calibration file, ``--stats`` may come from the data given, the data may repeat samples.
+    ``statistics`` None (a data-free fit): the samples judge a fit that saw no data."""
+    if statistics is None or not validation.held_out:
+        return
+    if statistics.digests is None:
+        validation.held_out = None
+        validation.source += (" (the statistics record no sample digests, as files of older onnxcomp versions: "
+                              "whether they saw these samples is unknown)")
+        return
+    seen = seen_among(validation.parts, statistics.digests)
+    if seen:
+        validation.held_out = False
+        every = "every one" if seen == validation.samples else str(seen)
+        validation.source += f" ({every} of them also among the samples the statistics saw)"
 
 
 def _stream(feeds: Iterator[dict], validation: Validation, stride: int, limit: int, remove: bool):

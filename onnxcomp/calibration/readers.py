@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxcompError, first_line
+from ..io import check_readable
 from ..model import as_model
 from ..model.sample_axes import SampleAxes
 
@@ -69,25 +70,29 @@ def _model_input(info: onnx.ValueInfoProto) -> ModelInput:
     return ModelInput(info.name, None if dtype is None else np.dtype(dtype), dims)
 
 
-def iter_feeds(data, model, batch_size: int = 32, *, laid_out: bool = False) -> Iterator[Feed]:
+def iter_feeds(data, model, batch_size: int = 32, *, laid_out: bool = False,
+               what: str = "calibration") -> Iterator[Feed]:
     """Validated feed dicts, one per batch, from any supported calibration data.
 
     Whole sets are split into batches of ``batch_size`` along the sample axis (or of the
     model's fixed batch size when all its inputs fix their first dimension);
     readers and iterables are taken batch by batch as given. Every batch comes with its
     samples on axis 0, as a working model takes them (:mod:`onnxcomp.model.sample_axes`);
-    ``laid_out``: the data is batches this function gave before (already laid out so).
+    ``laid_out``: the data is batches this function gave before (already laid out so); ``what``: the
+    data's role in messages ("calibration", "validation"), which also name its file.
     """
     if batch_size < 1:
         raise OnnxcompError(f"batch size must be at least 1, got {batch_size}")
     inputs = model_inputs(model)
     batches = 0
     axes = SampleAxes() if laid_out else SampleAxes.of_model(as_model(model))
-    for index, feed in enumerate(_raw_batches(data, inputs, batch_size, axes)):
-        yield _validated(feed, inputs, f"batch {index}")
+    role = "" if what == "calibration" else f"{what} "
+    source = f" of {data}" if isinstance(data, (str, os.PathLike)) and what != "calibration" else ""
+    for index, feed in enumerate(_raw_batches(data, inputs, batch_size, axes, what)):
+        yield _validated(feed, inputs, f"{role}batch {index}{source}", what)
         batches += 1
     if batches == 0:
-        raise OnnxcompError("calibration data is empty: it gave no batch")
+        raise OnnxcompError(f"{what} data is empty: it gave no batch")
 
 
 def count_samples(data, model) -> int | None:
@@ -127,21 +132,22 @@ def _sequence_length(items: Sequence, first_input: str, axes: SampleAxes) -> int
 # ---------------------------------------------------------------- sources
 
 
-def _raw_batches(data, inputs: list[ModelInput], batch_size: int, axes: SampleAxes) -> Iterator:
+def _raw_batches(data, inputs: list[ModelInput], batch_size: int, axes: SampleAxes,
+                 what: str = "calibration") -> Iterator:
     """Unvalidated batches with every input's samples on axis 0, whatever kind of data this is."""
     if isinstance(data, (str, os.PathLike)):
-        return _file_batches(Path(data), inputs, batch_size, axes)
+        return _file_batches(Path(data), inputs, batch_size, axes, what)
     if isinstance(data, np.ndarray):
         return _split(_ArrayStream.of_mapping({_single_input(inputs, "an array"): data}), inputs, batch_size, axes)
     if isinstance(data, Mapping):
-        _check_names(data, inputs, "calibration data")
-        return _split(_ArrayStream.of_mapping(data), inputs, batch_size, axes)
+        _check_names(data, inputs, f"{what} data")
+        return _split(_ArrayStream.of_mapping(data), inputs, batch_size, axes, what)
     if callable(getattr(data, "get_next", None)):
         return _batches_first(iter(data.get_next, None), axes, inputs)
     if isinstance(data, Iterable):
         return _batches_first(_items_as_feeds(data, inputs), axes, inputs)
     raise OnnxcompError(
-        f"unsupported calibration data of type {type(data).__name__}: expected a CalibrationDataReader, "
+        f"unsupported {what} data of type {type(data).__name__}: expected a CalibrationDataReader, "
         "an iterable of dicts or arrays, an array, a dict of arrays, or a .npy/.npz path"
     )
 
@@ -186,9 +192,10 @@ def whole_set_length(arrays: Mapping, what: str = "calibration") -> int:
     return next(iter(lengths.values()), 0)
 
 
-def _split(streams: Mapping, inputs: list[ModelInput], batch_size: int, axes: SampleAxes) -> Iterator[Feed]:
+def _split(streams: Mapping, inputs: list[ModelInput], batch_size: int, axes: SampleAxes,
+           what: str = "calibration") -> Iterator[Feed]:
     streams, held = _samples_first(streams, axes, inputs)
-    total = whole_set_length(streams)
+    total = whole_set_length(streams, what)
     batch = fixed_batch(inputs) or batch_size
     for start in range(0, total, batch):
         count = min(batch, total - start)
@@ -289,9 +296,7 @@ def open_arrays(path: str | os.PathLike, what: str = "calibration", *, archive: 
     Never unpickles. A missing, misnamed or unreadable file is a one-line error that names
     it as the ``what`` file ("calibration", "data", "labels", "statistics").
     """
-    path = Path(path)
-    if not path.exists():
-        raise OnnxcompError(f"{what} file not found: {path}")
+    path = check_readable(path, what)
     if archive or path.suffix == ".npz":
         with _open_zip(path, what) as zipped:
             members = [name for name in zipped.namelist() if name.endswith(".npy")]
@@ -302,17 +307,18 @@ def open_arrays(path: str | os.PathLike, what: str = "calibration", *, archive: 
         raise OnnxcompError(f"{what} file {path}: expected a .npy or .npz file")
 
 
-def _file_batches(path: Path, inputs: list[ModelInput], batch_size: int, axes: SampleAxes) -> Iterator[Feed]:
-    with _opened_file(path, inputs) as streams:
-        yield from _split(streams, inputs, batch_size, axes)
+def _file_batches(path: Path, inputs: list[ModelInput], batch_size: int, axes: SampleAxes,
+                  what: str = "calibration") -> Iterator[Feed]:
+    with _opened_file(path, inputs, what) as streams:
+        yield from _split(streams, inputs, batch_size, axes, what)
 
 
 @contextmanager
-def _opened_file(path: Path, inputs: list[ModelInput]):
-    """The arrays of a calibration file as streams by model input name."""
-    with open_arrays(path) as opened:
+def _opened_file(path: Path, inputs: list[ModelInput], what: str = "calibration"):
+    """The arrays of a calibration (``what``) file as streams by model input name."""
+    with open_arrays(path, what) as opened:
         if isinstance(opened, Mapping):
-            _check_names(opened, inputs, f"calibration file {path}")
+            _check_names(opened, inputs, f"{what} file {path}")
             yield opened
         else:
             yield {_single_input(inputs, f"the .npy file {path}"): opened}
@@ -396,10 +402,11 @@ def _check_names(names: Iterable[str], inputs: list[ModelInput], where: str) -> 
         raise OnnxcompError(f"{where}: {' and '.join(problems)}; the model's inputs are {required}")
 
 
-def _validated(feed, inputs: list[ModelInput], where: str) -> Feed:
+def _validated(feed, inputs: list[ModelInput], where: str, what: str = "calibration") -> Feed:
+    label = where if where.startswith(what) else f"{what} {where}"
     if not isinstance(feed, Mapping):
-        raise OnnxcompError(f"calibration {where} is a {type(feed).__name__}: expected a dict name -> array")
-    _check_names(feed, inputs, f"calibration {where}")
+        raise OnnxcompError(f"{label} is a {type(feed).__name__}: expected a dict name -> array")
+    _check_names(feed, inputs, label)
     return {i.name: _validated_array(feed[i.name], i, where) for i in inputs}
 
 

@@ -42,6 +42,8 @@ def resolve_row_mask(model: onnx.ModelProto, requested: str | None) -> RowMask |
     model's inputs, if any) or ``"none"``/None (no mask)."""
     if requested is None or requested == OFF:
         return None
+    if not isinstance(requested, str):
+        raise OnnxcompError(f"--row-mask must be an input name, 'auto' or 'none', got {requested!r}")
     inputs = {i.name: i for i in model_inputs(model)}
     if requested == AUTO:
         found = [name for name in COMMON_NAMES if _is_mask_shaped(inputs.get(name))]

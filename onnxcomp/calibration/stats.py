@@ -87,12 +87,16 @@ class InputStats:
 class Statistics(dict):
     """Statistic key (``TargetLayer.stats_key``) -> :class:`InputStats`, and the fingerprint of the
     model they were collected on (:func:`onnxcomp.model.fingerprint`; None in files from before it);
-    ``row_mask``: the padding mask they were collected with and the token rows it kept (None: none)."""
+    ``row_mask``: the padding mask they were collected with and the token rows it kept (None: none);
+    ``digests``: one digest per sample they saw (:mod:`onnxcomp.calibration.digests`; None: not
+    recorded, as in files from before them: then nobody can tell which samples they saw)."""
 
-    def __init__(self, *args, model: str | None = None, row_mask: dict | None = None, **kwargs):
+    def __init__(self, *args, model: str | None = None, row_mask: dict | None = None,
+                 digests: np.ndarray | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.model = model
         self.row_mask = row_mask
+        self.digests = digests
 
     def of_layer(self, layer):
         """What ``layer``'s problem reads (``layer_problem``'s ``stats``): the statistic of its key, or
@@ -110,8 +114,11 @@ class Statistics(dict):
         if self.model and other.model:
             self.check_model(other.model, "the statistics to merge")
         # Fresh sums throughout: the result must not share arrays with either input.
+        digests = None if self.digests is None or other.digests is None else np.concatenate([self.digests,
+                                                                                            other.digests])
         out = Statistics({key: stats.merged(InputStats.empty(stats.dim)) for key, stats in self.items()},
-                         model=self.model or other.model, row_mask=_merged_masks(self.row_mask, other.row_mask))
+                         model=self.model or other.model, row_mask=_merged_masks(self.row_mask, other.row_mask),
+                         digests=digests)
         for key, stats in other.items():
             out[key] = out[key].merged(stats) if key in out else stats.merged(InputStats.empty(stats.dim))
         return out
@@ -119,6 +126,8 @@ class Statistics(dict):
     def save(self, path: str | Path) -> None:
         index = {"version": FORMAT_VERSION, "keys": list(self), "model": self.model, "row_mask": self.row_mask}
         arrays = {"index": np.array(json.dumps(index))}
+        if self.digests is not None:
+            arrays["sample_digests"] = np.asarray(self.digests, dtype=np.uint64)
         for i, s in enumerate(self.values()):
             arrays[f"counts_{i}"] = np.array([s.rows, s.samples], dtype=np.int64)
             arrays[f"total_{i}"] = s.total
@@ -134,7 +143,9 @@ class Statistics(dict):
         arrays = read_arrays(path, "statistics", archive=True)
         try:
             index = json.loads(str(arrays["index"]))
-            out = cls(model=index.get("model"), row_mask=index.get("row_mask"))
+            digests = arrays.get("sample_digests")
+            out = cls(model=index.get("model"), row_mask=index.get("row_mask"),
+                      digests=None if digests is None else np.asarray(digests, dtype=np.uint64))
             for i, key in enumerate(index["keys"]):
                 rows, samples = (int(v) for v in arrays[f"counts_{i}"])
                 total = arrays[f"total_{i}"]

@@ -20,7 +20,7 @@ from ..threads import map_parallel
 from . import objective, ranks
 from .cp import cp_cost, cp_decompose, cp_rank_for_fraction
 from .svd import Spectrum, output_spectrum, truncate
-from .tucker2 import energy_ranks, evbmf_ranks, search_ranks, tucker2, tucker2_cost
+from .tucker2 import energy_ranks, evbmf, evbmf_ranks, search_ranks, tucker2, tucker2_cost
 from .tucker2.surface import ProxySurface
 
 
@@ -237,6 +237,8 @@ def _svd_rank(problem: LayerProblem, solve: SolveConfig, spectrum, xp) -> int:
                 raise OnnxcompError("--spectrum data needs calibration data")
             values = output_spectrum(problem.weight, problem.stats.covariance(), xp).values
         return ranks.rank_for_threshold(values, choice.energy, choice.rule)
+    if choice.evbmf:  # a matrix layer under --method tucker2: EVBMF's rank of the matrix itself
+        return max(1, evbmf(problem.weight)[0])
     raise OnnxcompError("no rank rule given: use --rank, --keep or --energy")
 
 

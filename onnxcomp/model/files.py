@@ -10,16 +10,19 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxcompError, first_line
-from ..io import staged
+from ..io import check_readable, staged
 
 _TWO_GB = 2**31
+# Models past this size go out with their tensors in an external data file (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = _TWO_GB - 2**24
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load a model file (with its external data), or raise a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxcompError(f"model file not found: {path}")
+    path = check_readable(path, "model")
+    for data_file in external_data_files(path):  # a FIFO there would block the load as well
+        if data_file.exists():  # a missing one: onnx.load says which
+            check_readable(data_file, "model's external data")
     try:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf's DecodeError, missing external data, ...
@@ -33,6 +36,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 def external_data_files(path: str | os.PathLike) -> list[Path]:
     """The external data files a model file refers to (none if it cannot be read: loading says why)."""
     path = Path(path)
+    if not path.is_file():  # missing, a folder, a FIFO (reading one would block): loading says why
+        return []
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
@@ -86,8 +91,22 @@ def _names(model: onnx.ModelProto):
 
 def as_model(model_or_path) -> onnx.ModelProto:
     if isinstance(model_or_path, onnx.ModelProto):
+        _refuse_unloaded_external_data(model_or_path)
         return model_or_path
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise OnnxcompError(f"expected an onnx.ModelProto or a model path, got {type(model_or_path).__name__}")
     return load_model(model_or_path)
+
+
+def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
+    """A ModelProto loaded with ``load_external_data=False`` names files relative to a folder it no
+    longer knows: say so, instead of onnx's error from wherever the process runs."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise OnnxcompError(f"the model's tensor {tensor.name!r} is external data that was not loaded (file "
+                                f"{location!r}): pass the model's path, or load it with onnx.load(path) "
+                                "(load_external_data=True)")
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
@@ -99,7 +118,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     """
     path = Path(path)
     large = external_data if external_data is not None else (
-        model.ByteSize() > _TWO_GB - 2**24 if _can_size(model) else True
+        model.ByteSize() > EXTERNAL_DATA_BYTES if _can_size(model) else True
     )
     with staged(path, "model") as folder:
         target = folder / path.name

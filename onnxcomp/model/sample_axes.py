@@ -116,6 +116,10 @@ def parse_batch_axes(specs) -> dict:
     """``NAME:AXIS`` / ``NAME:none`` strings (or a dict already) -> name -> axis or None."""
     if isinstance(specs, dict):
         return {name: _axis_value(str(name), axis) for name, axis in specs.items()}
+    if isinstance(specs, str):
+        specs = [specs]
+    if specs is not None and not isinstance(specs, (list, tuple)):
+        raise OnnxcompError(f"batch_axes must be a dict name -> axis or a list of 'NAME:AXIS', got {specs!r}")
     parsed = {}
     for spec in specs or ():
         name, sep, axis = str(spec).rpartition(":")

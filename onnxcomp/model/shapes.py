@@ -14,6 +14,8 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     """``["name:1,3,224,224", ...]`` -> ``{"name": [1, 3, 224, 224]}``."""
     shapes = {}
     for spec in specs or []:
+        if not isinstance(spec, str):
+            raise OnnxcompError(f"bad --input-shape {spec!r}: expected name:d1,d2,... (e.g. input:1,3,224,224)")
         name, sep, dims = spec.rpartition(":")
         try:
             if not sep or not name:
@@ -22,7 +24,22 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
         except ValueError:
             raise OnnxcompError(
                 f"bad --input-shape {spec!r}: expected name:d1,d2,... (e.g. input:1,3,224,224)") from None
+        checked_dims(name, shapes[name])
     return shapes
+
+
+def checked_dims(name: str, dims) -> list[int]:
+    """``dims`` of an ``--input-shape`` (or ``input_shapes={name: dims}``) as ints, each a positive
+    size or -1 (dynamic): 0 or -2 would reach onnxruntime as a shape."""
+    try:
+        values = list(dims)
+    except TypeError:
+        values = None
+    if (values is None or not values
+            or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or (d < 1 and d != -1) for d in values)):
+        raise OnnxcompError(f"bad --input-shape for {name!r}: {dims!r}: each dimension is a positive size or "
+                            "-1 (dynamic)")
+    return [int(d) for d in values]
 
 
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
