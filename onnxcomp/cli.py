@@ -159,6 +159,11 @@ def _parser() -> argparse.ArgumentParser:
                                "onnxcomp writes never hold any); many CPUs compute with them slowly")
     compress.add_argument("--no-latency-check", dest="check_latency", action="store_false",
                           help="do not profile the result (time in rewritable layers, Amdahl floor, latency guard)")
+    _ray_argument(compress)
+    compress.add_argument("--refit-bias", action="store_true",
+                          help="re-estimate each rewritten layer's bias so that its output mean on what the compressed "
+                               "model feeds it equals the original's (two more passes of the calibration data; kept "
+                               "where the validation samples judge it better)")
     compress.add_argument("--fail-if-unchanged", action="store_true",
                           help="exit 2 when the model has no compressible layer (default: write it unchanged, warn)")
     compress.add_argument("--stats", help="statistics file from `onnxcomp calibrate` (instead of collecting)")
@@ -172,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     _data_arguments(calibrate, data_required=True)
     calibrate.add_argument("--threads", type=int, metavar="N",
                            help="BLAS and onnxruntime intra-op threads (default: every available core)")
+    _ray_argument(calibrate)
     calibrate.add_argument("--merge", nargs="+", default=[], metavar="STATS",
                            help="statistics files to add to the result (shards of a larger set)")
     calibrate.set_defaults(run=_calibrate)
@@ -279,6 +285,13 @@ def _input_shape_argument(parser: argparse.ArgumentParser) -> None:
                              "as the batch of the data; repeatable)")
 
 
+def _ray_argument(parser) -> None:
+    parser.add_argument("--ray", metavar="ADDRESS|local",
+                        help="sum the calibration batches on a Ray cluster's actors: 'local' starts Ray here, else "
+                             "the address of a running cluster ('auto': the one this machine joined); needs "
+                             "pip install 'onnxcomp[distributed]'")
+
+
 def _compress(args) -> int:
     from .config import CompressConfig
     from .pipeline import compress
@@ -318,7 +331,7 @@ def _calibrate(args) -> int:
                            skip=args.skip, batch_size=args.batch_size, progress=args.progress,
                            row_mask=args.row_mask, threads=args.threads, drop_padding_rows=args.drop_padding_rows,
                            precision=args.precision, initializer_inputs=args.initializer_inputs,
-                           batch_axes=args.batch_axes)
+                           batch_axes=args.batch_axes, ray=args.ray)
     for shard in args.merge:
         statistics = statistics.merged(Statistics.load(shard))
     for warning in check_statistics(statistics):  # the merged whole: a constant shard may be fine
@@ -370,6 +383,7 @@ def _api_options(function, args) -> dict:
 
 def _inspect(args) -> int:
     from .model.prepare import prepare_model
+    from .model.subgraphs import describe
 
     prepared = prepare_model(load_model(args.input), args.initializer_inputs, args.batch_axes)
     model = prepared.model
@@ -379,9 +393,12 @@ def _inspect(args) -> int:
     layers, skipped = find_layers(model, shapes)
     shares, source = _inspect_times(args, model, layers, shapes)
     timed = shares[0].layers if shares else {}
-    header = ("layer", "op", "shape", "input", "params", "MACs/sample") + (("ms b1",) if timed else ())
+    in_bodies = any(l.scope for l in layers)
+    header = ("layer", "op", "shape", "input", *(("in body",) if in_bodies else ()), "params", "MACs/sample") + (
+        ("ms b1",) if timed else ())
     rows = [header] + [
-        (l.name, l.op_type, l.shape_text, l.input, str(l.params), "?" if l.macs() is None else str(l.macs()),
+        (l.name, l.op_type, l.shape_text, l.input, *((describe(l.scope) or "-",) if in_bodies else ()), str(l.params),
+         "?" if l.macs() is None else str(l.macs()),
          *((f"{timed[l.name] * 1e3:.3g}" if l.name in timed else "-",) if timed else ()))
         for l in layers
     ]

@@ -232,7 +232,7 @@ class LatencyConfig:
 
 # Candidate ranks of MAC and latency budgets: multiples of this by default (onnxruntime's NCHWc
 # kernels pad channels to blocks of 8 or 16: rank 64 of a 256-channel 3x3 conv ran in 0.62 ms,
-# rank 66 in 0.77 ms). Measured for MAC budgets at half the MACs (benchmarks/reachable.py, README
+# rank 66 in 0.77 ms). Measured for MAC budgets at half the MACs (benchmarks/reachable.py, docs/RESULTS.md
 # "What a MAC budget reaches"): the ResNet-50-shaped model ran at 0.53x instead of 0.61x, PP-OCRv4
 # det 0.80x instead of 0.83x, rec 0.69x instead of 0.71x, the digits CNN 0.71x instead of 0.74x, at
 # equal or better task metrics.
@@ -300,6 +300,8 @@ class CompressConfig:
     initializer_inputs: str = "constant"  # initializers also listed as inputs: "constant" or "refuse" (overridable)
     fail_if_unchanged: bool = False  # no compressible layer: an error, instead of the model written unchanged
     batch_axes: dict = field(default_factory=dict)  # input/output name -> its sample axis (None: none), where the graph can't tell
+    refit_bias: bool = False  # re-estimate each chain's bias on what the compressed model feeds it (onnxcomp/refit.py)
+    ray: str | None = None  # calibrate on a Ray cluster: "local" or its address (calibration/distributed.py)
 
     def __post_init__(self):
         object.__setattr__(self, "device", Device.parse(self.device, "--device"))
@@ -315,6 +317,12 @@ class CompressConfig:
         object.__setattr__(self, "batch_axes", parse_batch_axes(self.batch_axes))
         if self.initializer_inputs not in ("constant", "refuse"):
             raise OnnxcompError(f"--initializer-inputs must be constant or refuse, got {self.initializer_inputs!r}")
+        if self.ray is not None:
+            if not isinstance(self.ray, str) or not self.ray:
+                raise OnnxcompError(f"--ray must be 'local' or a cluster address, got {self.ray!r}")
+            from .calibration.distributed import require_ray
+
+            require_ray()  # missing: a one-line error before any work
         if self.row_mask is not None and (not isinstance(self.row_mask, str) or not self.row_mask):
             raise OnnxcompError(f"--row-mask must be an input name, 'auto' or 'none', got {self.row_mask!r}")
         given = self.solve.ranks.given + (["target"] if self.budget else [])
@@ -332,7 +340,7 @@ class CompressConfig:
                      batch_size=32, precision="float32", device="cpu", progress=True, outputs=(), metric="fidelity",
                      max_drop=None, minimize="macs", flush_denormals=False, check_latency=True,
                      row_mask="auto", drop_padding_rows=False, initializer_inputs="constant",
-                     batch_axes=None, fail_if_unchanged=False) -> "CompressConfig":
+                     batch_axes=None, fail_if_unchanged=False, refit_bias=False, ray=None) -> "CompressConfig":
         """The config of :func:`onnxcomp.compress`'s flat keyword arguments (the README's names)."""
         latency = LatencyConfig(provider, threads, latency_cache)
         targets = {"macs": target_macs, "params": target_params, "latency": target_latency}
@@ -355,7 +363,8 @@ class CompressConfig:
                    checked_flag(flush_denormals, "flush_denormals"), checked_flag(check_latency, "check_latency"),
                    row_mask, checked_flag(drop_padding_rows, "drop_padding_rows"),
                    initializer_inputs=initializer_inputs, batch_axes={} if batch_axes is None else batch_axes,
-                   fail_if_unchanged=checked_flag(fail_if_unchanged, "fail_if_unchanged"))
+                   fail_if_unchanged=checked_flag(fail_if_unchanged, "fail_if_unchanged"),
+                   refit_bias=checked_flag(refit_bias, "refit_bias"), ray=ray)
 
     @property
     def threads(self) -> int:
@@ -375,7 +384,7 @@ class CompressConfig:
                 "outputs": [{"name": s.name, "weight": s.weight, "axis": s.axis} for s in self.outputs],
                 "metric": self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric"),
                 "flush_denormals": self.flush_denormals, "threads": self.threads,
-                "precision": self.precision.value}
+                "precision": self.precision.value, "refit_bias": self.refit_bias}
 
 
 def _check_fraction(value, option: str) -> None:

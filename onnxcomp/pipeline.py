@@ -32,12 +32,14 @@ from .model import NothingToCompress, as_model, find_layers, fingerprint, select
 from .model.denormals import flush_written
 from .model.downstream import outputs_reached
 from .model.prepare import prepare_model
-from .passes import apply_solved
+from .model.subgraphs import describe
+from .passes import apply_solved, planned
+from .refit import SampleCapture, refit_biases
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
 from .report import (Report, add_latency, data_warnings, judge_warnings, layer_rows, model_totals,
                      nonfinite_warnings, target_settings)
 from .runtime import Timer, execution_providers
-from .threads import blas_threads
+from .threads import available_memory, blas_threads, remote_map
 
 
 def compress(model, data=None, config: CompressConfig | None = None, *, stats=None, validation_data=None,
@@ -73,24 +75,36 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     prepared = prepare_model(given, config.initializer_inputs, config.batch_axes)
     model = prepared.model
     config, opset_notes = _for_opset(config, model)
+    if config.refit_bias:
+        _check_refit(data, stats, model)
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
                validation_data, row_mask=config.row_mask, threads=config.threads,
                drop_padding_rows=config.drop_padding_rows, precision=config.precision.value,
-               nothing_ok=not config.fail_if_unchanged)
+               nothing_ok=not config.fail_if_unchanged, capture=config.refit_bias, ray=config.ray)
     if not run.chosen:
         return _unchanged(given, run, config, prepared)
     check_output_axes(config.outputs, declared_ranks(model))  # before any work, where the graph tells
     multiple_notes = rank_multiple_warnings(config.budget.rank_multiple if config.budget else None, run.chosen)
     clock = _Clock()
     statistics = run.statistics(config.solve.norm)
+    if not run.keep_unseen(statistics):
+        return _unchanged(given, run, config, prepared)
     statistics_notes = check_statistics(statistics, run.chosen)  # before the solve: constant data is refused
     clock.lap("calibration")
     judge = run.judge(config.outputs, config.metric, statistics)
     problems = {layer.name: layer_problem(layer, statistics.of_layer(layer) if statistics else None)
                 for layer in run.chosen}
-    allocation, solved = _solve(run, config, problems, timer, judge)
+    with remote_map(_remote_solves(config)):
+        allocation, solved = _solve(run, config, problems, timer, judge)
     clock.lap("solve")
     compressed = apply_solved(model, run.chosen, solved)
+    refit_notes = []
+    if config.refit_bias and planned(run.chosen, solved):
+        clock.lap("rewrite")
+        refit = refit_biases(model, run.chosen, planned(run.chosen, solved), run.capture.kept, compressed,
+                             judge, config.threads)
+        compressed, refit_notes = refit.model, [refit.note()]
+        clock.lap("refit_bias")
     compressed, denormals = flush_written(model, compressed, config.flush_denormals)
     clock.lap("rewrite")
     fidelity = judge.fidelity(compressed) if judge is not None else None
@@ -105,7 +119,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     if judge is not None and (judge.metric.name != "fidelity" or allocation is not None and allocation.search):
         settings["metric"] = judge.metric.name
         settings["scores"] = {"original": judge.original_score, "compressed": judge.metric.score(judge, compressed)}
-    rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation)
+    rows = layer_rows(run.layers, run.chosen, run.skipped, problems, solved, allocation, run.not_chosen)
     measured = None
     if run.sample is not None and (config.check_latency or latency_budget):
         measured = check_latency(timer, model, compressed, run.layers, kept_fractions(rows), run.timing_feed,
@@ -115,12 +129,16 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["target"] = target_settings(config.budget, allocation, totals)
         if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
-    warnings = [*prepared.notes, *opset_notes, *multiple_notes, *statistics_notes,
+    warnings = [*prepared.notes, *opset_notes, *multiple_notes, *refit_notes, *statistics_notes,
                 *data_warnings(problems, solved, statistics, config.budget is not None, judge),
                 *judge_warnings(judge, config.budget.max_drop if config.budget else None),
                 *nonfinite_warnings(fidelity), *guard_warnings(measured)]
     return prepared.restore(compressed), Report(settings, rows, totals, fidelity, clock.seconds, warnings, measured)
 
+
+# Float64 copies of a layer's d x d second moment alive at once between calibration and its solve
+# (the sums, the statistics, the solver's eigen form and workspace).
+MEMORY_COPIES = 6
 
 # Below this opset onnxruntime has no Add kernel, which the bias correction of a MatMul chain needs.
 FIRST_ADD_OPSET = 7
@@ -137,12 +155,34 @@ def _for_opset(config: CompressConfig, model: onnx.ModelProto) -> tuple[Compress
     return replace(config, solve=replace(config.solve, centered=False)), [note]
 
 
+def _remote_solves(config: CompressConfig):
+    """Where the layers are solved: a Ray cluster's workers with ``ray`` (solved on the CPU), else
+    local threads (None)."""
+    if config.ray is None or config.device.value != "cpu":
+        return None
+    from .calibration.distributed import ray_mapper
+
+    return ray_mapper(config.ray)
+
+
+def _check_refit(data, stats, model: onnx.ModelProto) -> None:
+    """Bias re-estimation measures the compressed model on calibration samples: before any work, say
+    when it cannot."""
+    if stats is not None or data is None:
+        raise OnnxcompError("refit_bias (--refit-bias) measures the compressed model on the calibration data: give "
+                            "it with --data, not --stats")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset < FIRST_ADD_OPSET:
+        raise OnnxcompError(f"refit_bias (--refit-bias) needs opset {FIRST_ADD_OPSET} or later (a MatMul chain's bias "
+                            f"is an Add node); the model's is {opset}")
+
+
 def _unchanged(given: onnx.ModelProto, run: "_Run", config: CompressConfig, prepared) -> tuple:
     """No layer to compress: the model as given (a copy), and a report that says why. A pipeline
     over many models must not stop at one whose layers are all depthwise."""
     copy = onnx.ModelProto()
     copy.CopyFrom(given)
-    rows = layer_rows(run.layers, [], run.skipped, {}, {})
+    rows = layer_rows(run.layers, [], run.skipped, {}, {}, None, run.not_chosen)
     totals = model_totals(run.model, run.model, run.shapes, run.sample, 0, len(run.layers))
     warning = (f"{run.nothing}: the model is written unchanged (fail_if_unchanged=True / --fail-if-unchanged "
                "makes this an error)")
@@ -151,19 +191,19 @@ def _unchanged(given: onnx.ModelProto, run: "_Run", config: CompressConfig, prep
 
 def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, progress: bool = True,
               row_mask: str | None = "auto", threads: int | None = None, drop_padding_rows: bool = False,
-              precision: str = "float32", initializer_inputs: str = "constant", batch_axes=None) -> Statistics:
+              precision: str = "float32", initializer_inputs: str = "constant", batch_axes=None,
+              ray: str | None = None) -> Statistics:
     """Statistics of every compressible layer's input (every sample: nothing is held out), to save
     and reuse with ``stats=``. ``row_mask``, ``threads``, ``drop_padding_rows``, ``precision`` (of the
-    products: "float32" or "float64"), ``initializer_inputs``, ``batch_axes``: as :func:`compress`'s."""
+    products: "float32" or "float64"), ``initializer_inputs``, ``batch_axes``, ``ray``: as :func:`compress`'s."""
     config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, skip=skip, batch_size=batch_size,
                                          row_mask=row_mask, threads=threads, precision=precision,
-                                         initializer_inputs=initializer_inputs,
-                                         batch_axes=batch_axes)
+                                         initializer_inputs=initializer_inputs, batch_axes=batch_axes, ray=ray)
     with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
         working = prepare_model(as_model(model), initializer_inputs, config.batch_axes).model
         run = _Run(working, data, None, config.input_shapes, config.skip, batch_size, progress, hold_out=False,
                    row_mask=row_mask, threads=config.threads, drop_padding_rows=drop_padding_rows,
-                   precision=config.precision.value)
+                   precision=config.precision.value, ray=config.ray)
         return run.statistics(Norm.DATA)
 
 
@@ -173,8 +213,10 @@ class _Run:
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
                  progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None,
                  threads: int | None = None, drop_padding_rows: bool = False, precision: str = "float32",
-                 nothing_ok: bool = False):
+                 nothing_ok: bool = False, capture: bool = False, ray: str | None = None):
         self.model, self.data, self.stats, self.threads = model, data, stats, threads
+        self.nothing_ok, self.ray = nothing_ok, ray
+        self.not_chosen: dict[str, str] = {}  # layer name -> why it was left out after all (default: --skip)
         self.row_mask = resolve_row_mask(model, row_mask)
         self.drop_padding_rows = drop_padding_rows
         self.precision = precision
@@ -194,6 +236,10 @@ class _Run:
             self.validation = validation_besides_stats(self.feeds)
         elif self.feeds is not None and hold_out:
             self.validation, self.feeds = split_validation(self.feeds, self.total)
+        # The first samples the statistics see, kept for bias re-estimation (``capture``).
+        self.capture = SampleCapture(self.feeds) if capture and self.feeds is not None else None
+        if self.capture is not None:
+            self.feeds = self.capture
         # One sample of the data (else of the validation samples): per-sample shapes for shape
         # inference and MAC counting, and the feed latency is measured on.
         example = self.first_batch or (self.validation.parts[0] if self.validation and self.validation.parts else {})
@@ -211,6 +257,41 @@ class _Run:
             if not nothing_ok:
                 raise
             self.chosen, self.nothing = [], str(nothing)
+        self._leave_out_too_wide()
+
+    def _leave_out_too_wide(self) -> None:
+        """Keep dense the layers whose input rows are so long that their statistics and solve would
+        not fit in memory (a VGG's 25088-wide classifier: 5 GB per copy of its second moment)."""
+        budget = available_memory() / 2
+        for layer in self.chosen:
+            need = MEMORY_COPIES * 8 * layer.in_features ** 2 / layer.groups
+            if need > budget:
+                self.not_chosen[layer.name] = (f"input rows of {layer.in_features} values: its statistics and solve "
+                                               f"would need about {_size(need)}, more than half of the "
+                                               f"{_size(2 * budget)} of memory here")
+        if self.not_chosen:
+            self.chosen = [layer for layer in self.chosen if layer.name not in self.not_chosen]
+            if not self.chosen and self.nothing is None:
+                self.nothing = "every compressible layer is too wide for this machine's memory"
+                if not self.nothing_ok:
+                    raise OnnxcompError(self.nothing)
+
+    def keep_unseen(self, statistics: Statistics | None) -> bool:
+        """Leave dense the layers that the calibration data never reached (a branch of an If that no
+        sample took: no statistics to fit them to), with why; False when no layer is left."""
+        if statistics is None:
+            return True
+        unseen = [layer for layer in self.chosen
+                  if layer.scope and any(statistics[key].rows == 0 for key in layer.stats_keys)]
+        for layer in unseen:
+            self.not_chosen[layer.name] = (f"inside {describe(layer.scope)}, which no calibration sample ran "
+                                           "(no statistics to fit it to)")
+        self.chosen = [layer for layer in self.chosen if layer not in unseen]
+        if not self.chosen:
+            self.nothing = "no compressible layer ran on the calibration data"
+            if not self.nothing_ok:
+                raise OnnxcompError(f"{self.nothing} (every one is inside a body no sample ran)")
+        return bool(self.chosen)
 
     def judge(self, outputs, metric, statistics: Statistics | None) -> Judge | None:
         """The judge of candidate models, on the validation samples (None: no data given), held
@@ -255,7 +336,8 @@ class _Run:
                                         input_shapes=self.input_shapes, batch_size=self.batch_size,
                                         progress=self.progress, total=total,
                                         row_mask=self.row_mask if self.drop_padding_rows else None,
-                                        threads=self.threads, precision=self.precision, laid_out=True)
+                                        threads=self.threads, precision=self.precision, laid_out=True,
+                                        ray=self.ray)
         statistics.digests = recorder.digests
         return statistics
 
@@ -300,7 +382,7 @@ class _Clock:
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
-        self.seconds[stage] = round(now - self._last, 3)
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 3)  # a stage may lap twice
         self._last = now
 
 
@@ -309,6 +391,10 @@ def _mask_settings(row_mask, statistics) -> dict | None:
     if statistics is not None and statistics.row_mask:
         return {**statistics.row_mask, "padding_rows": "dropped"}
     return None if row_mask is None else {"input": row_mask.input, "how": row_mask.how, "padding_rows": "kept"}
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MB"
 
 
 def _samples(statistics) -> int | None:

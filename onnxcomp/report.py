@@ -323,16 +323,19 @@ def nonfinite_warnings(fidelity: Fidelity | None) -> list[str]:
             "keep more of the layers that feed them (a larger rank or budget, or --skip)"]
 
 
-def layer_rows(layers, chosen, skipped, problems, solved, allocation=None) -> list[LayerRow]:
-    """One row per Conv/Gemm/MatMul: the solved layers in model order, then those left alone."""
+def layer_rows(layers, chosen, skipped, problems, solved, allocation=None, not_chosen=None) -> list[LayerRow]:
+    """One row per Conv/Gemm/MatMul: the solved layers in model order, then those left alone
+    (``not_chosen``: layer name -> why it was left out, where not by --skip)."""
+    not_chosen = not_chosen or {}
     latency = (allocation.layer_latency if allocation is not None else None) or {}
     rows = []
     for layer in chosen:
         row = _solved_row(layer, problems[layer.name], solved[layer.name])
         row.latency_before, row.latency_after = latency.get(layer.name, (None, None))
         rows.append(row)
-    rows += [LayerRow(layer.name, layer.op_type, layer.shape_text, "skipped: --skip", params_before=layer.params,
-                      params_after=layer.params, macs_before=layer.macs(), macs_after=layer.macs())
+    rows += [LayerRow(layer.name, layer.op_type, layer.shape_text, f"skipped: {not_chosen.get(layer.name, '--skip')}",
+                      params_before=layer.params, params_after=layer.params, macs_before=layer.macs(),
+                      macs_after=layer.macs())
              for layer in layers if layer not in chosen]
     rows += [LayerRow(s.name, s.op_type, "-", f"skipped: {s.reason}") for s in skipped]
     return rows

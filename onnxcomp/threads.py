@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 from threadpoolctl import threadpool_limits
@@ -36,6 +37,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def available_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its control group's limit if lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        return min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        return total
+
+
 def thread_count(threads: int | None) -> int:
     """``threads`` checked, or every available core when None."""
     if threads is None:
@@ -52,11 +63,29 @@ def blas_threads(count: int):
         yield
 
 
+# Where map_parallel sends its items instead of local threads (a Ray cluster: calibration/distributed.py).
+_REMOTE: ContextVar[Callable | None] = ContextVar("onnxcomp_remote_map", default=None)
+
+
+@contextmanager
+def remote_map(mapper: Callable[[Callable, list], list] | None):
+    """Inside the block, :func:`map_parallel` calls ``mapper(function, items)`` (None: local threads)."""
+    token = _REMOTE.set(mapper)
+    try:
+        yield
+    finally:
+        _REMOTE.reset(token)
+
+
 def map_parallel(function: Callable[[T], R], items: Sequence[T], workers: int, *, desc: str = "",
                  progress: bool = False) -> list[R]:
-    """``[function(item) for item in items]`` on ``workers`` threads, each with one BLAS thread;
-    in order, and the same results as a sequential run (each item's arithmetic is unchanged)."""
+    """``[function(item) for item in items]`` on ``workers`` threads, each with one BLAS thread (or
+    on a cluster's workers inside :func:`remote_map`); in order, and the same results as a sequential
+    run (each item's arithmetic is unchanged)."""
     items = list(items)
+    remote = _REMOTE.get()
+    if remote is not None and workers > 1 and len(items) > 1:  # workers 1: a GPU's serial stream stays here
+        return remote(function, items)
     bar = tqdm(total=len(items), desc=desc, unit="layer", disable=not progress)
     with bar:
         if workers <= 1 or len(items) <= 1:

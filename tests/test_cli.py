@@ -132,3 +132,17 @@ def test_a_model_whose_layers_all_stay_dense_is_written_unchanged(tmp_path, caps
     assert_cli_error(capsys, ["compress", source, tmp_path / "o2.onnx", "--data", data, "--target-macs", "0.5",
                               "--fail-if-unchanged"], "no compressible layers", None)
     assert not (tmp_path / "o2.onnx").exists()
+
+
+def test_the_readme_lists_every_python_option_with_its_default():
+    import inspect
+    from pathlib import Path
+
+    from onnxcomp.config import CompressConfig
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    python = readme[readme.index("## Python"):readme.index("## The report")]
+    for name, parameter in inspect.signature(CompressConfig.from_options).parameters.items():
+        default = parameter.default
+        shown = f'"{default}"' if isinstance(default, str) else repr(default)
+        assert f"`{name}={shown}`" in python, f"the README's Python options miss {name}={shown}"

@@ -210,7 +210,7 @@ def best_candidates(problem: LayerProblem, solve: SolveConfig, xp, multiple: int
 
 
 # CP is not part of "auto": its candidate curves cost about 7x Tucker-2's and its solves about 10x
-# (README, "CP vs Tucker-2 vs SVD"), and its depthwise chains often run slower than Tucker-2's.
+# (docs/RESULTS.md, "CP vs Tucker-2 vs SVD"), and its depthwise chains often run slower than Tucker-2's.
 CURVES = {Method.SVD: svd_candidates, Method.TUCKER2: tucker2_candidates, Method.CP: cp_candidates,
           Method.AUTO: best_candidates}
 # Curves sampled at a few fractions; the budget asks them for more points where its spare cost reaches.

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from tqdm.auto import tqdm
 
@@ -143,11 +144,11 @@ class Curves:
     def __init__(self, planning: Planning, multiple: int | None):
         self.planning, self.multiple = planning, multiple
         solve, xp = planning.solve, planning.xp
-        def curve(layer):
-            return CURVES[solve.method](planning.problems[layer.name], solve, xp, multiple)
-
         workers = layer_workers(planning.workers, xp)
-        points = map_parallel(curve, planning.layers, workers, desc="curves", progress=planning.progress)
+        # Each item is one layer's problem, so that a remote worker (Ray) is sent that layer's only.
+        points = map_parallel(partial(CURVES[solve.method], solve=solve, xp=xp, multiple=multiple),
+                              [planning.problems[layer.name] for layer in planning.layers], workers, desc="curves",
+                              progress=planning.progress)
         self.points = {layer.name: p for layer, p in zip(planning.layers, points)}
 
     def allocate(self, fraction: float, gains: dict | None = None, rounds: int = 3) -> Allocation:

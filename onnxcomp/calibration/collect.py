@@ -3,7 +3,8 @@
 For every statistic key (``TargetLayer.stats_key``: one tensor read one way) we
 accumulate, in float64, the number of rows, the sum of the rows ``x`` and the
 sum of ``x x^T`` (DESIGN.md §1, §3), batch by batch, never holding more than one
-batch. The layer inputs become extra graph outputs. Stride-1 kxk convs are
+batch. The layer inputs become extra graph outputs (lifted out of If/Loop/Scan bodies
+where they are in one: ``model/subgraphs.py``). Stride-1 kxk convs are
 reduced by shifted products of their input (``shifts.py``: 13 C x C GEMMs per
 pixel for a 3x3 instead of the patch Gram's 81/2 C^2, no im2col). Everything
 else goes through rows: NumPy builds them (im2col for convs) in blocks and adds
@@ -13,43 +14,18 @@ multiply-adds of a GEMM; the trailing 1 gives the row sums in the same product).
 Precision (``precision=``, ``--precision``): by default each block of at most
 ``FLOAT32_BLOCK_ROWS`` rows is multiplied in float32 (``ssyrk``, ``sgemm``) and
 its product added into the float64 sums, so rounding stays that of one block and
-never grows with the data; "float64" multiplies in double throughout. Measured
-(``benchmarks/calibration_precision.py``, digits example and a YOLOv8n-shaped
-model): covariances 1-2e-7 from float64's (median, Frobenius), error curves
-within 3.4e-7 of each layer's output variance, float32 factors within 6e-6 of
-the float64 optimum, 10^3-10^6 below the sampling noise of the statistics.
-
-Measured on the project's 2-core CPU machine (AMD EPYC Zen 4, onnxruntime 1.32
-CPU EP, OpenBLAS, 1 BLAS thread), best / median of 3 batches of 32
-(``benchmarks/calibration_throughput.py``; the floor is ``syrk`` alone on every
-statistic's (rows, d) shape, timed in the same process). YOLOv8n-shaped model at
-320x320 (3.61 G multiply-adds per sample in the floor, 63 convs), three runs at
-load 0.7-2.7: float32 9.6-12.0 samples/s at best = 85-106% of the float32 floor
-(11.3-11.7, 41-42 GMAC/s; medians alike), float64 5.7-6.2 = 91-97% of the
-float64 floor (6.2-6.4); plain inference 40-81 (onnxruntime's two threads are
-the most sensitive to the other work on the machine). Before (float64 patches
-and dsyrk for every conv) a batch took 5.95 s, 85% of it in dsyrk, 8% in
-onnxruntime, 6% building patches; now 2.5 s in float32 (onnxruntime 20%, shifted
-products 51%, ssyrk of the strided and 1x1 convs 21%, copies 6%) and 4.9 s in
-float64, side by side on a quiet machine. ResNet-50 (10.2 G in the floor; two
-runs, load 1-4): float32 2.54-3.15 samples/s at best = 56-70% of the float32
-floor (4.5, 46 GMAC/s), float64 1.80-2.28 = 75-93% of the float64 floor (2.4);
-plain inference 13.1; onnxruntime's share is larger there (see below).
-Reductions inside the session (one-hot depthwise Conv to unfold patches, Cast to
-double, Gemm) ran at 41% of the float64 floor, so that second method was removed
-(it is in the git history before stop 10, should a GPU path want it back). The
-calibration session runs without its memory arena (peak RSS of ResNet-50 3.7 GB
-instead of 4.4), which costs time on a shared machine (load 3-5, best of 5 runs
-interleaved): YOLOv8n-shaped 1.34 s per batch against 0.99 with the arena and
-0.85 without extra outputs, ResNet-50 3.4-4.6 s against 2.6-2.8 and 2.4. An
-arena that grows by what is asked (``OrtArenaCfg`` kSameAsRequested, an
-environment allocator) ran ResNet-50 in 2.6-2.9 s at a peak RSS of 3.0-3.1 GB
-(the runs alone, without the reduction: no arena 2.7-2.9 GB, default arena 3.7).
+never grows with the data; "float64" multiplies in double throughout. The
+calibration session runs without onnxruntime's memory arena (a lower peak RSS on
+large models, at some speed on a shared machine). Throughput and precision, measured
+against the floor of the products alone: docs/RESULTS.md, "Calibration throughput
+and precision".
 """
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,8 +37,10 @@ from tqdm import tqdm
 from ..config import Precision
 from ..errors import OnnxcompError, first_line
 from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input_shapes
+from ..model.subgraphs import lift, stacked_levels
 from ..model.transposed import TransposedGeometry
 from ..runtime import feed_size, open_session, repeated
+from ..threads import blas_threads, thread_count
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
 from .rowmask import RowMask, check_mask, kept_rows
@@ -94,6 +72,7 @@ def collect_statistics(
     threads: int | None = None,
     precision: str = "float32",
     laid_out: bool = False,
+    ray: str | None = None,
 ) -> Statistics:
     """Input statistics of ``layers`` on calibration ``data``, keyed by ``layer.stats_key``.
 
@@ -107,7 +86,8 @@ def collect_statistics(
     float64 across blocks and batches; float64 and float16 activations too) or ``"float64"``;
     ``row_mask``: the model input whose zeros mark token rows to leave out (padding), see
     :mod:`onnxcomp.calibration.rowmask`; ``threads``: onnxruntime's intra-op threads (default: its own choice);
-    ``laid_out``: ``data`` is batches :func:`~onnxcomp.calibration.readers.iter_feeds` gave for ``model`` before.
+    ``laid_out``: ``data`` is batches :func:`~onnxcomp.calibration.readers.iter_feeds` gave for ``model`` before;
+    ``ray``: sum the batches on the actors of a Ray cluster (``"local"`` or an address; ``distributed.py``).
     """
     dtype = np.dtype(Precision.parse(precision, "--precision").value)
     model = as_model(model)
@@ -117,7 +97,12 @@ def collect_statistics(
     model = with_input_shapes(model, input_shapes or {})
     if not targets:
         return Statistics(model=identity)
-    collector = _Collector(model, targets, providers, block_bytes, dtype, row_mask, threads)
+    if ray is not None:
+        from .distributed import RayCollector
+
+        collector = RayCollector(ray, model, targets, block_bytes, dtype, row_mask)
+    else:
+        collector = _Collector(model, targets, providers, block_bytes, dtype, row_mask, threads)
     input_names = [i.name for i in model_inputs(model)]
     total = total if total is not None else count_samples(data, model)
     with tqdm(total=total, unit="sample", desc="calibration", disable=not progress) as bar:
@@ -144,6 +129,7 @@ class _Target:
     trans_a: bool
     transposed: TransposedGeometry | None = None  # a ConvTranspose: patches of its stuffed input
     channels: tuple[int, int] | None = None  # a grouped conv's group reads these input channels only
+    scope: tuple = ()  # the If/Loop/Scan body the tensor is read in (model/subgraphs.py); () : the main graph
 
     def read(self, tensor: np.ndarray) -> np.ndarray:
         """The part of the layer input this statistic's rows come from (a view)."""
@@ -184,7 +170,7 @@ def _targets(layers: Sequence[TargetLayer]) -> list[_Target]:
             by_key.setdefault(key, _Target(
                 key=key, tensor=layer.input, dim=layer.in_features, dtype=np.dtype(layer.weight.dtype),
                 conv=layer.conv, trans_a=layer.trans_a, transposed=layer.transposed,
-                channels=None if layer.groups == 1 else (group * c, (group + 1) * c),
+                channels=None if layer.groups == 1 else (group * c, (group + 1) * c), scope=layer.scope,
             ))
     return list(by_key.values())
 
@@ -197,7 +183,7 @@ def _check_model(model: onnx.ModelProto, targets: list[_Target]) -> None:
         )
     known = {i.name for i in model.graph.input} | {o for node in model.graph.node for o in node.output}
     for target in targets:
-        if target.tensor not in known:
+        if target.tensor not in known and not target.scope:
             raise OnnxcompError(
                 f"layer input {target.tensor!r} is not a tensor of this model: were the layers found on another model?"
             )
@@ -226,7 +212,9 @@ class _Session:
 
 
 class _Collector:
-    """Layer inputs leave the session as extra outputs; NumPy/BLAS reduce them."""
+    """Layer inputs leave the session as extra outputs; NumPy/BLAS reduce them, one layer input per
+    worker at a time (``threads`` workers, one BLAS thread each: the sums of each statistic are added
+    in the same order whatever the number of workers, so they are the same to the bit)."""
 
     def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers, block_bytes: int,
                  dtype=np.float64, row_mask: RowMask | None = None, threads: int | None = None):
@@ -235,14 +223,17 @@ class _Collector:
         self.masked = _MaskedRows()
         fed = {i.name for i in inputs}
         self.fixed = fixed_batch(inputs)
-        self.targets = targets
-        # A tensor that is fed comes straight from the feed.
-        self.fetch = list(dict.fromkeys(t.tensor for t in targets if t.tensor not in fed))
-        self.session = _Session(_with_outputs(model, targets, self.fetch), providers, threads)
-        scratch: dict = {}  # one float32 block Gram per dimension, shared by the sums
-        self.sums = {t.key: _GramSums(t.dim, dtype, scratch) for t in targets}
-        self.buffer = _BlockBuffer(block_bytes, dtype)
-        self.wide: _BlockBuffer | None = None  # float64 blocks for activations too large for float32 sums
+        # Largest first: workers that take the next layer input as they finish end close together.
+        self.targets = sorted(targets, key=lambda t: -t.dim)
+        self.order = targets  # statistics come out in the layers' order
+        # A tensor that is fed comes straight from the feed; one inside a body is lifted out of it.
+        instrumented, self.source = _instrumented(model, targets, fed)
+        self.fetch = list(dict.fromkeys(name for name in self.source.values() if name not in fed))
+        self.stacked = {self.source[t.key]: stacked_levels(t.scope) for t in targets}
+        self.session = _Session(instrumented, providers, threads)
+        self.sums = {t.key: _GramSums(t.dim, dtype) for t in targets}
+        self.block_bytes, self.dtype = block_bytes, dtype
+        self.workers = _Workers(min(thread_count(threads), len(targets)), block_bytes, dtype)
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         values = dict(feed)
@@ -252,30 +243,58 @@ class _Collector:
             run_feed = repeated(feed, self.fixed) if padded else feed  # topped up by repeating samples
             fetched = self.session.run(self.fetch, run_feed, index)
             if padded:  # drop the rows of the repeated samples (where the batch is the leading axis)
-                fetched = [t[:real] if t.ndim and t.shape[0] == self.fixed else t for t in fetched]
+                fetched = [_first_samples(t, real, self.fixed, self.stacked[name]) for name, t in zip(self.fetch, fetched)]
             _check_finite(self.fetch, fetched, index)
             values.update(zip(self.fetch, fetched))
         mask = check_mask(feed[self.row_mask.input], self.row_mask.input, index) if self.row_mask else None
-        for target in self.targets:
-            tensor = values[target.tensor]
-            if target.transposed is not None:  # a ConvTranspose: its equivalent conv's input
-                tensor = target.transposed.stuffed(tensor)
-            target.check_shape(tensor.shape)
-            tensor = target.read(tensor)
-            rows, samples = target.rows_and_samples(tensor.shape)
-            buffer = self._buffer_for(tensor, rows)
-            plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
-            if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
-                self.sums[target.key].add_shifted(plan, tensor, buffer, rows, samples)
-                continue
-            keep = None if target.conv is not None or target.trans_a else kept_rows(tensor.shape, mask)
-            if keep is not None:
-                rows = int(np.count_nonzero(keep))
-                self.masked.add(target.key, rows, keep.size)
-            blocks = _row_blocks(target, tensor, buffer.rows(target.dim), keep)
-            self.sums[target.key].add(blocks, rows, samples, single=buffer.dtype == np.float32)
+        work = [(target, values[self.source[target.key]]) for target in self.targets]
+        for target, masked in zip(self.targets, self.workers.map(lambda item, state: self._reduce(*item, mask, state),
+                                                                   work)):
+            if masked is not None:
+                self.masked.add(target.key, *masked)
 
-    def _buffer_for(self, tensor: np.ndarray, rows: int) -> "_BlockBuffer":
+    def _reduce(self, target: _Target, value: np.ndarray, mask, state: "_WorkerState"):
+        """Add one batch of one layer input to its sums; (rows kept, rows seen) where a row mask applied."""
+        tensor, per_sample = _iterations_as_rows(value, self.stacked[self.source[target.key]])
+        if tensor is None:  # the body did not run on this batch (the other If branch, no iteration)
+            return None
+        if target.transposed is not None:  # a ConvTranspose: its equivalent conv's input
+            tensor = target.transposed.stuffed(tensor)
+        target.check_shape(tensor.shape)
+        tensor = target.read(tensor)
+        rows, samples = target.rows_and_samples(tensor.shape)
+        samples //= per_sample
+        buffer = state.buffer_for(tensor, rows)
+        plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
+        if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
+            self.sums[target.key].add_shifted(plan, tensor, buffer, rows, samples)
+            return None
+        keep = None if target.conv is not None or target.trans_a else kept_rows(tensor.shape, mask)
+        masked = None
+        if keep is not None:
+            rows = int(np.count_nonzero(keep))
+            masked = (rows, keep.size)
+        blocks = _row_blocks(target, tensor, buffer.rows(target.dim), keep)
+        self.sums[target.key].add(blocks, rows, samples, single=buffer.dtype == np.float32, scratch=state.scratch)
+        return masked
+
+    def statistics(self) -> Statistics:
+        self.workers.close()
+        # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
+        statistics = Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.order})
+        statistics.row_mask = self.masked.summary(self.row_mask)
+        return statistics
+
+
+class _WorkerState:
+    """What one reducing worker reuses from batch to batch: its block buffers and float32 scratch Grams."""
+
+    def __init__(self, block_bytes: int, dtype):
+        self.buffer = _BlockBuffer(block_bytes, dtype)
+        self.wide: _BlockBuffer | None = None  # float64 blocks for activations too large for float32 sums
+        self.scratch: dict = {}  # dim + 1 -> a float32 block Gram
+
+    def buffer_for(self, tensor: np.ndarray, rows: int) -> "_BlockBuffer":
         """The block buffer for this tensor's products: float64 where float32 sums of its products could
         overflow (activations of 1e17 and more, as deep random-weight models make), else the chosen one."""
         if self.buffer.dtype != np.float32 or not tensor.size:
@@ -287,11 +306,38 @@ class _Collector:
             self.wide = _BlockBuffer(self.buffer.flat.nbytes, np.float64)
         return self.wide
 
-    def statistics(self) -> Statistics:
-        # Pop as we go: the float64 sums of a ResNet-50 alone take ~1 GB, hold them once.
-        statistics = Statistics({t.key: self.sums.pop(t.key).result(t) for t in self.targets})
-        statistics.row_mask = self.masked.summary(self.row_mask)
-        return statistics
+
+class _Workers:
+    """``count`` threads, each with its own :class:`_WorkerState`, taking items as they finish."""
+
+    def __init__(self, count: int, block_bytes: int, dtype):
+        self.count = max(1, count)
+        self.states = queue.SimpleQueue()
+        for _ in range(self.count):
+            self.states.put(_WorkerState(block_bytes, dtype))
+        self.pool = ThreadPoolExecutor(self.count) if self.count > 1 else None
+
+    def map(self, function, items: list) -> list:
+        if self.pool is None:
+            state = self.states.get()
+            try:
+                return [function(item, state) for item in items]
+            finally:
+                self.states.put(state)
+
+        def run(item):
+            state = self.states.get()  # a free state: no two workers share a buffer
+            try:
+                return function(item, state)
+            finally:
+                self.states.put(state)
+
+        with blas_threads(1):
+            return list(self.pool.map(run, items))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 class _MaskedRows:
@@ -324,16 +370,41 @@ def _check_finite(names: list[str], tensors: list[np.ndarray], index: int) -> No
                 "overflows on this data (check its scale and preprocessing)")
 
 
-def _with_outputs(model: onnx.ModelProto, targets: list[_Target], fetch: list[str]) -> onnx.ModelProto:
+def _instrumented(model: onnx.ModelProto, targets: list[_Target], fed: set[str]) -> tuple[onnx.ModelProto, dict]:
+    """The model with every layer input that is not fed as a graph output (lifted out of its body
+    where it is in one), and target key -> the name its tensor is read by (a feed or an output)."""
     instrumented = onnx.ModelProto()
     instrumented.CopyFrom(model)
     existing = {o.name for o in instrumented.graph.output}
-    dtypes = {t.tensor: t.dtype for t in targets}
-    for name in fetch:
-        if name not in existing:
-            elem_type = helper.np_dtype_to_tensor_dtype(dtypes[name])
-            instrumented.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
-    return instrumented
+    in_bodies = list(dict.fromkeys((t.tensor, t.scope) for t in targets if t.scope))
+    dtypes = {(t.tensor, t.scope): helper.np_dtype_to_tensor_dtype(t.dtype) for t in targets}
+    lifted = dict(zip(in_bodies, lift(instrumented, [(name, scope, dtypes[name, scope]) for name, scope in in_bodies])))
+    for name, scope in dtypes:
+        if not scope and name not in existing and name not in fed:
+            instrumented.graph.output.append(helper.make_tensor_value_info(name, dtypes[name, scope], None))
+            existing.add(name)
+    source = {t.key: lifted[t.tensor, t.scope] if t.scope else t.tensor for t in targets}
+    return instrumented, source
+
+
+def _first_samples(tensor: np.ndarray, real: int, fixed: int, stacked: int) -> np.ndarray:
+    """A fetched tensor of a batch topped up to ``fixed`` samples, without the repeated ones (where
+    the batch is the axis after the ``stacked`` iteration axes)."""
+    if tensor.ndim > stacked and tensor.shape[stacked] == fixed:
+        return tensor[(slice(None),) * stacked + (slice(0, real),)]
+    return tensor
+
+
+def _iterations_as_rows(tensor: np.ndarray, stacked: int) -> tuple[np.ndarray | None, int]:
+    """A layer input as the layer reads it, and the iterations per sample it holds: a value lifted
+    out of Loop/Scan bodies has one leading axis per level, merged into the batch here; an empty
+    value (a branch that did not run) is None."""
+    if tensor.size == 0:
+        return None, 1
+    if not stacked:
+        return tensor, 1
+    iterations = int(np.prod(tensor.shape[:stacked]))
+    return tensor.reshape(-1, *tensor.shape[stacked + 1 :]), iterations
 
 
 # Float32 products of a layer input whose largest |x|^2 times its rows passes this could overflow.
@@ -385,27 +456,29 @@ class _GramSums:
     float32 (ssyrk, twice as fast) and then added, so rounding does not grow across blocks and batches.
     """
 
-    def __init__(self, dim: int, dtype=np.float64, scratch: dict | None = None):
+    def __init__(self, dim: int, dtype=np.float64):
         self.upper = np.zeros((dim + 1, dim + 1), order="F")
         self.single = np.dtype(dtype) == np.float32
-        self.scratch = {} if scratch is None else scratch  # dim + 1 -> a float32 block Gram, shared
         self.rows = 0
         self.samples = 0
 
-    def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int, single: bool | None = None) -> None:
-        """``single``: the blocks are float32 (default: the dtype these sums were made for)."""
+    def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int, single: bool | None = None,
+            scratch: dict | None = None) -> None:
+        """``single``: the blocks are float32 (default: the dtype these sums were made for);
+        ``scratch``: dim + 1 -> a float32 block Gram to reuse (one per worker)."""
         size = self.upper.shape[0]
         single = self.single if single is None else single
+        scratch = {} if scratch is None else scratch
         for block in blocks:
             # block.T is Fortran-ordered (dim+1, n): syrk reads it in place and
             # updates a Fortran-ordered upper triangle in place.
             if not single:
                 self.upper = blas.dsyrk(1.0, block.T, beta=1.0, c=self.upper, overwrite_c=1)
                 continue
-            if size not in self.scratch:  # zeros: ssyrk never writes the strict lower triangle
-                self.scratch[size] = np.zeros((size, size), np.float32, order="F")
-            self.scratch[size] = blas.ssyrk(1.0, block.T, beta=0.0, c=self.scratch[size], overwrite_c=1)
-            self.upper += self.scratch[size]
+            if size not in scratch:  # zeros: ssyrk never writes the strict lower triangle
+                scratch[size] = np.zeros((size, size), np.float32, order="F")
+            scratch[size] = blas.ssyrk(1.0, block.T, beta=0.0, c=scratch[size], overwrite_c=1)
+            self.upper += scratch[size]
         self.rows += rows
         self.samples += samples
 
@@ -420,12 +493,24 @@ class _GramSums:
         self.samples += samples
 
     def result(self, target: _Target) -> InputStats:
-        upper = np.triu(self.upper)  # syrk leaves the strict lower triangle alone, add_shifted does not
-        full = upper + upper.T
-        full.flat[:: len(full) + 1] = upper.diagonal()  # counted twice above
+        # syrk leaves the strict lower triangle alone, add_shifted does not: mirror the upper one, in
+        # place (a 25088-wide layer input's sums are 5 GB: whole-matrix copies would take three more).
+        full = _mirror_upper(self.upper)
         dim = target.dim
         gram, total = full[:dim, :dim], full[:dim, dim]
         if target.conv is not None:  # patches were built channel-last (i, j, c)
             order = channel_last_order(dim // int(np.prod(target.conv.kernel)), target.conv.kernel)
             gram, total = gram[np.ix_(order, order)], total[order]
         return InputStats(self.rows, self.samples, np.ascontiguousarray(total), np.ascontiguousarray(gram))
+
+
+def _mirror_upper(matrix: np.ndarray, block: int = 2048) -> np.ndarray:
+    """``matrix`` (square, changed in place) made symmetric from its upper triangle, a block of rows
+    at a time (temporaries of ``block`` rows, not of the whole matrix)."""
+    n = len(matrix)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        matrix[start:stop, :start] = matrix[:start, start:stop].T
+        diagonal = matrix[start:stop, start:stop]
+        diagonal[...] = np.triu(diagonal) + np.triu(diagonal, 1).T
+    return matrix

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -129,13 +130,17 @@ def solve_layers(problems: dict[str, LayerProblem], plan: dict, xp=np, progress:
     ``workers`` threads (layers are independent; see :mod:`onnxcomp.threads`); ``sweeps``: as
     :func:`solve_layer`'s."""
 
-    def solved(item):
-        name, entry = item
-        return entry if isinstance(entry, str) else solve_layer(problems[name], entry[0], xp, entry[1], sweeps)
+    names = list(plan)
+    # Each item carries its own problem, so that a remote worker (Ray) is sent that layer's only.
+    items = [(None if isinstance(plan[name], str) else problems[name], plan[name]) for name in names]
+    results = map_parallel(partial(_solve_entry, xp, sweeps), items, layer_workers(workers, xp), desc="solve",
+                           progress=progress)
+    return dict(zip(names, results))
 
-    items = list(plan.items())
-    results = map_parallel(solved, items, layer_workers(workers, xp), desc="solve", progress=progress)
-    return {name: result for (name, _), result in zip(items, results)}
+
+def _solve_entry(xp, sweeps, item) -> Decomposition | str:
+    problem, entry = item
+    return entry if isinstance(entry, str) else solve_layer(problem, entry[0], xp, entry[1], sweeps)
 
 
 def layer_workers(workers: int, xp) -> int:

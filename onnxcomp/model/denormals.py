@@ -6,7 +6,7 @@ often carry dead channels whose weights are subnormal (PP-OCRv4 rec: 31,350 floa
 10 tensors); the eigenvectors of a data-aware fit inherit near-zero components for such channels,
 which fall below the normal range when the factors are cast to the model's dtype. Many CPUs
 compute with subnormal operands through a slow microcode path: one rewritten 1x1 conv of PP-OCRv4
-rec took 20.9 ms where a dense conv of its shape took 0.39 ms (issue 17, on a user's CPU; this
+rec took 20.9 ms where a dense conv of its shape took 0.39 ms (reported on a user's CPU; this
 project's AMD EPYC machine shows no such penalty).
 
 Setting a float32 subnormal to zero changes the weight by less than 1.2e-38: nothing a model can

@@ -20,6 +20,7 @@ from ..errors import OnnxcompError
 from .constants import TARGET_OPS, constant_tensors
 from .prepare import quantized_weights
 from .shapes import infer_shapes, static_product, with_input_shapes
+from .subgraphs import Scope, describe, stacked_levels, walk_graphs, why_not_liftable
 
 if TYPE_CHECKING:
     from .transposed import TransposedGeometry
@@ -94,6 +95,7 @@ class TargetLayer:
     # ConvTranspose: how its input is zero-stuffed into the input of ``conv`` (model/transposed.py)
     transposed: TransposedGeometry | None = None
     groups: int = 1  # a grouped Conv's group: output block g reads input channel block g only
+    scope: tuple[Scope, ...] = ()  # the If/Loop/Scan body holding the node, outermost step first; () : the main graph
 
     @property
     def out_features(self) -> int:
@@ -114,12 +116,14 @@ class TargetLayer:
 
     @property
     def stats_key(self) -> str:
-        """Layers reading the same tensor the same way share one statistic."""
+        """Layers reading the same tensor the same way share one statistic (in a body: those of the
+        same body, which runs on its own samples)."""
+        where = f"{self.scope[-1].owner}/{self.scope[-1].attribute}::" if self.scope else ""
         if self.transposed is not None:
-            return f"{self.input}|convtranspose {self.transposed.key()}|conv {self.conv.key()}"
+            return f"{where}{self.input}|convtranspose {self.transposed.key()}|conv {self.conv.key()}"
         if self.conv is not None:
-            return f"{self.input}|conv {self.conv.key()}"
-        return f"{self.input}|rows{' T' if self.trans_a else ''}"
+            return f"{where}{self.input}|conv {self.conv.key()}"
+        return f"{where}{self.input}|rows{' T' if self.trans_a else ''}"
 
     @property
     def stats_keys(self) -> tuple[str, ...]:
@@ -157,32 +161,56 @@ class Skipped:
 def find_layers(
     model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
 ) -> tuple[list[TargetLayer], list[Skipped]]:
-    """The compressible layers of a model, and the Conv/Gemm/MatMul nodes that are not (with why)."""
-    graph = model.graph
-    constants = constant_tensors(graph)
+    """The compressible layers of a model, and the Conv/Gemm/MatMul nodes that are not (with why);
+    layers inside If/Loop/Scan bodies too (each with its body's path, ``TargetLayer.scope``)."""
     shapes = infer_shapes(with_input_shapes(model, input_shapes or {}))
-    users = _WeightUsers(graph)
+    users = _WeightUsers(model.graph)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    layers, skipped = [], []
+    outer_constants: dict[tuple, dict] = {}
+    for scope, graph in walk_graphs(model.graph):
+        # A body reads the constants of the graphs around it by name.
+        constants = {**outer_constants.get(scope[:-1], {}), **constant_tensors(graph)} if scope else constant_tensors(graph)
+        outer_constants[scope] = constants
+        found, refused = _graph_layers(graph, scope, constants, shapes, users, why_not_liftable(scope, opset))
+        layers += found
+        skipped += refused
+    _unique_names(layers)
+    return layers, skipped
+
+
+def _graph_layers(graph, scope, constants, shapes, users, unreadable: str | None):
+    """The layers of one graph (a body when ``scope``), and the refused ones; ``unreadable``: why
+    calibration cannot read this body (its layers are all refused with it)."""
     why_not_constant = _why_not_constant(graph)
     layers, skipped = [], []
-    for index, (node, name) in enumerate(zip(graph.node, layer_names(graph))):
+    prefix = f"{scope[-1].owner}/" if scope else ""
+    for index, (node, name) in enumerate(zip(graph.node, layer_names(graph, prefix))):
         if node.op_type in UNSUPPORTED_OPS:
             skipped.append(Skipped(name, node.op_type, UNSUPPORTED_OPS[node.op_type]))
         if node.op_type not in TARGET_OPS:
+            continue
+        if unreadable:
+            skipped.append(Skipped(name, node.op_type, f"{unreadable}: not rewritten"))
             continue
         builder = {"Conv": _conv_layer, "ConvTranspose": _conv_transpose_layer, "Gemm": _gemm_layer,
                    "MatMul": _matmul_layer}[node.op_type]
         try:
             users.check_unshared(node)
-            layers.append(builder(node, name, index, constants, shapes))
+            layer = builder(node, name, index, constants, shapes)
+            if scope and layer.trans_a and stacked_levels(scope):
+                raise _NotTarget(f"a Gemm with transA inside {describe(scope)} (its stacked columns are not read)")
+            layer.scope = scope
+            layers.append(layer)
         except _NotTarget as why:
             weight = node.input[1] if len(node.input) > 1 else ""
             skipped.append(Skipped(name, node.op_type, why_not_constant.get(weight, str(why))))
-    skipped += _in_subgraphs(graph)
     return layers, skipped
 
 
-def layer_names(graph: onnx.GraphProto) -> list[str]:
-    """Each node's name in reports and ``--skip``: its own, or ``OpType_index`` for an unnamed node.
+def layer_names(graph: onnx.GraphProto, prefix: str = "") -> list[str]:
+    """Each node's name in reports and ``--skip``: its own, or ``OpType_index`` for an unnamed node
+    (``prefix``: a body's owner, ``If_3/``, before it).
     Layers are told apart by name, so a generated name that another node or a tensor already has
     (an unnamed Gemm beside one named ``Gemm_0``), or a name a node shares with an earlier one,
     gets a suffix ``_2``, ``_3``, ... until it is unique."""
@@ -193,7 +221,7 @@ def layer_names(graph: onnx.GraphProto) -> list[str]:
     for index, node in enumerate(graph.node):
         name = node.name
         if not name or name in used:
-            base = name or f"{node.op_type}_{index}"
+            base = name or f"{prefix}{node.op_type}_{index}"
             name, k = base, 1
             while name in used or name in taken:
                 k += 1
@@ -201,6 +229,17 @@ def layer_names(graph: onnx.GraphProto) -> list[str]:
         used.add(name)
         names.append(name)
     return names
+
+
+def _unique_names(layers: list[TargetLayer]) -> None:
+    """Layer names are keys everywhere (plans, reports, --skip): a name two bodies both use gets
+    its body's path as well."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    for layer in layers:
+        if counts[layer.name] > 1 and layer.scope:
+            layer.name = f"{layer.scope[-1].owner}/{layer.scope[-1].attribute}/{layer.name}"
 
 
 # Ops that look compressible but are not (yet): listed by inspect and the report, with why.
@@ -220,12 +259,14 @@ def _why_not_constant(graph: onnx.GraphProto) -> dict[str, str]:
 
 
 class _WeightUsers:
-    """How many node inputs read each tensor, an ``Identity`` of a tensor counting as its source."""
+    """How many node inputs read each tensor, an ``Identity`` of a tensor counting as its source
+    (bodies included: they read the weights of the graphs around them by name)."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.source = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
+        nodes = [node for _, body in walk_graphs(graph) for node in body.node]
+        self.source = {node.output[0]: node.input[0] for node in nodes if node.op_type == "Identity"}
         self.counts: dict[str, int] = {}
-        for node in graph.node:
+        for node in nodes:
             if node.op_type != "Identity":
                 for name in node.input:
                     root = self.root(name)
@@ -244,20 +285,6 @@ class _WeightUsers:
         if others > 0:
             raise _NotTarget(f"its weight {weight!r} is shared with {others} other node input(s): "
                              "compressing one user would duplicate the weight")
-
-
-def _in_subgraphs(graph: onnx.GraphProto) -> list[Skipped]:
-    """Conv/Gemm/MatMul nodes inside If/Loop/Scan bodies: not rewritten, but said."""
-    found = []
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                for inner in body.node:
-                    if inner.op_type in TARGET_OPS or inner.op_type in UNSUPPORTED_OPS:
-                        found.append(Skipped(inner.name or inner.op_type, inner.op_type,
-                                             f"inside a subgraph of {node.op_type} {node.name!r}: not rewritten"))
-                found += _in_subgraphs(body)
-    return found
 
 
 class _NotTarget(Exception):

@@ -7,6 +7,7 @@ import onnx
 
 from ..errors import OnnxcompError
 from .constants import TARGET_OPS, constant_tensors
+from .subgraphs import lift, stacked_levels, walk_graphs, why_not_liftable
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
@@ -66,21 +67,22 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    """Static shapes of every tensor that shape inference can tell (dims may be symbolic)."""
+    """Static shapes of every tensor that shape inference can tell (dims may be symbolic), those of
+    If/Loop/Scan bodies too (a Loop or Scan body's: of one iteration)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # inference is a help, not a requirement
         inferred = model
     shapes = {}
-    graph = inferred.graph
-    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            shapes[info.name] = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                for d in info.type.tensor_type.shape.dim
-            ]
-    for init in graph.initializer:
-        shapes.setdefault(init.name, list(init.dims))
+    for _, graph in walk_graphs(inferred.graph):  # the main graph first: its names win
+        for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+                shapes.setdefault(info.name, [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in info.type.tensor_type.shape.dim
+                ])
+        for init in graph.initializer:
+            shapes.setdefault(init.name, list(init.dims))
     return shapes
 
 
@@ -90,25 +92,41 @@ def static_product(dims) -> int | None:
     return int(np.prod(dims, dtype=np.int64)) if dims else 1
 
 
+# The shape runtime_shapes gives the tensors of a body that did not run on its feed (an If branch not
+# taken): their nodes did no work for that sample.
+NOT_RUN = ["not run"]
+
+
 def runtime_shapes(model: onnx.ModelProto, feed: dict) -> dict[str, list[int]]:
-    """Shapes of the Conv/Gemm/MatMul inputs and outputs, from one onnxruntime run on ``feed``."""
+    """Shapes of the Conv/Gemm/MatMul inputs and outputs, from one onnxruntime run on ``feed`` (in
+    If/Loop/Scan bodies too: a Loop's of one iteration; :data:`NOT_RUN` where the body did not run)."""
     from ..runtime import make_session  # onnxruntime only when shapes must be measured
 
-    wanted = {name for node in model.graph.node if node.op_type in TARGET_OPS
-              for name in (node.input[0], node.output[0])}
-    wanted -= set(constant_tensors(model.graph))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    wanted, lifted = set(), []
+    for scope, graph in walk_graphs(model.graph):
+        names = {name for node in graph.node if node.op_type in TARGET_OPS for name in (node.input[0], node.output[0])}
+        names -= set(constant_tensors(graph))
+        if not scope:
+            wanted = names
+        elif why_not_liftable(scope, opset) is None:
+            lifted += [(name, scope) for name in sorted(names)]
     existing = {o.name for o in probe.graph.output}
     fetch = sorted(wanted - set(feed))
     for name in fetch:
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    carried = lift(probe, [(name, scope, onnx.TensorProto.FLOAT) for name, scope in lifted])
     try:
         session = make_session(probe, quiet=True)
-        values = session.run(fetch, feed)
+        values = session.run(fetch + carried, feed)
     except Exception:  # a float16 model or an exotic graph: shapes stay unknown
         return {}
     shapes = {name: list(value.shape) for name, value in zip(fetch, values)}
+    for (name, scope), value in zip(lifted, values[len(fetch):]):
+        levels = stacked_levels(scope)
+        shapes.setdefault(name, NOT_RUN if value.size == 0 else list(value.shape[levels:]))
     shapes.update({name: list(np.shape(value)) for name, value in feed.items() if name in wanted})
     return shapes

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from ..config import Method
 from ..decompose.solve import Decomposition, Solved
 from ..model import TargetLayer
+from .bias import rewrite_bias
 from .common import GraphEditor
 from .cp import rewrite_cp
 from .lowrank import rewrite_lowrank
@@ -20,12 +22,16 @@ TRANSPOSED_REWRITES = {Method.SVD: rewrite_lowrank_transposed, Method.TUCKER2: r
 
 
 def apply_decompositions(
-    model: onnx.ModelProto, plan: list[tuple[TargetLayer, Decomposition]]
+    model: onnx.ModelProto, plan: list[tuple[TargetLayer, Decomposition]],
+    dense_biases: list[tuple[TargetLayer, np.ndarray]] = (),
 ) -> onnx.ModelProto:
-    """A new model in which every planned layer is replaced by its chain."""
+    """A new model in which every planned layer is replaced by its chain (and each layer of
+    ``dense_biases``, kept dense, gets that bias: bias re-estimation)."""
     editor = GraphEditor(model)
     for layer, decomposition in plan:
         rewrite_layer(editor, layer, decomposition)
+    for layer, bias in dense_biases:
+        rewrite_bias(editor, layer, bias)
     return editor.export()
 
 

@@ -26,8 +26,16 @@ class GraphEditor:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         self.graph = gs.import_onnx(copy)
-        self._by_output = {n.outputs[0].name: n for n in self.graph.nodes if n.outputs}
-        self._names = {t for t in self.graph.tensors()} | {n.name for n in self.graph.nodes}
+        # Nodes by (body path, first output): a layer inside an If/Loop/Scan body is edited in its body.
+        self._by_output: dict[tuple, gs.Node] = {}
+        self._graph_of: dict[int, gs.Graph] = {}
+        self._names: set[str] = set()
+        for path, graph in _gs_graphs(self.graph):
+            for n in graph.nodes:
+                if n.outputs:
+                    self._by_output[path, n.outputs[0].name] = n
+                self._graph_of[id(n)] = graph
+            self._names |= set(graph.tensors()) | {n.name for n in graph.nodes}
         self.flushed = 0  # subnormal values written as 0 by :meth:`constant`
 
     @property
@@ -35,9 +43,13 @@ class GraphEditor:
         """The model's ai.onnx opset version (what the ops it writes must conform to)."""
         return next((o.version for o in self.original.opset_import if o.domain in ("", "ai.onnx")), 1)
 
-    def node(self, output_name: str) -> gs.Node:
-        """The node that produces ``output_name`` (output tensor names are unique in ONNX)."""
-        return self._by_output[output_name]
+    def node_of(self, layer) -> gs.Node:
+        """The node of a target layer (found by its output, in its own body)."""
+        return self._by_output[tuple((step.owner, step.attribute) for step in layer.scope), layer.output]
+
+    def graph_of(self, node: gs.Node) -> gs.Graph:
+        """The graph (the main graph, or a body) that holds ``node``."""
+        return self._graph_of[id(node)]
 
     def unique(self, base: str) -> str:
         """``base``, or ``base_1``, ``base_2``...: new names are deterministic and never clash."""
@@ -67,10 +79,11 @@ class GraphEditor:
         current = node.inputs[0]
         final = node.outputs[0]
         base = node.name or final.name
+        graph = self.graph_of(node)
         for index, (op, extra, attrs) in enumerate(steps):
             last = index == len(steps) - 1
             out = final if last else gs.Variable(self.unique(f"{base}/lowrank_{index}"), dtype=final.dtype)
-            self.graph.layer(
+            graph.layer(
                 op=op, name=self.unique(f"{base}/{op.lower()}_{index}"),
                 inputs=[current, *extra], outputs=[out], attrs=attrs,
             )
@@ -113,6 +126,17 @@ def _hoist_outer_initializers(model: onnx.ModelProto, original: onnx.ModelProto)
     model.graph.initializer.extend(t for name, t in moved.items() if name not in present)
 
 
+def _gs_graphs(graph: gs.Graph, path: tuple = ()):
+    """(body path, graph) of the graph and of every body in it; a path step is (the owner node's
+    first output, the attribute), as :class:`~onnxcomp.model.subgraphs.Scope` has them."""
+    yield path, graph
+    for node in graph.nodes:
+        for attribute, value in node.attrs.items():
+            for body in value if isinstance(value, list) else [value]:
+                if isinstance(body, gs.Graph):
+                    yield from _gs_graphs(body, (*path, (node.outputs[0].name if node.outputs else "", attribute)))
+
+
 def _subgraphs(graph: onnx.GraphProto):
     for node in graph.node:
         for attribute in node.attribute:
@@ -143,7 +167,7 @@ def write_conv_chain(editor: GraphEditor, layer, steps: list[tuple[str, np.ndarr
     inputs = [[editor.constant(f"{layer.name}/{name}", weight, dtype)] for name, weight, _ in steps]
     if bias is not None:
         inputs[-1].append(editor.constant(f"{layer.name}/bias", bias, dtype))
-    editor.chain(editor.node(layer.output), [("Conv", extra, attrs) for extra, (_, _, attrs) in zip(inputs, steps)])
+    editor.chain(editor.node_of(layer), [("Conv", extra, attrs) for extra, (_, _, attrs) in zip(inputs, steps)])
 
 
 def pointwise_weight(matrix: np.ndarray, spatial_dims: int) -> np.ndarray:

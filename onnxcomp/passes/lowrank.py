@@ -29,7 +29,7 @@ def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Deco
                   for f in factor_parts(decomposition.factors)]
         write_conv_chain(editor, layer, grouped_steps(chains), bias, dtype)
         return
-    node = editor.node(layer.output)
+    node = editor.node_of(layer)
     first, second = decomposition.factors.first, decomposition.factors.second
     rank = first.shape[0]
     if layer.op_type == "Gemm":
@@ -48,12 +48,12 @@ def rewrite_lowrank(editor: GraphEditor, layer: TargetLayer, decomposition: Deco
             ("MatMul", [editor.constant(f"{base}/first_weight", first.T, dtype)], {}),
             ("MatMul", [editor.constant(f"{base}/second_weight", second.T, dtype)], {}),
         ]
-        if bias is not None and not _fold_into_following_add(editor, node, bias, base, dtype):
+        if bias is not None and not fold_into_following_add(editor, node, bias, base, dtype):
             steps.append(("Add", [editor.constant(f"{base}/bias", bias, dtype)], {}))
     editor.chain(node, steps)
 
 
-def _fold_into_following_add(editor: GraphEditor, node, shift: np.ndarray, base: str, dtype) -> bool:
+def fold_into_following_add(editor: GraphEditor, node, shift: np.ndarray, base: str, dtype) -> bool:
     """MatMul + Add(constant bias), as exporters write Linear: add the shift to that bias.
 
     Saves the extra Add node the bias correction would otherwise need. Only
@@ -62,7 +62,7 @@ def _fold_into_following_add(editor: GraphEditor, node, shift: np.ndarray, base:
     """
     output = node.outputs[0]
     consumers = list(output.outputs)
-    if len(consumers) != 1 or consumers[0].op != "Add" or output in editor.graph.outputs:
+    if len(consumers) != 1 or consumers[0].op != "Add" or output in editor.graph_of(node).outputs:
         return False
     add = consumers[0]
     other_index = 1 if add.inputs[0] is output else 0

@@ -48,7 +48,7 @@ def rewrite_lowrank_transposed(editor: GraphEditor, layer: TargetLayer, decompos
         ("ConvTranspose", [editor.constant(f"{base}/first_weight", core, dtype)], _spatial(layer)),
         ("Conv", last + _bias(editor, layer, decomposition), {}),
     ]
-    editor.chain(editor.node(layer.output), steps)
+    editor.chain(editor.node_of(layer), steps)
 
 
 def rewrite_tucker2_transposed(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposition) -> None:
@@ -68,7 +68,7 @@ def rewrite_tucker2_transposed(editor: GraphEditor, layer: TargetLayer, decompos
         steps += [("ConvTranspose", core_step, _spatial(layer)),
                   ("Conv", [editor.constant(f"{base}/output_weight", u_out[:, :, None, None], dtype)]
                    + _bias(editor, layer, decomposition), {})]
-    editor.chain(editor.node(layer.output), steps)
+    editor.chain(editor.node_of(layer), steps)
 
 
 def rewrite_cp_transposed(editor: GraphEditor, layer: TargetLayer, decomposition: Decomposition) -> None:
@@ -93,7 +93,7 @@ def rewrite_cp_transposed(editor: GraphEditor, layer: TargetLayer, decomposition
             ("ConvTranspose", [editor.constant(f"{base}/cp_horizontal_weight", v[:, None, None, :], dtype)],
              _axis_attrs(layer, 1, r)),
         ]
-    editor.chain(editor.node(layer.output), [first, *middle, last])
+    editor.chain(editor.node_of(layer), [first, *middle, last])
 
 
 def _axis_attrs(layer: TargetLayer, axis: int, groups: int) -> dict:

@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
+import onnxcomp
 from onnxcomp.calibration.collect import collect_statistics
 from onnxcomp.calibration.patches import im2col
 from onnxcomp.calibration.readers import count_samples, iter_feeds
@@ -473,3 +474,27 @@ def test_onnxruntime_failures_name_the_batch():
     good = np.ones((2, 8), np.float32)
     with pytest.raises(OnnxcompError, match="onnxruntime failed on calibration batch 1: .*Reshape"):
         collect_statistics(model, layers, [good, np.ones((2, 3), np.float32)], progress=False)
+
+
+def test_the_sums_are_the_same_to_the_bit_on_any_number_of_workers():
+    from models import EXAMPLE
+
+    model = onnx.load(EXAMPLE / "digits_cnn.onnx")
+    images = np.load(EXAMPLE / "calib.npz")["input"][:70]
+    one = onnxcomp.calibrate(model, images, batch_size=16, threads=1, progress=False)
+    for workers in (2, 3):
+        many = onnxcomp.calibrate(model, images, batch_size=16, threads=workers, progress=False)
+        assert list(many) == list(one)  # the layers' order
+        for key in one:
+            assert (many[key].rows, many[key].samples) == (one[key].rows, one[key].samples)
+            assert np.array_equal(many[key].gram, one[key].gram) and np.array_equal(many[key].total, one[key].total)
+
+
+def test_mirroring_the_upper_triangle_in_blocks():
+    from onnxcomp.calibration.collect import _mirror_upper
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((11, 11))
+    want = np.triu(a) + np.triu(a, 1).T
+    for block in (1, 3, 4, 11, 64):
+        np.testing.assert_array_equal(_mirror_upper(np.asfortranarray(a.copy()), block), want)

@@ -99,7 +99,7 @@ def test_shared_weights_are_left_alone_with_a_reason():
     assert all("shared with 1 other node input" in s.reason for s in skipped)
 
 
-def test_constant_first_operand_convtranspose_and_subgraphs_are_listed():
+def test_constant_first_operand_and_convtranspose_are_listed_and_a_branch_layer_found():
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
     net (float[6, 3] x, float[1, 4, 5, 5] img, bool c) => (float[4, 3] y, float[1, 2, 7, 7] t, float[1, 4, 5, 5] s) {
@@ -114,10 +114,9 @@ def test_constant_first_operand_convtranspose_and_subgraphs_are_listed():
     model = build(text, w=(4, 6), wt=(4, 1, 3, 3), wc=(4, 4, 3, 3))
     layers, skipped = find_layers(model)
     reasons = {s.op_type: s.reason for s in skipped}
-    assert layers == []
+    assert [(layer.name, layer.scope[0].describe()) for layer in layers] == [("s/Conv_0", "If 's' then_branch")]
     assert "first operand (W @ x)" in reasons["MatMul"]
     assert reasons["ConvTranspose"] == "grouped ConvTranspose (group=2)"
-    assert "inside a subgraph of If" in reasons["Conv"]
 
 
 def test_missing_and_corrupt_files(tmp_path):
