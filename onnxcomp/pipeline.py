@@ -129,7 +129,7 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
         settings["target"] = target_settings(config.budget, allocation, totals)
         if latency_budget:
             add_latency(totals, settings["target"], allocation, measured, latency)
-    warnings = [*prepared.notes, *opset_notes, *refit_notes, *multiple_notes, *statistics_notes,
+    warnings = [*prepared.notes, *opset_notes, *multiple_notes, *refit_notes, *statistics_notes,
                 *data_warnings(problems, solved, statistics, config.budget is not None, judge),
                 *judge_warnings(judge, config.budget.max_drop if config.budget else None),
                 *nonfinite_warnings(fidelity), *guard_warnings(measured)]
@@ -198,8 +198,7 @@ def calibrate(model, data, *, input_shapes=None, skip=(), batch_size: int = 32, 
     products: "float32" or "float64"), ``initializer_inputs``, ``batch_axes``, ``ray``: as :func:`compress`'s."""
     config = CompressConfig.from_options(input_shapes=input_shapes, rank=1, skip=skip, batch_size=batch_size,
                                          row_mask=row_mask, threads=threads, precision=precision,
-                                         initializer_inputs=initializer_inputs,
-                                         batch_axes=batch_axes, ray=ray)
+                                         initializer_inputs=initializer_inputs, batch_axes=batch_axes, ray=ray)
     with blas_threads(1):  # parallel work is spread over threads by layer instead (onnxcomp.threads)
         working = prepare_model(as_model(model), initializer_inputs, config.batch_axes).model
         run = _Run(working, data, None, config.input_shapes, config.skip, batch_size, progress, hold_out=False,

@@ -184,8 +184,8 @@ def _graph_layers(graph, scope, constants, shapes, users, unreadable: str | None
     calibration cannot read this body (its layers are all refused with it)."""
     why_not_constant = _why_not_constant(graph)
     layers, skipped = [], []
-    names = layer_names(graph, scope[-1].owner if scope else "")
-    for index, (node, name) in enumerate(zip(graph.node, names)):
+    prefix = f"{scope[-1].owner}/" if scope else ""
+    for index, (node, name) in enumerate(zip(graph.node, layer_names(graph, prefix))):
         if node.op_type in UNSUPPORTED_OPS:
             skipped.append(Skipped(name, node.op_type, UNSUPPORTED_OPS[node.op_type]))
         if node.op_type not in TARGET_OPS:
@@ -208,20 +208,9 @@ def _graph_layers(graph, scope, constants, shapes, users, unreadable: str | None
     return layers, skipped
 
 
-def _unique_names(layers: list[TargetLayer]) -> None:
-    """Layer names are keys everywhere (plans, reports, --skip): a name two bodies both use gets
-    its body's path as well."""
-    counts: dict[str, int] = {}
-    for layer in layers:
-        counts[layer.name] = counts.get(layer.name, 0) + 1
-    for layer in layers:
-        if counts[layer.name] > 1 and layer.scope:
-            layer.name = f"{layer.scope[-1].owner}/{layer.scope[-1].attribute}/{layer.name}"
-
-
-def layer_names(graph: onnx.GraphProto, owner: str = "") -> list[str]:
+def layer_names(graph: onnx.GraphProto, prefix: str = "") -> list[str]:
     """Each node's name in reports and ``--skip``: its own, or ``OpType_index`` for an unnamed node
-    (in a body: ``OWNER/OpType_index``, ``owner`` the first output of the node that holds the body).
+    (``prefix``: a body's owner, ``If_3/``, before it).
     Layers are told apart by name, so a generated name that another node or a tensor already has
     (an unnamed Gemm beside one named ``Gemm_0``), or a name a node shares with an earlier one,
     gets a suffix ``_2``, ``_3``, ... until it is unique."""
@@ -232,7 +221,7 @@ def layer_names(graph: onnx.GraphProto, owner: str = "") -> list[str]:
     for index, node in enumerate(graph.node):
         name = node.name
         if not name or name in used:
-            base = name or (f"{owner}/" if owner else "") + f"{node.op_type}_{index}"
+            base = name or f"{prefix}{node.op_type}_{index}"
             name, k = base, 1
             while name in used or name in taken:
                 k += 1
@@ -240,6 +229,17 @@ def layer_names(graph: onnx.GraphProto, owner: str = "") -> list[str]:
         used.add(name)
         names.append(name)
     return names
+
+
+def _unique_names(layers: list[TargetLayer]) -> None:
+    """Layer names are keys everywhere (plans, reports, --skip): a name two bodies both use gets
+    its body's path as well."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+    for layer in layers:
+        if counts[layer.name] > 1 and layer.scope:
+            layer.name = f"{layer.scope[-1].owner}/{layer.scope[-1].attribute}/{layer.name}"
 
 
 # Ops that look compressible but are not (yet): listed by inspect and the report, with why.
