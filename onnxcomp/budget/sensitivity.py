@@ -45,19 +45,28 @@ def layer_sensitivities(model: onnx.ModelProto, layers: list[TargetLayer], judge
     """Layer name -> squared gain from its relative output error to the model's standardised output error
     (the judge's measure: per output channel, weighted by ``--outputs``)."""
     session = make_session(_probe_model(model, layers), threads=judge.threads)
-    feed = _probe_feed(judge.feed, fixed_batch(session, judge.feed), probe_samples(layers))
+    batches = _probe_batches(judge.feed, fixed_batch(session, judge.feed), probe_samples(layers))
     outputs = [o.name for o in model.graph.output]
     zeros = {f"noise/{layer.output}": np.zeros((1,), _dtype(layer)) for layer in layers}
-    results = run_arrays(session, outputs + [layer.output + _SUFFIX for layer in layers], {**feed, **zeros})
-    reference, clean = results[: len(outputs)], results[len(outputs):]
+    clean_names = [layer.output + _SUFFIX for layer in layers]
+    runs = [run_arrays(session, outputs + clean_names, {**feed, **zeros}) for feed in batches]
+    reference = _joined([run[: len(outputs)] for run in runs])
+    feed = {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
     rng = np.random.default_rng(seed)
     gains = Gains()
     gains.samples = feed_size(feed)
-    for layer, activation in zip(layers, clean):
-        noise = _relative_noise(activation, epsilon, rng)
-        perturbed = run_arrays(session, outputs, {**feed, **zeros, f"noise/{layer.output}": noise})
-        gains[layer.name] = (judge.standardized(reference, perturbed, feed) / epsilon) ** 2
+    for index, layer in enumerate(layers):
+        perturbed = []
+        for batch, run in zip(batches, runs):
+            noise = _relative_noise(run[len(outputs) + index], epsilon, rng)
+            perturbed.append(run_arrays(session, outputs, {**batch, **zeros, f"noise/{layer.output}": noise}))
+        gains[layer.name] = (judge.standardized(reference, _joined(perturbed), feed) / epsilon) ** 2
     return gains
+
+
+def _joined(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Each output of several batches' runs, joined along the sample axis."""
+    return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*runs)]
 
 
 def probe_samples(layers: list[TargetLayer]) -> int:
@@ -68,9 +77,14 @@ def probe_samples(layers: list[TargetLayer]) -> int:
     return int(min(PROBE_SAMPLES, max(MIN_PROBE_SAMPLES, PROBE_MACS // macs_per_pass)))
 
 
-def _probe_feed(feed: dict, fixed: int | None, most: int = PROBE_SAMPLES) -> dict:
-    """Up to ``most`` samples (exactly the batch a fixed-batch model takes, repeating samples)."""
-    return repeated(feed, fixed or min(feed_size(feed), most))
+def _probe_batches(feed: dict, fixed: int | None, most: int = PROBE_SAMPLES) -> list[dict]:
+    """Up to ``most`` samples of ``feed`` as the probe's batches: one batch, or batches of exactly
+    the size a fixed-batch model takes, as many as those samples fill (a fixed batch of 1 probed
+    on one sample gave noise for gains: a layout detector's budget lost to the unweighted one)."""
+    count = min(feed_size(feed), most)
+    if not fixed:
+        return [repeated(feed, count)]
+    return [repeated(feed, fixed, start) for start in range(0, max(count, 1), fixed)]
 
 
 def _dtype(layer: TargetLayer) -> np.dtype:

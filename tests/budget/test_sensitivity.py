@@ -78,3 +78,14 @@ def test_the_report_says_how_many_samples_the_probe_ran(monkeypatch):
     _, report = onnxcomp.compress(model, images[:4], validation_data=images, target_macs=0.6, progress=False,
                                   check_latency=False)
     assert report.settings["target"]["sensitivity"]["probe_samples"] == sensitivity.MIN_PROBE_SAMPLES
+
+
+def test_a_fixed_batch_model_is_probed_on_as_many_samples_in_batches_of_its_size():
+    fixed = build(LINEAR.replace("float[N, 6, 24, 24] x", "float[1, 6, 24, 24] x")
+                        .replace("float[N, 5, 24, 24] y", "float[1, 5, 24, 24] y"), seed=3, **WEIGHTS)
+    images = np.random.default_rng(1).standard_normal((16, 6, 24, 24)).astype(np.float32)
+    layers, _ = find_layers(fixed, {"x": [1, 6, 24, 24]})
+    judge = Judge(fixed, {"x": images}, "test", held_out=True)
+    gains = layer_sensitivities(fixed, layers, judge)
+    assert gains.samples == 16  # sixteen batches of one, not one sample
+    np.testing.assert_allclose([gains[layer.name] for layer in layers], _expected_gains(fixed, images), rtol=0.04)
