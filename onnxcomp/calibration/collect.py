@@ -40,7 +40,7 @@ from ..model import ConvGeometry, TargetLayer, as_model, fingerprint, with_input
 from ..model.subgraphs import lift, stacked_levels
 from ..model.transposed import TransposedGeometry
 from ..runtime import feed_size, open_session, repeated
-from ..threads import blas_threads, thread_count
+from ..threads import available_cores, available_memory, blas_threads, thread_count
 from .patches import channel_last_order, iter_patch_blocks
 from .readers import count_samples, feed_samples, fixed_batch, iter_feeds, model_inputs
 from .rowmask import RowMask, check_mask, kept_rows
@@ -106,12 +106,44 @@ def collect_statistics(
     input_names = [i.name for i in model_inputs(model)]
     total = total if total is not None else count_samples(data, model)
     with tqdm(total=total, unit="sample", desc="calibration", disable=not progress) as bar:
-        for index, feed in enumerate(iter_feeds(data, model, batch_size, laid_out=laid_out)):
-            collector.add(feed, index)
-            bar.update(feed_samples(feed, input_names))
+        batches = iter_feeds(data, model, batch_size, laid_out=laid_out)
+        if isinstance(collector, _Collector) and collector.workers.count < available_cores():
+            _overlapped(collector, batches, lambda feed: bar.update(feed_samples(feed, input_names)))
+        else:
+            for index, feed in enumerate(batches):
+                collector.add(feed, index)
+                bar.update(feed_samples(feed, input_names))
     statistics = collector.statistics()
     statistics.model = identity
     return statistics
+
+
+def _overlapped(collector: "_Collector", batches, done) -> None:
+    """Each batch run through onnxruntime while the previous one's products are summed (in batch
+    order, so the sums are those of a run one after the other), when two batches of layer inputs fit
+    in an eighth of the memory; else one after the other. Only where the products leave cores idle
+    (fewer workers than cores): YOLOv8n-shaped, 128 images, 2 cores, 1 worker 13.75 -> 10.85 s, but
+    2 workers 8.18 -> 9.02 s, onnxruntime's threads and the workers then fighting for the cores."""
+    pending = None  # (feed, values, index) of the batch waiting for its products
+    with ThreadPoolExecutor(1) as runner:
+        for index, feed in enumerate(batches):
+            if pending is None or not _fits_twice(pending[1]):
+                if pending is not None:
+                    collector.reduce(*pending)
+                    done(pending[0])
+                pending = (feed, collector.run(feed, index), index)
+                continue
+            running = runner.submit(collector.run, feed, index)
+            collector.reduce(*pending)
+            done(pending[0])
+            pending = (feed, running.result(), index)
+    if pending is not None:
+        collector.reduce(*pending)
+        done(pending[0])
+
+
+def _fits_twice(values: dict) -> bool:
+    return 2 * sum(np.asarray(v).nbytes for v in values.values()) < available_memory() / 8
 
 
 # ---------------------------------------------------------------- targets
@@ -236,6 +268,10 @@ class _Collector:
         self.workers = _Workers(min(thread_count(threads), len(targets)), block_bytes, dtype)
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
+        self.reduce(feed, self.run(feed, index), index)
+
+    def run(self, feed: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+        """The layer inputs of one batch: the feed's and the instrumented session's outputs."""
         values = dict(feed)
         if self.fetch:
             real = feed_size(feed)
@@ -246,6 +282,10 @@ class _Collector:
                 fetched = [_first_samples(t, real, self.fixed, self.stacked[name]) for name, t in zip(self.fetch, fetched)]
             _check_finite(self.fetch, fetched, index)
             values.update(zip(self.fetch, fetched))
+        return values
+
+    def reduce(self, feed: dict[str, np.ndarray], values: dict[str, np.ndarray], index: int) -> None:
+        """Add one batch's layer inputs (:meth:`run`) to the sums."""
         mask = check_mask(feed[self.row_mask.input], self.row_mask.input, index) if self.row_mask else None
         work = [(target, values[self.source[target.key]]) for target in self.targets]
         for target, masked in zip(self.targets, self.workers.map(lambda item, state: self._reduce(*item, mask, state),

@@ -498,3 +498,21 @@ def test_mirroring_the_upper_triangle_in_blocks():
     want = np.triu(a) + np.triu(a, 1).T
     for block in (1, 3, 4, 11, 64):
         np.testing.assert_array_equal(_mirror_upper(np.asfortranarray(a.copy()), block), want)
+
+
+def test_overlapping_the_runs_with_the_products_gives_the_same_sums(monkeypatch):
+    from models import EXAMPLE
+    from onnxcomp.calibration import collect
+
+    model = onnx.load(EXAMPLE / "digits_cnn.onnx")
+    images = np.load(EXAMPLE / "calib.npz")["input"][:70]
+    monkeypatch.setattr(collect, "available_cores", lambda: 1)  # never overlapped
+    plain = onnxcomp.calibrate(model, images, batch_size=16, threads=1, progress=False)
+    monkeypatch.setattr(collect, "available_cores", lambda: 8)  # one worker of eight cores: overlapped
+    calls = []
+    real = collect._overlapped
+    monkeypatch.setattr(collect, "_overlapped", lambda *a: (calls.append(1), real(*a)))
+    overlapped = onnxcomp.calibrate(model, images, batch_size=16, threads=1, progress=False)
+    assert calls
+    for key in plain:
+        assert overlapped[key].rows == plain[key].rows and np.array_equal(overlapped[key].gram, plain[key].gram)
