@@ -264,6 +264,10 @@ def reach_lines(shares: list[TimeShare], source: str, layers, total_macs: int | 
     setting = f"onnxruntime {provider}, threads {threads or 'default'}, {source}"
     lines = [f"time in these layers ({setting}, profiled in place): "
              + "; ".join(f"batch {s.batch}: {s.share:.1%} of {s.seconds * 1e3:.3g} ms" for s in shares)]
+    in_bodies = sum(bool(layer.scope) for layer in layers)
+    if in_bodies:  # onnxruntime's profile times an If / Loop / Scan as one node, not the nodes of its bodies
+        lines.append(f"({in_bodies} of these layers are inside If/Loop/Scan bodies: their time is their body "
+                     "owner's, not in the share above)")
     macs = [layer.macs() for layer in layers]
     ours = sum(macs) if total_macs and None not in macs else 0
     parts = []

@@ -221,3 +221,14 @@ def test_a_scan_body_layer_reading_the_per_step_input_is_measured_over_every_ste
     onnx.checker.check_model(small, full_check=True)
     assert [row.status for row in report.layers] == ["compressed", "compressed"]
     assert [o.name for o in small.graph.output] == ["h", "out"]
+
+
+def test_inspect_says_that_layers_in_bodies_are_not_in_the_timed_share(tmp_path, capsys):
+    from onnxcomp.cli import main
+
+    path = tmp_path / "if.onnx"
+    onnx.save(_if_model(), path)
+    assert main(["inspect", str(path), "--input-shape", "x:1,8"]) == 0
+    out = capsys.readouterr().out
+    assert any("in body" in line for line in out.splitlines())  # the column of the layer table
+    assert "3 of these layers are inside If/Loop/Scan bodies" in out
