@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import replace
 
+import numpy as np
 import onnx
 
 from .budget import Planning, make_costs, plan_budget
@@ -80,7 +81,8 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     run = _Run(model, data, stats, config.input_shapes, config.skip, config.batch_size, config.progress,
                validation_data, row_mask=config.row_mask, threads=config.threads,
                drop_padding_rows=config.drop_padding_rows, precision=config.precision.value,
-               nothing_ok=not config.fail_if_unchanged, capture=config.refit_bias, ray=config.ray)
+               nothing_ok=not config.fail_if_unchanged, capture=config.refit_bias, ray=config.ray,
+               device=config.device.value)
     if not run.chosen:
         return _unchanged(given, run, config, prepared)
     check_output_axes(config.outputs, declared_ranks(model))  # before any work, where the graph tells
@@ -213,9 +215,12 @@ class _Run:
     def __init__(self, model: onnx.ModelProto, data, stats, input_shapes: dict, skip, batch_size: int,
                  progress: bool, validation_data=None, hold_out: bool = True, row_mask: str | None = None,
                  threads: int | None = None, drop_padding_rows: bool = False, precision: str = "float32",
-                 nothing_ok: bool = False, capture: bool = False, ray: str | None = None):
+                 nothing_ok: bool = False, capture: bool = False, ray: str | None = None, device: str = "cpu"):
         self.model, self.data, self.stats, self.threads = model, data, stats, threads
         self.nothing_ok, self.ray = nothing_ok, ray
+        # Where calibration's Gram products run: on the GPU with --device cuda (CuPy), else the host.
+        products = get_backend(device) if device != "cpu" else None
+        self.products_xp = None if products is None or products is np else products
         self.not_chosen: dict[str, str] = {}  # layer name -> why it was left out after all (default: --skip)
         self.row_mask = resolve_row_mask(model, row_mask)
         self.drop_padding_rows = drop_padding_rows
@@ -337,7 +342,7 @@ class _Run:
                                         progress=self.progress, total=total,
                                         row_mask=self.row_mask if self.drop_padding_rows else None,
                                         threads=self.threads, precision=self.precision, laid_out=True,
-                                        ray=self.ray)
+                                        ray=self.ray, products_xp=self.products_xp)
         statistics.digests = recorder.digests
         return statistics
 

@@ -73,6 +73,7 @@ def collect_statistics(
     precision: str = "float32",
     laid_out: bool = False,
     ray: str | None = None,
+    products_xp=None,
 ) -> Statistics:
     """Input statistics of ``layers`` on calibration ``data``, keyed by ``layer.stats_key``.
 
@@ -87,7 +88,9 @@ def collect_statistics(
     ``row_mask``: the model input whose zeros mark token rows to leave out (padding), see
     :mod:`onnxcomp.calibration.rowmask`; ``threads``: onnxruntime's intra-op threads (default: its own choice);
     ``laid_out``: ``data`` is batches :func:`~onnxcomp.calibration.readers.iter_feeds` gave for ``model`` before;
-    ``ray``: sum the batches on the actors of a Ray cluster (``"local"`` or an address; ``distributed.py``).
+    ``ray``: sum the batches on the actors of a Ray cluster (``"local"`` or an address; ``distributed.py``);
+    ``products_xp``: the array module the Gram products run in (cupy: on the GPU, see :class:`_DeviceGramSums`;
+    None: NumPy/BLAS on the host).
     """
     dtype = np.dtype(Precision.parse(precision, "--precision").value)
     model = as_model(model)
@@ -102,7 +105,7 @@ def collect_statistics(
 
         collector = RayCollector(ray, model, targets, block_bytes, dtype, row_mask)
     else:
-        collector = _Collector(model, targets, providers, block_bytes, dtype, row_mask, threads)
+        collector = _Collector(model, targets, providers, block_bytes, dtype, row_mask, threads, products_xp)
     input_names = [i.name for i in model_inputs(model)]
     total = total if total is not None else count_samples(data, model)
     with tqdm(total=total, unit="sample", desc="calibration", disable=not progress) as bar:
@@ -249,7 +252,7 @@ class _Collector:
     in the same order whatever the number of workers, so they are the same to the bit)."""
 
     def __init__(self, model: onnx.ModelProto, targets: list[_Target], providers, block_bytes: int,
-                 dtype=np.float64, row_mask: RowMask | None = None, threads: int | None = None):
+                 dtype=np.float64, row_mask: RowMask | None = None, threads: int | None = None, products_xp=None):
         inputs = model_inputs(model)
         self.row_mask = row_mask
         self.masked = _MaskedRows()
@@ -263,9 +266,12 @@ class _Collector:
         self.fetch = list(dict.fromkeys(name for name in self.source.values() if name not in fed))
         self.stacked = {self.source[t.key]: stacked_levels(t.scope) for t in targets}
         self.session = _Session(instrumented, providers, threads)
-        self.sums = {t.key: _GramSums(t.dim, dtype) for t in targets}
+        self.device = products_xp is not None
+        self.sums = {t.key: _DeviceGramSums(t.dim, products_xp) if self.device else _GramSums(t.dim, dtype)
+                     for t in targets}
         self.block_bytes, self.dtype = block_bytes, dtype
-        self.workers = _Workers(min(thread_count(threads), len(targets)), block_bytes, dtype)
+        # One worker on a device: its stream runs the products one after the other anyway.
+        self.workers = _Workers(1 if self.device else min(thread_count(threads), len(targets)), block_bytes, dtype)
 
     def add(self, feed: dict[str, np.ndarray], index: int) -> None:
         self.reduce(feed, self.run(feed, index), index)
@@ -305,7 +311,7 @@ class _Collector:
         rows, samples = target.rows_and_samples(tensor.shape)
         samples //= per_sample
         buffer = state.buffer_for(tensor, rows)
-        plan = shift_plan(tensor.shape, target.conv) if target.conv is not None else None
+        plan = shift_plan(tensor.shape, target.conv) if target.conv is not None and not self.device else None
         if plan is not None:  # a stride-1 conv: shifted products, no patches (shifts.py)
             self.sums[target.key].add_shifted(plan, tensor, buffer, rows, samples)
             return None
@@ -535,13 +541,42 @@ class _GramSums:
     def result(self, target: _Target) -> InputStats:
         # syrk leaves the strict lower triangle alone, add_shifted does not: mirror the upper one, in
         # place (a 25088-wide layer input's sums are 5 GB: whole-matrix copies would take three more).
-        full = _mirror_upper(self.upper)
+        return self._stats_of(_mirror_upper(self.upper), self.rows, self.samples, target)
+
+    @staticmethod
+    def _stats_of(full: np.ndarray, rows: int, samples: int, target: _Target) -> InputStats:
+        """InputStats of the symmetric sums of ``[x, 1] [x, 1]^T``, patches back in (c, i, j) order."""
         dim = target.dim
         gram, total = full[:dim, :dim], full[:dim, dim]
         if target.conv is not None:  # patches were built channel-last (i, j, c)
             order = channel_last_order(dim // int(np.prod(target.conv.kernel)), target.conv.kernel)
             gram, total = gram[np.ix_(order, order)], total[order]
-        return InputStats(self.rows, self.samples, np.ascontiguousarray(total), np.ascontiguousarray(gram))
+        return InputStats(rows, samples, np.ascontiguousarray(total), np.ascontiguousarray(gram))
+
+
+class _DeviceGramSums:
+    """The sums of :class:`_GramSums` kept on a device (``xp`` = cupy; numpy in tests: the same code):
+    each block of rows ``[x, 1]`` built on the host goes over once, its Gram is a float32 product there
+    (as the host's ``ssyrk``), added into float64 sums that stay on the device until :meth:`result`."""
+
+    def __init__(self, dim: int, xp):
+        self.xp = xp
+        self.full = xp.zeros((dim + 1, dim + 1), dtype=xp.float64)
+        self.rows = 0
+        self.samples = 0
+
+    def add(self, blocks: Iterator[np.ndarray], rows: int, samples: int, single: bool | None = None,
+            scratch: dict | None = None) -> None:
+        xp = self.xp
+        for block in blocks:  # float32 blocks (float64 where float32 products could overflow, or asked)
+            on_device = xp.asarray(block)
+            self.full += (on_device.T @ on_device).astype(xp.float64)
+        self.rows += rows
+        self.samples += samples
+
+    def result(self, target: _Target) -> InputStats:
+        full = self.full.get() if hasattr(self.full, "get") else np.asarray(self.full)
+        return _GramSums._stats_of(full, self.rows, self.samples, target)
 
 
 def _mirror_upper(matrix: np.ndarray, block: int = 2048) -> np.ndarray:

@@ -516,3 +516,30 @@ def test_overlapping_the_runs_with_the_products_gives_the_same_sums(monkeypatch)
     assert calls
     for key in plain:
         assert overlapped[key].rows == plain[key].rows and np.array_equal(overlapped[key].gram, plain[key].gram)
+
+
+@pytest.mark.parametrize("module", ["numpy", "cupy"])
+def test_device_products_give_the_host_statistics_to_float32_rounding(module):
+    """The products of --device cuda (CuPy) run the same code as with NumPy in their place: patches
+    built on the host, each block's Gram a float32 product, float64 sums kept on the device."""
+    from models import EXAMPLE
+
+    if module == "cupy":
+        from onnxcomp.decompose.backend import cupy_or_none
+
+        xp = cupy_or_none()
+        if xp is None:
+            pytest.skip("no CuPy with a CUDA device")
+    else:
+        xp = np
+    model = onnx.load(EXAMPLE / "digits_cnn.onnx")
+    images = np.load(EXAMPLE / "calib.npz")["input"][:64]
+    layers, _ = find_layers(model)
+    host = collect_statistics(model, layers, images, batch_size=16, progress=False)
+    device = collect_statistics(model, layers, images, batch_size=16, progress=False, products_xp=xp)
+    for key, want in host.items():
+        got = device[key]
+        assert (got.rows, got.samples) == (want.rows, want.samples)
+        scale = np.abs(want.gram).max()
+        assert np.abs(got.gram - want.gram).max() <= 1e-5 * scale  # float32 blocks of up to 8192 rows
+        np.testing.assert_allclose(got.total, want.total, rtol=1e-5, atol=1e-5 * np.abs(want.total).max())
