@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .subgraphs import walk_graphs
+
 # Tensor types whose subnormals are counted and flushed (float8 types are left alone: their
 # subnormals are a large part of their range).
 FLUSHED_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -99,17 +101,12 @@ def flush_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Subnormals]:
 
 def _weight_tensors(graph: onnx.GraphProto):
     """The float TensorProtos of the graph's initializers and Constant nodes, subgraphs included."""
-    graphs = [graph]
-    while graphs:
-        g = graphs.pop()
+    for _, g in walk_graphs(graph):
         yield from (t for t in g.initializer if t.data_type in FLUSHED_TYPES)
         for node in g.node:
             for attribute in node.attribute:
                 if attribute.HasField("t") and attribute.t.data_type in FLUSHED_TYPES:
                     yield attribute.t
-                if attribute.HasField("g"):
-                    graphs.append(attribute.g)
-                graphs.extend(attribute.graphs)
 
 
 def flush_written(original: onnx.ModelProto, compressed: onnx.ModelProto, flush: bool

@@ -27,6 +27,7 @@ from onnx import numpy_helper
 
 from ..errors import OnnxcompError
 from .sample_axes import SampleAxes, find_sample_axes, parse_batch_axes, restore_layout, with_samples_first
+from .subgraphs import walk_graphs
 
 INITIALIZER_INPUTS = ("constant", "refuse")
 
@@ -243,18 +244,9 @@ def _remove_unread(graph: onnx.GraphProto, candidates: set[int], initializers: s
     graph.initializer.extend(kept)
 
 
-def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
-    names = set()
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                names |= {t for n in body.node for t in n.input} | _read_in_subgraphs(body)
-    return names
-
-
 def _read_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a node (or a subgraph's node) reads, and the graph's outputs."""
-    return {t for n in graph.node for t in n.input} | {o.name for o in graph.output} | _read_in_subgraphs(graph)
+    return {t for _, g in walk_graphs(graph) for n in g.node for t in n.input} | {o.name for o in graph.output}
 
 
 __all__ = ["INITIALIZER_INPUTS", "Prepared", "fold_layer_weights", "prepare_model", "quantized_weights"]

@@ -25,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxcompError
+from .subgraphs import bodies
 
 METADATA_KEY = "onnxcomp.sample_axes"
 _PREFIX = "onnxcomp_sample_axis"  # names of the nodes and tensors this module adds
@@ -286,7 +287,7 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-        for body in _bodies(node):
+        for _, body in bodies(node):
             if old not in {i.name for i in body.input} | {o for n in body.node for o in n.output}:
                 _rename_reads(body, old, new)  # unless the body defines a name of its own that shadows it
 
@@ -302,6 +303,3 @@ def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
             info.name = new
     _rename_reads(graph, old, new)
 
-
-def _bodies(node: onnx.NodeProto) -> list:
-    return [body for a in node.attribute for body in ([a.g] if a.HasField("g") else list(a.graphs))]

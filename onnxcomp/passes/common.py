@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..model.denormals import flush_subnormals
+from ..model.subgraphs import walk_graphs
 
 
 class GraphEditor:
@@ -112,7 +113,9 @@ def _hoist_outer_initializers(model: onnx.ModelProto, original: onnx.ModelProto)
     of each into every subgraph that reads it (both branches of an If: the weights twice over)."""
     outer = {t.name for t in original.graph.initializer}
     moved: dict[str, onnx.TensorProto] = {}
-    for body in _subgraphs(model.graph):
+    for scope, body in walk_graphs(model.graph):
+        if not scope:
+            continue
         kept = []
         for tensor in body.initializer:
             (moved.setdefault(tensor.name, tensor) if tensor.name in outer else kept.append(tensor))
@@ -135,14 +138,6 @@ def _gs_graphs(graph: gs.Graph, path: tuple = ()):
             for body in value if isinstance(value, list) else [value]:
                 if isinstance(body, gs.Graph):
                     yield from _gs_graphs(body, (*path, (node.outputs[0].name if node.outputs else "", attribute)))
-
-
-def _subgraphs(graph: onnx.GraphProto):
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                yield body
-                yield from _subgraphs(body)
 
 
 
