@@ -127,26 +127,26 @@ def _overlapped(collector: "_Collector", batches, done) -> None:
     in an eighth of the memory; else one after the other. Only where the products leave cores idle
     (fewer workers than cores): YOLOv8n-shaped, 128 images, 2 cores, 1 worker 13.75 -> 10.85 s, but
     2 workers 8.18 -> 9.02 s, onnxruntime's threads and the workers then fighting for the cores."""
+    budget = available_memory() / 8  # read once: two batches of layer inputs must fit in it
+
+    def finish(item) -> None:
+        collector.reduce(*item)
+        done(item[0])
+
     pending = None  # (feed, values, index) of the batch waiting for its products
     with ThreadPoolExecutor(1) as runner:
         for index, feed in enumerate(batches):
-            if pending is None or not _fits_twice(pending[1]):
+            if pending is not None and 2 * sum(np.asarray(v).nbytes for v in pending[1].values()) < budget:
+                running = runner.submit(collector.run, feed, index)
+                finish(pending)
+                values = running.result()
+            else:
                 if pending is not None:
-                    collector.reduce(*pending)
-                    done(pending[0])
-                pending = (feed, collector.run(feed, index), index)
-                continue
-            running = runner.submit(collector.run, feed, index)
-            collector.reduce(*pending)
-            done(pending[0])
-            pending = (feed, running.result(), index)
+                    finish(pending)
+                values = collector.run(feed, index)
+            pending = (feed, values, index)
     if pending is not None:
-        collector.reduce(*pending)
-        done(pending[0])
-
-
-def _fits_twice(values: dict) -> bool:
-    return 2 * sum(np.asarray(v).nbytes for v in values.values()) < available_memory() / 8
+        finish(pending)
 
 
 # ---------------------------------------------------------------- targets

@@ -67,7 +67,7 @@ def ray_mapper(address: str):
         try:
             return ray.get(references)
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+            cause = _cause(exc)
             if isinstance(cause, OnnxcompError):
                 raise OnnxcompError(str(cause)) from None
             raise OnnxcompError(f"a Ray task of the solve failed: {first_line(cause)}") from None
@@ -75,6 +75,12 @@ def ray_mapper(address: str):
             raise OnnxcompError(f"a Ray worker of the solve died ({first_line(exc)})") from None
 
     return mapper
+
+
+def _cause(error: Exception) -> Exception:
+    """The exception a Ray task raised, out of Ray's wrapper."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
 
 
 def _call(function, item):
@@ -123,8 +129,7 @@ class RayCollector:
             raise OnnxcompError(f"a Ray worker of the calibration died ({first_line(exc)}): nothing was written; "
                                 "run it again") from None
         except self.ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
-            raise OnnxcompError(first_line(cause)) from None
+            raise OnnxcompError(first_line(_cause(exc))) from None
 
 
 class _StatisticsActor:

@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import OnnxcompError, first_line
 from ..model import TargetLayer
 from ..model.subgraphs import lift, stacked_levels
-from ..runtime import feed_size, open_session, repeated
+from ..runtime import feed_size, repeated
+from .collect import _first_samples, _iterations_as_rows, _Session
 from .readers import fixed_batch, model_inputs
 
 
@@ -25,22 +25,20 @@ def output_means(model: onnx.ModelProto, layers: Sequence[TargetLayer], feeds: I
     """Layer name -> the mean of its output per output channel (float64) over ``feeds`` (batches laid
     out for ``model``); a layer whose output no batch computed (an If branch not taken) is absent."""
     instrumented, fetch = _with_layer_outputs(model, layers)
-    session = open_session(instrumented, "the model whose layer outputs are measured", None, threads,
-                           memory_arena=False, quiet=True)
+    session = _Session(instrumented, None, threads)
     fixed = fixed_batch(model_inputs(model))
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
     for index, feed in enumerate(feeds):
         real = feed_size(feed)
         padded = fixed is not None and real < fixed
-        try:
-            values = session.run(fetch, repeated(feed, fixed) if padded else feed)
-        except Exception as exc:
-            raise OnnxcompError(f"onnxruntime failed on calibration batch {index}: {first_line(exc)}") from None
+        values = session.run(fetch, repeated(feed, fixed) if padded else feed, index)
         for layer, value in zip(layers, values):
-            channels = _channel_rows(layer, value, real if padded else None)
-            if channels is None:
+            stacked = stacked_levels(layer.scope)
+            output, _ = _iterations_as_rows(_first_samples(value, real, fixed, stacked) if padded else value, stacked)
+            if output is None:  # the body did not run on this batch
                 continue
+            channels = _channel_rows(layer, output)
             sums[layer.name] = sums.get(layer.name, 0.0) + channels.sum(axis=0, dtype=np.float64)
             rows[layer.name] = rows.get(layer.name, 0) + len(channels)
     return {name: sums[name] / rows[name] for name in sums if rows[name]}
@@ -65,16 +63,7 @@ def _elem_type(layer: TargetLayer) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(layer.weight.dtype))
 
 
-def _channel_rows(layer: TargetLayer, value: np.ndarray, real: int | None) -> np.ndarray | None:
-    """The output as rows of its channels (None: empty, the body did not run); ``real``: the samples
-    of a batch topped up to a fixed size (the rest are repeats)."""
-    if value.size == 0:
-        return None
-    stacked = stacked_levels(layer.scope)
-    if stacked:  # iterations of a loop body: more rows of the same layer
-        value = value.reshape(-1, *value.shape[stacked + 1:])
-    elif real is not None and value.ndim and layer.op_type != "Gemm":
-        value = value[:real]
-    # Conv / ConvTranspose: [N, C, ...]; Gemm: [M, N]; MatMul: [..., N].
+def _channel_rows(layer: TargetLayer, value: np.ndarray) -> np.ndarray:
+    """The output as rows of its channels: Conv / ConvTranspose [N, C, ...], Gemm [M, N], MatMul [..., N]."""
     axis = 1 if layer.conv is not None else value.ndim - 1
     return np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
