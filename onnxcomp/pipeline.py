@@ -18,9 +18,9 @@ from .budget import Planning, make_costs, plan_budget
 from .budget.candidates import rank_multiple_warnings
 from .calibration.collect import collect_statistics
 from .calibration.digests import DigestRecorder
-from .calibration.quality import check_statistics
 from .calibration.holdout import (compare_with_statistics, held_out_count, split_validation, validation_besides_stats,
-                                 validation_from)
+                                  validation_from)
+from .calibration.quality import check_statistics
 from .calibration.readers import count_samples, fixed_batch, iter_feeds, model_inputs
 from .calibration.rowmask import resolve_row_mask
 from .calibration.stats import Statistics
@@ -32,13 +32,14 @@ from .judge import Judge, check_output_axes
 from .model import NothingToCompress, as_model, find_layers, fingerprint, select_layers
 from .model.denormals import flush_written
 from .model.downstream import outputs_reached
+from .model.opsets import onnx_opset
 from .model.prepare import prepare_model
 from .model.subgraphs import describe
 from .passes import apply_solved, planned
-from .refit import SampleCapture, refit_biases
 from .reach import check_latency, guard_warnings, kept_fractions, predicted_chains
-from .report import (Report, add_latency, data_warnings, judge_warnings, layer_rows, model_totals,
-                     nonfinite_warnings, target_settings)
+from .refit import SampleCapture, refit_biases
+from .report import (Report, add_latency, data_warnings, judge_warnings, layer_rows, model_totals, nonfinite_warnings,
+                     target_settings)
 from .runtime import Timer, execution_providers
 from .threads import available_memory, blas_threads, remote_map
 
@@ -101,10 +102,10 @@ def _compress(model, data, config: CompressConfig, stats, validation_data, timer
     clock.lap("solve")
     compressed = apply_solved(model, run.chosen, solved)
     refit_notes = []
-    if config.refit_bias and planned(run.chosen, solved):
+    plan = planned(run.chosen, solved)
+    if config.refit_bias and plan:
         clock.lap("rewrite")
-        refit = refit_biases(model, run.chosen, planned(run.chosen, solved), run.capture.kept, compressed,
-                             judge, config.threads)
+        refit = refit_biases(model, run.chosen, plan, run.capture.kept, compressed, judge, config.threads)
         compressed, refit_notes = refit.model, [refit.note()]
         clock.lap("refit_bias")
     compressed, denormals = flush_written(model, compressed, config.flush_denormals)
@@ -149,7 +150,7 @@ FIRST_ADD_OPSET = 7
 def _for_opset(config: CompressConfig, model: onnx.ModelProto) -> tuple[CompressConfig, list[str]]:
     """The config the model's opset can carry out: below opset 7 the fit is uncentered (its optimum
     needs no bias change, so no Add node), with a warning."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = onnx_opset(model)
     if opset >= FIRST_ADD_OPSET or not config.solve.centered or config.solve.norm is not Norm.DATA:
         return config, []
     note = (f"opset {opset}: the layers are fitted uncentered (as with --uncentered): the mean correction of a "
@@ -173,7 +174,7 @@ def _check_refit(data, stats, model: onnx.ModelProto) -> None:
     if stats is not None or data is None:
         raise OnnxcompError("refit_bias (--refit-bias) measures the compressed model on the calibration data: give "
                             "it with --data, not --stats")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = onnx_opset(model)
     if opset < FIRST_ADD_OPSET:
         raise OnnxcompError(f"refit_bias (--refit-bias) needs opset {FIRST_ADD_OPSET} or later (a MatMul chain's bias "
                             f"is an Add node); the model's is {opset}")

@@ -18,6 +18,7 @@ import onnx
 
 from ..errors import OnnxcompError
 from .constants import TARGET_OPS, constant_tensors
+from .opsets import onnx_opset
 from .prepare import quantized_weights
 from .shapes import infer_shapes, static_product, with_input_shapes
 from .subgraphs import Scope, describe, stacked_levels, walk_graphs, why_not_liftable
@@ -165,7 +166,7 @@ def find_layers(
     layers inside If/Loop/Scan bodies too (each with its body's path, ``TargetLayer.scope``)."""
     shapes = infer_shapes(with_input_shapes(model, input_shapes or {}))
     users = _WeightUsers(model.graph)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = onnx_opset(model)
     layers, skipped = [], []
     outer_constants: dict[tuple, dict] = {}
     for scope, graph in walk_graphs(model.graph):

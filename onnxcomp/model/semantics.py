@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from .constants import constant_tensors
+from .opsets import onnx_opset
 from .shapes import infer_shapes
 
 KINDS = ("distribution", "scores", "embedding", "labels", "values")
@@ -85,7 +86,7 @@ def output_semantics(model: onnx.ModelProto) -> dict[str, OutputSemantics]:
     graph = model.graph
     shapes = infer_shapes(model)
     constants = constant_tensors(graph)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = onnx_opset(model, default=13)
     producers = {name: node for node in graph.node for name in node.output}
     traces: dict[str, _Trace] = {}
     for node in graph.node:  # ONNX graphs are topologically sorted

@@ -7,6 +7,7 @@ import onnx
 
 from ..errors import OnnxcompError
 from .constants import TARGET_OPS, constant_tensors
+from .opsets import onnx_opset
 from .subgraphs import lift, stacked_levels, walk_graphs, why_not_liftable
 
 
@@ -104,7 +105,7 @@ def runtime_shapes(model: onnx.ModelProto, feed: dict) -> dict[str, list[int]]:
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    opset = onnx_opset(model)
     wanted, lifted = set(), []
     for scope, graph in walk_graphs(model.graph):
         names = {name for node in graph.node if node.op_type in TARGET_OPS for name in (node.input[0], node.output[0])}

@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..model.denormals import flush_subnormals
+from ..model.opsets import onnx_opset
 from ..model.subgraphs import walk_graphs
 
 
@@ -42,7 +43,7 @@ class GraphEditor:
     @property
     def opset(self) -> int:
         """The model's ai.onnx opset version (what the ops it writes must conform to)."""
-        return next((o.version for o in self.original.opset_import if o.domain in ("", "ai.onnx")), 1)
+        return onnx_opset(self.original)
 
     def node_of(self, layer) -> gs.Node:
         """The node of a target layer (found by its output, in its own body)."""
